@@ -1,0 +1,50 @@
+"""Any folder of images; class sub-folders, when present, become labels."""
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from cm_lightning.data.base import ImageDataModule
+from cm_lightning.data.transforms import center_crop_resize, to_model_range
+from cm_lightning.errors import ConfigError
+
+EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+class ImageFiles(Dataset):
+    def __init__(self, files: list[Path], labels: list[int], size: int, channels: int):
+        self.files, self.labels, self.size, self.channels = files, labels, size, channels
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        with Image.open(self.files[i]) as img:
+            x = to_model_range(center_crop_resize(img, self.size), self.channels)
+        return x, torch.tensor(self.labels[i])
+
+
+def scan(root: Path, class_folders: bool) -> tuple[list[Path], list[int], int]:
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in EXTENSIONS)
+    if not class_folders:
+        return files, [0] * len(files), 0
+    classes = sorted({p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1})
+    index = {c: i for i, c in enumerate(classes)}
+    files = [p for p in files if len(p.relative_to(root).parts) > 1]
+    return files, [index[p.relative_to(root).parts[0]] for p in files], len(classes)
+
+
+class ImageFolderDataModule(ImageDataModule):
+    def __init__(self, root: str, image_size: int, channels: int = 3, class_folders: bool = False, **kwargs):
+        super().__init__(image_size=image_size, channels=channels, **kwargs)
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise ConfigError(f"data.root={self.root} is not a directory; point data.root at a folder of images")
+        self.files, self.labels, self.num_classes = scan(self.root, class_folders)
+        if not self.files:
+            raise ConfigError(f"data.root={self.root} holds no images ({', '.join(sorted(EXTENSIONS))})")
+
+    def build_dataset(self):
+        return ImageFiles(self.files, self.labels, self.image_size, self.channels)

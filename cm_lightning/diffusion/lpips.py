@@ -1,0 +1,71 @@
+"""LPIPS (Zhang et al. 2018, VGG16 variant) as a per-image distance, weights read from local files.
+
+Nothing is downloaded: ``vgg_weights`` is torchvision's ``vgg16-397923af.pth`` (as in
+``~/.cache/torch/hub/checkpoints``) and ``lin_weights`` is the LPIPS v0.1 ``vgg.pth`` with keys
+``lin{0..4}.model.1.weight``. Images smaller than 224 px are upsampled bilinearly to 224 first,
+as the CM authors do.
+"""
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+# Indices into torchvision's vgg16().features after which LPIPS taps relu1_2 ... relu5_3.
+_TAPS = (3, 8, 15, 22, 29)
+_CHANNELS = (64, 128, 256, 512, 512)
+
+
+def _load(path, what: str, fix: str) -> dict:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"LPIPS {what} not found at {path}. {fix}")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class LPIPS(nn.Module):
+    def __init__(
+        self,
+        lin_weights: str,
+        vgg_weights: str = "~/.cache/torch/hub/checkpoints/vgg16-397923af.pth",
+        resize_to: int = 224,
+    ):
+        super().__init__()
+        vgg = torchvision.models.vgg16(weights=None)
+        vgg.load_state_dict(
+            _load(vgg_weights, "VGG16 weights", "Set model.distance.vgg_weights to torchvision's vgg16-397923af.pth.")
+        )
+        self.features = vgg.features[: _TAPS[-1] + 1]
+        self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in _CHANNELS)
+        lin = _load(lin_weights, "linear-layer weights", "Set model.distance.lin_weights to LPIPS v0.1 vgg.pth.")
+        for i, conv in enumerate(self.lins):
+            conv.weight.data.copy_(lin[f"lin{i}.model.1.weight"])
+        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1))
+        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1))
+        self.resize_to = resize_to
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+    def _taps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        if x.shape[-1] < self.resize_to:
+            x = F.interpolate(x, size=(self.resize_to, self.resize_to), mode="bilinear", align_corners=False)
+        h = (x - self.shift) / self.scale
+        taps = []
+        for i, layer in enumerate(self.features):
+            h = layer(h)
+            if i in _TAPS:
+                taps.append(h / (h.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10))
+        return taps
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1], shape (B, C, H, W) with C = 1 or 3; returns (B,)."""
+        return sum(
+            lin((a - b).pow(2)).mean(dim=(1, 2, 3)) for lin, a, b in zip(self.lins, self._taps(x), self._taps(y))
+        )

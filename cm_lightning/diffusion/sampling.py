@@ -1,0 +1,75 @@
+"""Samplers: one-step and multistep consistency sampling (CM Algorithm 1) and the EDM teacher's
+Heun/Euler samplers (EDM Algorithm 1). ``f(x, sigma)`` and ``denoiser(x, sigma)`` take a per-sample
+sigma of shape (B,). The authors clamp every denoised estimate to [-1, 1]; ``clip`` does the same.
+"""
+
+import torch
+
+from cm_lightning.diffusion.karras import karras_sigmas
+from cm_lightning.diffusion.solvers import get_solver
+
+
+def check_decreasing(sigmas, what: str = "sampling noise levels") -> list[float]:
+    sigmas = [float(s) for s in sigmas]
+    if not sigmas or any(b >= a for a, b in zip(sigmas, sigmas[1:])) or sigmas[-1] <= 0:
+        raise ValueError(
+            f"{what}={sigmas} must be a non-empty, strictly decreasing list of positive values, "
+            "e.g. [80.0, 2.5] for two steps"
+        )
+    return sigmas
+
+
+def default_multistep_sigmas(steps: int, sigma_min=0.002, sigma_max=80.0, rho=7.0) -> list[float]:
+    """The first ``steps`` levels of a descending Karras grid with steps + 1 points (1 step: [sigma_max])."""
+    if steps < 1:
+        raise ValueError(f"steps={steps}: sampling needs at least one step")
+    return karras_sigmas(steps + 1, sigma_min, sigma_max, rho).flip(0)[:steps].tolist()
+
+
+def sigmas_from_indices(ts, num_scales: int, sigma_min=0.002, sigma_max=80.0, rho=7.0) -> list[float]:
+    """The authors' ``ts`` convention: indices into a grid of ``num_scales`` points where 0 is sigma_max
+    and num_scales - 1 is sigma_min; the last index only ends the chain, so (0, 22, 39) of 40 is two steps.
+    """
+    ts = [int(t) for t in ts]
+    if len(ts) < 2 or ts[-1] != num_scales - 1 or any(b <= a for a, b in zip(ts, ts[1:])) or ts[0] < 0:
+        raise ValueError(
+            f"ts={ts} must be strictly increasing indices ending at num_scales-1={num_scales - 1}, e.g. (0, 22, 39)"
+        )
+    grid = karras_sigmas(num_scales, sigma_min, sigma_max, rho).flip(0)
+    return [float(grid[t]) for t in ts[:-1]]
+
+
+@torch.no_grad()
+def multistep_sample(f, z: torch.Tensor, sigmas, sigma_min: float = 0.002, generator=None, clip: bool = True):
+    """CM Algorithm 1: x = f(sigma_1 z, sigma_1); then x = f(x + sqrt(s^2 - eps^2) z', s) for each later s."""
+    sigmas = check_decreasing(sigmas)
+    ones = torch.ones(z.shape[0], device=z.device)
+    x = None
+    for i, s in enumerate(sigmas):
+        if i == 0:
+            x_in = s * z
+        else:
+            noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+            x_in = x + (s**2 - sigma_min**2) ** 0.5 * noise
+        x = f(x_in, s * ones)
+        if clip:
+            x = x.clamp(-1, 1)
+    return x
+
+
+def teacher_sigmas(steps: int, sigma_min=0.002, sigma_max=80.0, rho=7.0) -> list[float]:
+    """EDM's sampling grid: ``steps`` descending Karras levels followed by 0."""
+    return karras_sigmas(steps, sigma_min, sigma_max, rho).flip(0).tolist() + [0.0]
+
+
+@torch.no_grad()
+def ode_sample(denoiser, z: torch.Tensor, steps: int = 18, solver: str = "heun", clip: bool = True, **grid):
+    """Deterministic EDM sampler over ``steps`` levels: Heun (2 steps - 1 evaluations) or Euler (steps)."""
+    step = get_solver(solver)
+    sigmas = teacher_sigmas(steps, **grid)
+    D = (lambda x, s: denoiser(x, s).clamp(-1, 1)) if clip else denoiser
+    ones = torch.ones(z.shape[0], device=z.device)
+    x = sigmas[0] * z
+    for s, s_next in zip(sigmas, sigmas[1:]):
+        x = step(D, x, s * ones, s_next * ones)
+    return x.clamp(-1, 1) if clip else x
