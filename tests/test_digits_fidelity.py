@@ -8,7 +8,7 @@ from torch.utils.data import Dataset
 from cm_lightning.metrics import digits_fidelity
 from cm_lightning.metrics.digits_classifier import (
     _heldout_split,
-    _load_digits,
+    digits_tensor,
     load_pretrained_digits_classifier,
 )
 from cm_lightning.metrics.digits_fidelity import FEATURE_EXTRACTOR_NAME, digits_metrics
@@ -19,7 +19,7 @@ ISC = "inception_score_mean"
 
 @pytest.fixture(scope="module")
 def real_halves():
-    x, _ = _load_digits()
+    x, _ = digits_tensor(16)
     images = ((x + 1) / 2 * 255).round().to(torch.uint8)
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
     half = len(images) // 2

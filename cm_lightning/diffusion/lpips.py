@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import torchvision
+from torchvision.models.vgg import cfgs, make_layers
 from torch import nn
 
 # Indices into torchvision's vgg16().features after which LPIPS taps relu1_2 ... relu5_3.
@@ -33,11 +33,10 @@ class LPIPS(nn.Module):
         resize_to: int = 224,
     ):
         super().__init__()
-        vgg = torchvision.models.vgg16(weights=None)
-        vgg.load_state_dict(
-            _load(vgg_weights, "VGG16 weights", "Set model.distance.vgg_weights to torchvision's vgg16-397923af.pth.")
-        )
-        self.features = vgg.features[: _TAPS[-1] + 1]
+        # Only the convolutional trunk is built and read; the 120M-parameter classifier is never needed.
+        self.features = make_layers(cfgs["D"])[: _TAPS[-1] + 1]
+        vgg = _load(vgg_weights, "VGG16 weights", "Set model.distance.vgg_weights to torchvision's vgg16-397923af.pth.")
+        self.features.load_state_dict({k[len("features."):]: v for k, v in vgg.items() if k.startswith("features.")})
         self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in _CHANNELS)
         lin = _load(lin_weights, "linear-layer weights", "Set model.distance.lin_weights to LPIPS v0.1 vgg.pth.")
         for i, conv in enumerate(self.lins):

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cm_lightning.data.digits import digits_tensor
+
 WEIGHTS_PATH = Path(__file__).with_name("digits_classifier.pt")
 IMAGE_SIZE = 16
 NUM_CLASSES = 10
@@ -51,21 +53,11 @@ class DigitsClassifier(nn.Module):
         return self.head(self.body(x))
 
 
-def _load_digits() -> tuple[torch.Tensor, torch.Tensor]:
-    """sklearn's 1,797 digits as (N, 1, 16, 16) floats in [-1, 1] and (N,) int64 labels."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    x = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16 * 2 - 1
-    x = F.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
-    return x, torch.as_tensor(digits.target, dtype=torch.int64)
-
-
 def _heldout_split() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fixed stratified 80/20 split: (x_train, y_train, x_test, y_test)."""
     from sklearn.model_selection import train_test_split
 
-    x, y = _load_digits()
+    x, y = digits_tensor(IMAGE_SIZE)
     idx_train, idx_test = train_test_split(
         torch.arange(len(y)).numpy(), test_size=0.2, stratify=y.numpy(), random_state=_SPLIT_SEED
     )

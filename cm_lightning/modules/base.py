@@ -32,6 +32,7 @@ class GenerativeModule(L.LightningModule):
         sigma_max: float = 80.0,
         rho: float = 7.0,
         seed: int = 0,
+        ema_warmup: bool = False,
     ):
         super().__init__()
         if not ema_rates:
@@ -44,6 +45,7 @@ class GenerativeModule(L.LightningModule):
         self.ema_rates = [float(r) for r in ema_rates]
         self.ema = nn.ModuleList(copy.deepcopy(net).requires_grad_(False) for _ in self.ema_rates)
         self.sample_ema = sample_ema
+        self.ema_warmup = ema_warmup
         self.warmup_steps = warmup_steps
         self.grid = dict(sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
         self.seed = seed
@@ -87,9 +89,17 @@ class GenerativeModule(L.LightningModule):
         super().optimizer_step(*args, **kwargs)
         self.after_optimizer_step()
 
+    def ema_rate(self, rate: float) -> float:
+        """With ``ema_warmup`` the rate is min(rate, (1 + k) / (10 + k)) at step k, so that short runs are
+        not dominated by the initial weights; the published runs use the plain rate."""
+        if not self.ema_warmup:
+            return rate
+        k = self.global_step
+        return min(rate, (1 + k) / (10 + k))
+
     def after_optimizer_step(self) -> None:
         for rate, ema in zip(self.ema_rates, self.ema):
-            ema_update_(ema, self.net, rate)
+            ema_update_(ema, self.net, self.ema_rate(rate))
 
     # --- sampling ---------------------------------------------------------------------------
     def sampler(self, ema: int | None = None) -> Sampler:

@@ -1,0 +1,41 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+
+# Shrinks any digits experiment to seconds on a CPU.
+TINY = [
+    "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.log_every_n_steps=1",
+    "data.batch_size=16", "net.model_channels=16", "net.channel_mult=[1,2]", "net.attention_resolutions=[8]",
+    "net.num_head_channels=16", "callbacks.sample_grid.num=4", "trainer.enable_progress_bar=false",
+]
+
+
+def run_script(script: str, *overrides: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "offline"), "HYDRA_FULL_ERROR": "0",
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / script), *overrides], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(overrides)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def edm_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("edm")
+    run_script("train.py", "experiment=digits_edm", *TINY, "logger=csv", f"hydra.run.dir={out}")
+    return out
+
+
+@pytest.fixture(scope="session")
+def cd_run(tmp_path_factory, edm_run) -> Path:
+    out = tmp_path_factory.mktemp("cd")
+    run_script("train.py", "experiment=digits_cd", f"model.teacher_ckpt={edm_run / 'checkpoints/last.ckpt'}",
+               *TINY, "logger=csv", f"hydra.run.dir={out}")
+    return out

@@ -1,0 +1,32 @@
+"""Small builders shared by the tests."""
+
+import functools
+
+import torch
+
+from cm_lightning.diffusion.distances import L2
+from cm_lightning.diffusion.karras import FixedSchedule
+from cm_lightning.diffusion.targets import CTTarget
+from cm_lightning.modules.consistency import ConsistencyModule
+from cm_lightning.nets.adm import ADMUNet
+
+
+def tiny_net(dropout: float = 0.0, image_size: int = 8, channels: int = 1, num_classes: int = 0) -> ADMUNet:
+    return ADMUNet(image_size=image_size, in_channels=channels, model_channels=16, channel_mult=(1, 2),
+                   num_res_blocks=1, attention_resolutions=(4,), num_head_channels=16, dropout=dropout,
+                   num_classes=num_classes)
+
+
+def randomise(net: torch.nn.Module, std: float = 0.1) -> torch.nn.Module:
+    """Non-zero weights everywhere (ADM zero-initialises its output layers)."""
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, std)
+    return net
+
+
+def ct_module(net, mu: float = 0.9, ema_rates=(0.99,), num_scales: int = 10) -> ConsistencyModule:
+    return ConsistencyModule(
+        net=net, target=CTTarget(FixedSchedule(num_scales, mu)), distance=L2(),
+        optimizer=functools.partial(torch.optim.SGD, lr=0.1), ema_rates=ema_rates,
+    )

@@ -1,0 +1,50 @@
+import math
+
+import pytest
+import torch
+
+from cm_lightning.diffusion.karras import CMAdaptiveSchedule, FixedSchedule, karras_sigmas
+
+
+def test_karras_endpoints_and_spacing():
+    s = karras_sigmas(18, 0.002, 80.0, 7.0).double()
+    assert s[0] == torch.tensor(0.002, dtype=torch.float32).double()
+    assert s[-1] == 80.0
+    assert torch.all(s[1:] > s[:-1])
+    # sigma^(1/rho) is evenly spaced between the endpoints' roots.
+    roots = s.pow(1 / 7)
+    step = (80.0 ** (1 / 7) - 0.002 ** (1 / 7)) / 17
+    torch.testing.assert_close(roots[1:] - roots[:-1], torch.full((17,), step, dtype=torch.float64), rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_karras_point_by_formula():
+    i, n = 5, 40  # sigma_6 of 40, 1-based as in the paper
+    expected = (0.002 ** (1 / 7) + i / (n - 1) * (80 ** (1 / 7) - 0.002 ** (1 / 7))) ** 7
+    assert karras_sigmas(n)[i].item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_karras_needs_two_points():
+    with pytest.raises(ValueError, match="N=1"):
+        karras_sigmas(1)
+
+
+def test_cm_adaptive_schedule_hand_computed():
+    sched = CMAdaptiveSchedule(s0=2, s1=150, mu0=0.9, total_steps=1000)
+    # k = 0: ceil(sqrt(4) - 1) + 1 = 2, mu = exp(2 ln 0.9 / 2) = 0.9
+    assert sched(0) == (2, pytest.approx(0.9))
+    # k = K/2: sqrt(0.5 * (151^2 - 4) + 4) = sqrt(11402.5) = 106.78 -> ceil(105.78) + 1 = 107
+    n, mu = sched(500)
+    assert n == 107 and mu == pytest.approx(math.exp(2 * math.log(0.9) / 107))
+    # k = K: sqrt(151^2) - 1 = 150 -> 151
+    n, mu = sched(1000)
+    assert n == 151 and mu == pytest.approx(0.9 ** (2 / 151))
+    assert sched(5000)[0] == 151  # past K the curriculum stays at its end
+
+
+def test_fixed_schedule_and_validation():
+    assert FixedSchedule(18, 0.95)(12345) == (18, 0.95)
+    with pytest.raises(ValueError, match="mu=1.0"):
+        FixedSchedule(18, 1.0)
+    with pytest.raises(ValueError, match="s0=5, s1=2"):
+        CMAdaptiveSchedule(s0=5, s1=2)

@@ -1,0 +1,50 @@
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from helpers import ct_module, randomise, tiny_net
+
+
+def test_student_and_target_see_the_same_dropout_mask():
+    torch.manual_seed(0)
+    module = ct_module(randomise(tiny_net(dropout=0.5)))
+    module.train()
+    # With r = t the target's input equals the student's, so only the dropout masks could differ.
+    module.target.sample_levels = lambda step, num, g: (torch.full((num,), 2.0), torch.full((num,), 2.0))
+    x0 = torch.randn(4, 1, 8, 8)
+    student, target, t, r = module.consistency_pair(x0, None, batch_idx=0)
+    assert torch.equal(student.detach(), target)
+    # The test would catch differing masks: two unseeded forwards differ.
+    a = module.precond(module.net, x0, t)
+    b = module.precond(module.net, x0, t)
+    assert not torch.equal(a, b)
+
+
+def test_target_and_ema_updates_after_optimizer_step():
+    torch.manual_seed(0)
+    module = ct_module(randomise(tiny_net()), mu=0.9, ema_rates=(0.99, 0.5))
+    old = [p.clone() for p in module.target_net.parameters()]
+    old_ema = [[p.clone() for p in e.parameters()] for e in module.ema]
+    with torch.no_grad():
+        for p in module.net.parameters():
+            p.add_(1.0)
+    module.mu = 0.9
+    module.after_optimizer_step()
+    for p_old, p_new, p_tgt in zip(old, module.net.parameters(), module.target_net.parameters()):
+        torch.testing.assert_close(p_tgt, 0.9 * p_old + 0.1 * p_new)
+    for rate, ema, before in zip((0.99, 0.5), module.ema, old_ema):
+        for p_old, p_new, p_ema in zip(before, module.net.parameters(), ema.parameters()):
+            torch.testing.assert_close(p_ema, rate * p_old + (1 - rate) * p_new)
+
+
+def test_one_trainer_step_moves_the_target_by_mu():
+    torch.manual_seed(0)
+    module = ct_module(randomise(tiny_net()), mu=0.9)
+    before = [p.clone() for p in module.net.parameters()]
+    data = DataLoader(TensorDataset(torch.randn(8, 1, 8, 8), torch.zeros(8, dtype=torch.long)), batch_size=8)
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu")
+    trainer.fit(module, data)
+    assert any(not torch.equal(p0, p1) for p0, p1 in zip(before, module.net.parameters()))
+    for p0, p1, pt in zip(before, module.net.parameters(), module.target_net.parameters()):
+        torch.testing.assert_close(pt, 0.9 * p0 + 0.1 * p1)
