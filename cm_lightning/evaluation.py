@@ -11,7 +11,7 @@ from torchvision.utils import save_image
 from cm_lightning.callbacks.sample_grid import image_grid
 from cm_lightning.checkpoints import META_KEY, network_from_checkpoint, read_checkpoint
 from cm_lightning.diffusion.precond import Precond
-from cm_lightning.diffusion.sampling import check_decreasing
+from cm_lightning.diffusion.sampling import check_decreasing, sigmas_from_indices
 from cm_lightning.errors import ConfigError
 from cm_lightning.sampler import Sampler
 
@@ -40,12 +40,16 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def schedules(cfg: DictConfig, kind: str) -> dict:
+def schedules(cfg: DictConfig, sampler: Sampler) -> dict:
+    """Named sampling plans: explicit sigmas, the authors' ts indices, or step counts."""
     if cfg.sigmas is not None:
         return {"sigmas": dict(sigmas=check_decreasing(cfg.sigmas, "sigmas"))}
-    if kind == "edm":
+    if cfg.ts is not None:
+        sigmas = sigmas_from_indices(cfg.ts, cfg.ts_num_scales, sampler.sigma_min, sampler.sigma_max, sampler.rho)
+        return {"ts" + "-".join(str(t) for t in cfg.ts): dict(sigmas=sigmas)}
+    if sampler.kind == "edm":
         steps = [18] if list(cfg.steps) == [1, 2] else list(cfg.steps)
-        return {f"{k}step": dict(steps=k) for k in steps}
+        return {f"{k}step": dict(steps=int(k), solver=cfg.solver) for k in steps}
     return {f"{k}step": dict(steps=int(k)) for k in cfg.steps}
 
 
@@ -61,7 +65,7 @@ def sample_batched(sampler: Sampler, num: int, batch_size: int, seed: int, devic
 def sample_task(cfg: DictConfig) -> list[Path]:
     device = pick_device(cfg.device)
     sampler = sampler_from_checkpoint(cfg.ckpt, cfg.ema, device)
-    plan = schedules(cfg, sampler.kind)
+    plan = schedules(cfg, sampler)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []

@@ -48,3 +48,33 @@ def test_one_trainer_step_moves_the_target_by_mu():
     assert any(not torch.equal(p0, p1) for p0, p1 in zip(before, module.net.parameters()))
     for p0, p1, pt in zip(before, module.net.parameters(), module.target_net.parameters()):
         torch.testing.assert_close(pt, 0.9 * p0 + 0.1 * p1)
+
+
+def test_class_conditional_edm_trains_and_samples_with_labels():
+    import functools
+
+    from cm_lightning.modules.edm import EDMModule
+
+    torch.manual_seed(0)
+    module = EDMModule(net=tiny_net(num_classes=10), optimizer=functools.partial(torch.optim.Adam, lr=1e-3),
+                       ema_rates=(0.9,))
+    data = DataLoader(TensorDataset(torch.randn(8, 1, 8, 8), torch.arange(8) % 10), batch_size=4)
+    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu")
+    trainer.fit(module, data)
+    images, labels = module.sampler()(3, steps=2, seed=1)
+    assert images.shape == (3, 1, 8, 8) and labels.shape == (3,) and labels.max() < 10
+    given = torch.tensor([1, 2, 3])
+    _, same = module.sampler()(3, steps=2, labels=given)
+    assert torch.equal(same, given)
+
+
+def test_edm_rejects_non_positive_p_std():
+    import functools
+
+    import pytest
+
+    from cm_lightning.modules.edm import EDMModule
+
+    with pytest.raises(ValueError, match="p_std=0"):
+        EDMModule(net=tiny_net(), optimizer=functools.partial(torch.optim.Adam), p_std=0)

@@ -7,12 +7,13 @@ import torch
 
 from cm_lightning.diffusion.karras import karras_sigmas
 from cm_lightning.diffusion.solvers import get_solver
+from cm_lightning.errors import ConfigError
 
 
 def check_decreasing(sigmas, what: str = "sampling noise levels") -> list[float]:
     sigmas = [float(s) for s in sigmas]
     if not sigmas or any(b >= a for a, b in zip(sigmas, sigmas[1:])) or sigmas[-1] <= 0:
-        raise ValueError(
+        raise ConfigError(
             f"{what}={sigmas} must be a non-empty, strictly decreasing list of positive values, "
             "e.g. [80.0, 2.5] for two steps"
         )
@@ -32,7 +33,7 @@ def sigmas_from_indices(ts, num_scales: int, sigma_min=0.002, sigma_max=80.0, rh
     """
     ts = [int(t) for t in ts]
     if len(ts) < 2 or ts[-1] != num_scales - 1 or any(b <= a for a, b in zip(ts, ts[1:])) or ts[0] < 0:
-        raise ValueError(
+        raise ConfigError(
             f"ts={ts} must be strictly increasing indices ending at num_scales-1={num_scales - 1}, e.g. (0, 22, 39)"
         )
     grid = karras_sigmas(num_scales, sigma_min, sigma_max, rho).flip(0)

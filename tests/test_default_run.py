@@ -1,0 +1,33 @@
+"""The README's `python train.py`, run as written (slow: a few minutes on 2 CPU cores)."""
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from cm_lightning.metrics.digits_classifier import load_pretrained_digits_classifier
+from conftest import run_script
+
+
+@pytest.mark.slow
+def test_default_training_run_makes_recognisable_digits(tmp_path):
+    start = time.time()
+    run_script("train.py", f"hydra.run.dir={tmp_path}", "trainer.enable_progress_bar=false")
+    minutes = (time.time() - start) / 60
+    assert (tmp_path / "checkpoints/last.ckpt").is_file()
+    assert (tmp_path / "samples/final_1step.png").is_file() and (tmp_path / "samples/final_2step.png").is_file()
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
+    assert minutes < 6, f"the default run took {minutes:.1f} min"
+
+    run_script("evaluate.py", f"ckpt={tmp_path / 'checkpoints/last.ckpt'}", "num=500", f"hydra.run.dir={tmp_path}")
+    classifier = load_pretrained_digits_classifier()
+    for k in (1, 2):
+        images = np.load(tmp_path / f"samples_{k}step.npz")["arr_0"]
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+        with torch.no_grad():
+            probs = classifier(x).softmax(dim=1)
+        confident = (probs.max(dim=1).values > 0.9).float().mean().item()
+        classes = probs.argmax(dim=1).unique().numel()
+        # Recognisable: most samples are classified with confidence, and every digit appears.
+        assert confident > 0.6 and classes == 10, (k, confident, classes)
