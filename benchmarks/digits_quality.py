@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cm_lightning.data.digits import digits_tensor  # noqa: E402
-from cm_lightning.evaluation import sample_batched, sampler_from_checkpoint  # noqa: E402
+from cm_lightning.checkpoints import sampler_from_checkpoint  # noqa: E402
+from cm_lightning.evaluation import sample_batched  # noqa: E402
 from cm_lightning.metrics.digits_fidelity import digits_metrics  # noqa: E402
 
 ROWS = {  # row -> (experiment, which samplings to score)

@@ -13,6 +13,7 @@ from torch import nn
 
 from cm_lightning.diffusion.precond import Precond
 from cm_lightning.errors import ConfigError
+from cm_lightning.sampler import Sampler
 
 META_KEY = "cm_lightning"
 
@@ -85,3 +86,14 @@ def load_teacher(path) -> Teacher:
             "(experiment=digits_edm or another *_edm experiment)"
         )
     return Teacher(network_from_checkpoint(ckpt, "ema"), Precond(**meta["precond"]))
+
+
+def sampler_from_checkpoint(path, ema: int | None = None, device="cpu") -> Sampler:
+    ckpt = read_checkpoint(path, "ckpt")
+    meta = ckpt[META_KEY]
+    if ema is not None:
+        if not 0 <= ema < len(meta["ema_rates"]):
+            raise ConfigError(f"ema={ema} is not an index into the run's EMA rates {meta['ema_rates']}")
+        meta["sample_ema"] = ema
+    net = network_from_checkpoint(ckpt, "ema").to(device)
+    return Sampler(net, Precond(**meta["precond"]), meta["kind"], **meta["grid"])

@@ -9,8 +9,7 @@ from omegaconf import DictConfig
 from torchvision.utils import save_image
 
 from cm_lightning.callbacks.sample_grid import image_grid
-from cm_lightning.checkpoints import META_KEY, network_from_checkpoint, read_checkpoint
-from cm_lightning.diffusion.precond import Precond
+from cm_lightning.checkpoints import sampler_from_checkpoint
 from cm_lightning.diffusion.sampling import check_decreasing, sigmas_from_indices
 from cm_lightning.errors import ConfigError
 from cm_lightning.sampler import Sampler
@@ -22,17 +21,6 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def sampler_from_checkpoint(path, ema: int | None = None, device="cpu") -> Sampler:
-    ckpt = read_checkpoint(path, "ckpt")
-    meta = ckpt[META_KEY]
-    if ema is not None:
-        if not 0 <= ema < len(meta["ema_rates"]):
-            raise ConfigError(f"ema={ema} is not an index into the run's EMA rates {meta['ema_rates']}")
-        meta["sample_ema"] = ema
-    net = network_from_checkpoint(ckpt, "ema").to(device)
-    return Sampler(net, Precond(**meta["precond"]), meta["kind"], **meta["grid"])
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
