@@ -36,6 +36,8 @@ ROWS = {  # row -> (experiment, which samplings to score)
     "edm": ("digits_edm", [("teacher 18-step Heun", dict(steps=18))]),
     "cd": ("digits_cd", [("CD 1-step", dict(steps=1)), ("CD 2-step", dict(steps=2))]),
     "ct": ("digits_ct", [("CT 1-step", dict(steps=1)), ("CT 2-step", dict(steps=2))]),
+    "ict": ("digits_ict", [("iCT 1-step", dict(steps=1)), ("iCT 2-step", dict(steps=2))]),
+    "ect": ("digits_ect", [("ECT 1-step", dict(steps=1)), ("ECT 2-step", dict(steps=2))]),
 }
 
 
@@ -70,7 +72,7 @@ def main() -> None:
     for row in args.rows.split(","):
         experiment, samplings = ROWS[row]
         extra = [s.split(":", 1)[1] for s in args.set if s.startswith(f"{row}:")]
-        if row == "cd":
+        if row in ("cd", "ect"):
             extra.append(f"model.teacher_ckpt={teacher}")
         ckpt, seconds = train(experiment, args.out / row, extra)
         for name, how in samplings:

@@ -7,7 +7,7 @@ import copy
 import torch
 
 from cm_lightning.checkpoints import load_matching, load_teacher
-from cm_lightning.diffusion.precond import consistency_function
+from cm_lightning.diffusion.precond import consistency_function, edm_denoiser
 from cm_lightning.ema import ema_update_
 from cm_lightning.errors import ConfigError
 from cm_lightning.modules.base import GenerativeModule
@@ -23,7 +23,7 @@ class ConsistencyModule(GenerativeModule):
         self.target = target
         self.distance = distance
         if target.requires_teacher or init_from_teacher:
-            teacher = load_teacher(teacher_ckpt)
+            teacher = load_teacher(teacher_ckpt, like=self.net, precond=edm_denoiser(sigma_data, noise_kind))
             self._check_teacher(teacher, init_from_teacher)
             if target.requires_teacher:
                 target.teacher = teacher
@@ -67,20 +67,24 @@ class ConsistencyModule(GenerativeModule):
             target = torch.where((r == 0).view(-1, 1, 1, 1), x0, target)
         return student, target, t, r
 
-    def losses(self, x0, labels, batch_idx: int) -> torch.Tensor:
+    def losses(self, x0, labels, batch_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample weighted distances and their weights lambda(t, r)."""
         student, target, t, r = self.consistency_pair(x0, labels, batch_idx)
-        return self.target.weight(t, r) * self.distance(student, target)
+        weight = self.target.weight(t, r)
+        return weight * self.distance(student, target), weight
 
     def training_step(self, batch, batch_idx):
-        loss = self.losses(*batch, batch_idx).mean()
+        losses, weight = self.losses(*batch, batch_idx)
+        loss = losses.mean()
         state = self.target.state(self.global_step)
         self.mu = state["mu"]  # applied to the target network once this step's update is done
         self.log("train/loss", loss, prog_bar=True)
+        self.log("train/weight", weight.mean())
         self.log_dict({f"train/{k}": float(v) for k, v in state.items()})
         return loss
 
     def validation_step(self, batch, batch_idx):
-        self.log("val/loss", self.losses(*batch, batch_idx).mean(), sync_dist=True)
+        self.log("val/loss", self.losses(*batch, batch_idx)[0].mean(), sync_dist=True)
 
     def after_optimizer_step(self) -> None:
         if self.target_net is not None:
