@@ -1,42 +1,82 @@
-"""Reading networks back from cm-lightning checkpoints: the CD teacher, evaluate.py, the ECT init.
+"""Reading networks back from checkpoints: the CD teacher, evaluate.py, the ECT init; and exporting them.
 
 A Lightning checkpoint written by this project carries, under ``"cm_lightning"``, the resolved run
 config and what is needed to rebuild the sampler (kind, preconditioning, EMA rates), so a
 checkpoint file is all a user has to keep.
+
+The authors' released files (``edm_imagenet64_ema.pt``, ``cd_imagenet64_l2.pt``, ``ct_bedroom256.pt``, ...)
+are plain state dicts of the ADM U-Net, whose keys ``nets/adm.py`` reproduces: they load into the network
+of a config the user names (the run's own net for a teacher, ``net=`` in evaluate.py), with the
+authors' preconditioning (sigma_data 0.5, the ADM noise conditioning). ``export_state_dict`` writes
+our checkpoints in the same format.
 """
 
+import copy
+import itertools
+import re
 from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
 from torch import nn
 
-from cm_lightning.diffusion.precond import Precond
+from cm_lightning.diffusion.precond import Precond, consistency_function, edm_denoiser
 from cm_lightning.errors import ConfigError
 from cm_lightning.sampler import Sampler
 
 META_KEY = "cm_lightning"
 
 
+# Parts of the authors' file names that say which of our net configs rebuilds the network.
+AUTHORS_NETS = {"imagenet64": "adm_imagenet64", "bedroom256": "adm_lsun256", "cat256": "adm_lsun256"}
+
+
+def is_plain(ckpt: dict) -> bool:
+    """A plain state dict (the authors' format) rather than a cm-lightning checkpoint."""
+    return META_KEY not in ckpt
+
+
 def read_checkpoint(path, what: str = "checkpoint") -> dict:
+    """A cm-lightning checkpoint, or a plain state dict of tensors (the authors' .pt files) as it is."""
     if path is None or not Path(str(path)).expanduser().is_file():
         raise ConfigError(f"{what}={path} does not exist; pass the path of a run's checkpoints/last.ckpt")
     ckpt = torch.load(Path(str(path)).expanduser(), map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, dict) or META_KEY not in ckpt:
-        raise ConfigError(f"{what}={path} is not a cm-lightning checkpoint (no '{META_KEY}' entry)")
+    plain = isinstance(ckpt, dict) and ckpt and all(isinstance(k, str) and torch.is_tensor(v) for k, v in ckpt.items())
+    if not isinstance(ckpt, dict) or not (plain or META_KEY in ckpt):
+        raise ConfigError(f"{what}={path} is neither a cm-lightning checkpoint (no '{META_KEY}' entry) nor a plain "
+                          "state dict of tensors (the authors' .pt format)")
     return ckpt
 
 
-def state_dict_mismatch(expected: dict, given: dict, limit: int = 5) -> list[str]:
-    """The first differing keys and shapes between two state dicts, as readable lines."""
-    lines = [f"missing {k} {tuple(v.shape)}" for k, v in expected.items() if k not in given]
-    lines += [f"unexpected {k} {tuple(v.shape)}" for k, v in given.items() if k not in expected]
-    lines += [
-        f"{k}: expected {tuple(v.shape)}, got {tuple(given[k].shape)}"
-        for k, v in expected.items()
-        if k in given and tuple(v.shape) != tuple(given[k].shape)
+def kind_from_name(path) -> str | None:
+    """The authors' naming: ``edm_*`` files are EDM denoisers, ``cd_*`` / ``ct_*`` (``ict_``, ``ect_``)
+    consistency models."""
+    name = Path(str(path)).name.lower()
+    if name.startswith("edm"):
+        return "edm"
+    return "consistency" if re.match(r"(cd|ct|ict|ect|sct)[_.-]", name) else None
+
+
+def net_hint(path) -> str:
+    """The ``net=`` to name for a file, from the authors' naming where it tells."""
+    name = Path(str(path)).name.lower()
+    found = [net for part, net in AUTHORS_NETS.items() if part in name]
+    return f"net={found[0]}" if found else "net=<the conf/net config it was trained with> (plus net.<key>= overrides)"
+
+
+def state_dict_mismatch(expected: dict, given: dict, limit: int = 6) -> list[str]:
+    """The first differing keys and shapes between two state dicts, as readable lines: in turn a missing
+    key, an unexpected one and a shape difference, so that each kind shows; then the totals."""
+    kinds = [
+        [f"missing {k} {tuple(v.shape)}" for k, v in expected.items() if k not in given],
+        [f"unexpected {k} {tuple(v.shape)}" for k, v in given.items() if k not in expected],
+        [f"{k}: expected {tuple(v.shape)}, got {tuple(given[k].shape)}"
+         for k, v in expected.items() if k in given and tuple(v.shape) != tuple(given[k].shape)],
     ]
-    return lines[:limit]
+    if not any(kinds):
+        return []
+    lines = [line for group in itertools.zip_longest(*kinds) for line in group if line is not None][:limit]
+    return lines + [f"in all {len(kinds[0])} missing, {len(kinds[1])} unexpected, {len(kinds[2])} of another shape"]
 
 
 def load_matching(net: nn.Module, state: dict, source: str, fix: str) -> None:
@@ -72,13 +112,28 @@ class Teacher(nn.Module):
         return self.precond(self.net, x, sigma, labels)
 
 
-def load_teacher(path) -> Teacher:
+def load_plain(net: nn.Module, state: dict, what: str, path) -> nn.Module:
+    load_matching(net, state, f"{what}={path}",
+                  f"Name the network it was trained with: {net_hint(path)}")
+    return net.eval().requires_grad_(False)
+
+
+def load_teacher(path, like: nn.Module | None = None, precond: Precond | None = None) -> Teacher:
+    """The frozen EDM teacher of a CD run. A plain state dict (e.g. the authors' ``edm_imagenet64_ema.pt``)
+    loads into a copy of ``like``, the run's own network, and uses ``precond`` (default: EDM's)."""
     if path is None:
         raise ConfigError(
-            "model.teacher_ckpt is not set: CD distils a trained EDM teacher. Train one with "
+            "model.teacher_ckpt is not set: CD distils (and ECT tunes) a trained EDM teacher. Train one with "
             "`python train.py experiment=digits_edm` and pass model.teacher_ckpt=<that run>/checkpoints/last.ckpt"
         )
     ckpt = read_checkpoint(path, "model.teacher_ckpt")
+    if is_plain(ckpt):
+        if kind_from_name(path) == "consistency":
+            raise ConfigError(f"model.teacher_ckpt={path} is named as a consistency model; the teacher must be "
+                              "an EDM model, e.g. the authors' edm_imagenet64_ema.pt")
+        if like is None:
+            raise ConfigError(f"model.teacher_ckpt={path} is a plain state dict; it needs the run's net config")
+        return Teacher(load_plain(copy.deepcopy(like), ckpt, "model.teacher_ckpt", path), precond or edm_denoiser())
     meta = ckpt[META_KEY]
     if meta["kind"] != "edm":
         raise ConfigError(
@@ -88,12 +143,53 @@ def load_teacher(path) -> Teacher:
     return Teacher(network_from_checkpoint(ckpt, "ema"), Precond(**meta["precond"]))
 
 
-def sampler_from_checkpoint(path, ema: int | None = None, device="cpu") -> Sampler:
-    ckpt = read_checkpoint(path, "ckpt")
-    meta = ckpt[META_KEY]
+def select_ema(meta: dict, ema: int | None) -> dict:
     if ema is not None:
         if not 0 <= ema < len(meta["ema_rates"]):
             raise ConfigError(f"ema={ema} is not an index into the run's EMA rates {meta['ema_rates']}")
         meta["sample_ema"] = ema
+    return meta
+
+
+def plain_sampler(path, state: dict, net=None, kind: str | None = None, noise_kind: str = "adm") -> Sampler:
+    """A sampler for a plain state dict: ``net`` (a net config or module) and ``kind`` say what it is;
+    the preconditioning and noise grid are the authors' (sigma_data 0.5, eps 0.002, sigma_max 80, rho 7)."""
+    kind = kind or kind_from_name(path)
+    if kind not in ("consistency", "edm"):
+        raise ConfigError(f"ckpt={path} is a plain state dict whose name does not say what it is; add "
+                          "kind=consistency (a CD/CT model) or kind=edm (a diffusion teacher)")
+    if net is None:
+        raise ConfigError(f"ckpt={path} is a plain state dict (the authors' format); name its network: "
+                          f"{net_hint(path)}")
+    net = load_plain(net if isinstance(net, nn.Module) else instantiate(net), state, "ckpt", path)
+    precond = edm_denoiser(noise_kind=noise_kind) if kind == "edm" else consistency_function(noise_kind=noise_kind)
+    return Sampler(net, precond, kind)
+
+
+def sampler_from_checkpoint(path, ema: int | None = None, device="cpu", net=None, kind: str | None = None,
+                            noise_kind: str = "adm") -> Sampler:
+    """The sampler of a checkpoint; ``net``, ``kind`` and ``noise_kind`` apply to plain state dicts only."""
+    ckpt = read_checkpoint(path, "ckpt")
+    if is_plain(ckpt):
+        if ema is not None:
+            raise ConfigError(f"ema={ema}: ckpt={path} is a plain state dict with one set of weights; drop ema=")
+        sampler = plain_sampler(path, ckpt, net, kind, noise_kind)
+        sampler.net.to(device)
+        return sampler
+    meta = select_ema(ckpt[META_KEY], ema)
     net = network_from_checkpoint(ckpt, "ema").to(device)
     return Sampler(net, Precond(**meta["precond"]), meta["kind"], **meta["grid"])
+
+
+def export_state_dict(path, out, ema: int | None = None) -> Path:
+    """Writes a run's EMA network (``ema``: index into its rates, default the one it samples with) as a
+    plain state dict, the format of the authors' released files."""
+    ckpt = read_checkpoint(path, "ckpt")
+    if is_plain(ckpt):
+        raise ConfigError(f"ckpt={path} is already a plain state dict; export reads a run's checkpoint")
+    prefix = f"ema.{select_ema(ckpt[META_KEY], ema)['sample_ema']}."
+    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    out = Path(str(out)).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, out)
+    return out

@@ -1,0 +1,144 @@
+"""Every experiment in conf/experiment/ composes and trains for two steps, on fixture data written in the real
+on-disk formats (a CIFAR-10 batch, downsampled-ImageNet .npz batches, an LSUN LMDB), with the network widths
+shrunk by overrides; CD-style experiments distil a one-step EDM run of the same shrunk net. The published
+settings of the CM paper's experiments are checked against the reference values."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from torchvision.models.vgg import cfgs, make_layers
+
+from conftest import ROOT, run_script
+from inprocess import train_here
+from test_data import write_cifar_fixture
+from test_imagenet_lsun import write_imagenet_batches, write_lsun_lmdb
+
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
+IMAGENET_EMA = [0.999, 0.9999, 0.9999432189950708]
+LSUN_EMA = [0.9999, 0.99994, 0.9999432189950708]
+
+# (batch, lr, steps, schedule, EMA rates, net, classes): CM paper, Appendix C / the reference doc's table.
+PUBLISHED = {
+    "cifar10_cd": (512, 4e-4, 800_000, dict(num_scales=18, mu=0.0), [0.9999], "ncsnpp_cifar10", 0),
+    "cifar10_ct": (512, 4e-4, 800_000, dict(s0=2, s1=150, mu0=0.9), [0.9999], "ncsnpp_cifar10", 0),
+    "imagenet64_cd": (2048, 8e-6, 600_000, dict(num_scales=40, mu=0.95), IMAGENET_EMA, "adm_imagenet64", 1000),
+    "imagenet64_ct": (2048, 1e-4, 800_000, dict(s0=2, s1=200, mu0=0.95), IMAGENET_EMA, "adm_imagenet64", 1000),
+    "lsun_cd": (256, 1e-5, 600_000, dict(num_scales=40, mu=0.95), LSUN_EMA, "adm_lsun256", 0),
+    "lsun_ct": (256, 5e-5, 1_000_000, dict(s0=2, s1=150, mu0=0.95), LSUN_EMA, "adm_lsun256", 0),
+}
+
+
+def composed(*overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=True)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_published_settings(name):
+    batch, lr, steps, schedule, ema, net, classes = PUBLISHED[name]
+    cfg = composed(f"experiment={name}")
+    assert cfg.data.batch_size == batch and cfg.model.optimizer.lr == lr and cfg.trainer.max_steps == steps
+    assert {k: cfg.model.target.schedule[k] for k in schedule} == schedule
+    assert list(cfg.model.ema_rates) == ema and cfg.hydra.runtime.choices.net == net
+    assert cfg.net.num_classes == classes and cfg.net.dropout == 0.0  # students train without dropout
+    assert cfg.model.distance._target_.endswith("LPIPS") and cfg.model.target.weighting == "uniform"
+    assert cfg.model.noise_kind == ("edm" if net.startswith("ncsnpp") else "adm")
+
+
+def test_published_teachers_and_lsun_cat():
+    cfg = composed("experiment=imagenet64_edm")
+    assert (cfg.data.batch_size, cfg.model.optimizer.lr, cfg.net.dropout) == (4096, 1e-4, 0.1)
+    assert (cfg.model.p_mean, cfg.model.p_std, list(cfg.model.ema_rates)) == (-1.2, 1.2, IMAGENET_EMA)
+    assert cfg.net.num_classes == 1000 and cfg.data.num_classes == 1000
+    cfg = composed("experiment=cifar10_edm")
+    assert cfg.hydra.runtime.choices.net == "ncsnpp_cifar10" and cfg.model.noise_kind == "edm"
+    cfg = composed("experiment=lsun_cd", "data=lsun_cat")
+    assert cfg.data.root.endswith("lsun/cat") and cfg.data._target_.endswith("LSUNDataModule")
+
+
+@pytest.fixture(scope="module")
+def disk(tmp_path_factory) -> dict:
+    """Fixture data in the real formats and stand-in LPIPS weight files of the right shapes."""
+    root = tmp_path_factory.mktemp("disk")
+    write_cifar_fixture(root / "cifar10", n=4)
+    write_imagenet_batches(root / "imagenet64", size=16, n=6, batches=2)
+    write_lsun_lmdb(root / "lsun", n=6)
+    torch.manual_seed(0)
+    vgg = make_layers(cfgs["D"])
+    torch.save({f"features.{k}": v for k, v in vgg.state_dict().items()}, root / "vgg16.pth")
+    widths = (64, 128, 256, 512, 512)
+    torch.save({f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) for i, c in enumerate(widths)}, root / "lin.pth")
+    return {"root": root, "teachers": {}}
+
+
+@pytest.fixture(autouse=True)
+def cifar_checksums(monkeypatch):
+    # torchvision checks md5 sums of the real CIFAR-10 files; the fixture's layout is what is under test.
+    monkeypatch.setattr("torchvision.datasets.CIFAR10._check_integrity", lambda self: True)
+    monkeypatch.setattr("torchvision.datasets.cifar.check_integrity", lambda path, md5=None: True)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def shrink(cfg, disk: dict) -> list[str]:
+    """Overrides that make an experiment's data and network tiny while keeping its data format."""
+    root, data, net = disk["root"], cfg.data._target_.rsplit(".", 1)[-1], cfg.net._target_.rsplit(".", 1)[-1]
+    size = {"CIFAR10DataModule": 32}.get(data, 16)
+    out = ["trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.log_every_n_steps=1",
+           "trainer.enable_progress_bar=false", "trainer.accelerator=cpu", "logger=none", "data.batch_size=4",
+           "data.num_workers=0", "data.val_size=4", "callbacks.sample_grid.num=2",
+           "callbacks.sample_grid.teacher_steps=2", "callbacks.metrics=null", f"net.image_size={size}",
+           "net.model_channels=16", "net.channel_mult=[1,2]", "net.num_res_blocks=1",
+           f"net.attention_resolutions=[{size // 2}]"]
+    out += {"CIFAR10DataModule": [f"data.root={root / 'cifar10'}"],
+            "ImageNet64DataModule": [f"data.root={root / 'imagenet64'}", f"data.image_size={size}"],
+            "LSUNDataModule": [f"data.root={root / 'lsun'}", f"data.image_size={size}"]}.get(data, [])
+    per_net = {"ADMUNet": ["net.num_head_channels=16"], "NCSNpp": []}
+    if net not in per_net:
+        pytest.fail(f"no shrinking overrides for net {net}: add them to shrink() in tests/test_experiments.py")
+    out += per_net[net]
+    if "distance" in cfg.model and cfg.model.distance._target_.endswith("LPIPS"):
+        out += [f"model.distance.lin_weights={root / 'lin.pth'}", f"model.distance.vgg_weights={root / 'vgg16.pth'}",
+                f"model.distance.resize_to={size}"]
+    return out
+
+
+def teacher_for(name: str, cfg, disk: dict) -> str:
+    """A one-step EDM run of the same shrunk net on the same data (the dataset's *_edm experiment)."""
+    choices = cfg.hydra.runtime.choices
+    prefix = name.rsplit("_", 1)[0]
+    experiment = f"{prefix}_edm" if f"{prefix}_edm" in EXPERIMENTS else "digits_edm"
+    key = (experiment, choices.data, choices.net)
+    if key not in disk["teachers"]:
+        overrides = [f"experiment={experiment}", f"data={choices.data}", f"net={choices.net}"]
+        run = disk["root"] / "teachers" / "-".join(key)
+        train_here([*overrides, *shrink(composed(*overrides), disk), "trainer.max_steps=1"], run)
+        disk["teachers"][key] = str(run / "checkpoints" / "last.ckpt")
+    return disk["teachers"][key]
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_trains_two_steps(name, disk, tmp_path):
+    cfg = composed(f"experiment={name}")
+    overrides = [f"experiment={name}", *shrink(cfg, disk)]
+    if "teacher_ckpt" in cfg.model:
+        overrides.append(f"model.teacher_ckpt={teacher_for(name, cfg, disk)}")
+    train_here(overrides, tmp_path)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 2
+    assert all(torch.isfinite(v).all() for k, v in ckpt["state_dict"].items() if k.startswith("net."))
+    assert list((tmp_path / "samples").glob("final_*.png"))
+
+
+def test_two_processes_split_the_global_batch(disk, tmp_path):
+    """ImageNet 64 CT (class-conditional, LPIPS) with 2 CPU processes: the global batch of 4 is 2 per process."""
+    cfg = composed("experiment=imagenet64_ct")
+    proc = run_script("train.py", "experiment=imagenet64_ct", *shrink(cfg, disk), "trainer.devices=2",
+                      "callbacks.sample_grid.num=1", f"hydra.run.dir={tmp_path}")
+    ckpt = torch.load(Path(tmp_path) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 2
+    assert "Starting with 2 processes" in proc.stdout + proc.stderr
