@@ -1,0 +1,86 @@
+"""Sampling for metrics split over the processes of a DDP run (Lightning's trainer or Fabric).
+
+The ``num`` samples are cut into chunks of ``batch_size``; chunk ``c`` is drawn with seed
+``seed + c`` (as ``evaluation.sample_batched`` does), and each rank takes a contiguous run of chunks.
+So every rank draws its share with its own seeds, the total is exactly ``num`` for any world size,
+and the samples themselves do not depend on the world size. Each rank extracts the features of its
+share; rank 0 gathers them in chunk order.
+"""
+
+import torch
+import torch.distributed as dist
+
+from cm_lightning.metrics.fidelity import Fidelity, to_uint8
+
+
+def rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def shard_chunks(num: int, batch_size: int, rank: int, world: int) -> range:
+    """This rank's chunk indices: a contiguous, balanced split of ceil(num / batch_size) chunks."""
+    chunks = -(-num // batch_size)
+    return range(rank * chunks // world, (rank + 1) * chunks // world)
+
+
+def shard_batches(sampler, num: int, batch_size: int, seed: int, device, rank: int = 0, world: int = 1, **how):
+    """This rank's chunks, one at a time, as uint8 N x C x H x W on ``device``."""
+    for c in shard_chunks(num, batch_size, rank, world):
+        images, _ = sampler(min(batch_size, num - c * batch_size), seed=seed + c, device=device, **how)
+        yield to_uint8(images)
+
+
+def sample_shard(sampler, num: int, batch_size: int, seed: int, device, rank: int = 0, world: int = 1, **how):
+    """All of this rank's samples at once."""
+    empty = torch.empty((0, *sampler.image_shape), dtype=torch.uint8, device=device)
+    return torch.cat([empty, *shard_batches(sampler, num, batch_size, seed, device, rank, world, **how)])
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor | None:
+    """Rows of every rank's ``x`` concatenated in rank order on rank 0 (None elsewhere).
+
+    Ranks may hold different numbers of rows, none at all included (then any trailing shape).
+    """
+    rank, world = rank_and_world()
+    if world == 1:
+        return x
+    shape = torch.tensor(x.shape, device=x.device)
+    shapes = [torch.zeros_like(shape) for _ in range(world)]
+    dist.all_gather(shapes, shape)
+    shapes = [s.tolist() for s in shapes]
+    rows = [s[0] for s in shapes]
+    trailing = next((s[1:] for s in shapes if s[0] > 0), list(x.shape[1:]))
+    padded = torch.zeros((max(rows), *trailing), dtype=x.dtype, device=x.device)
+    padded[: x.shape[0]] = x.reshape(x.shape[0], *trailing)
+    parts = [torch.empty_like(padded) for _ in range(world)] if rank == 0 else None
+    dist.gather(padded, parts, dst=0)
+    return torch.cat([p[:n] for p, n in zip(parts, rows)]) if rank == 0 else None
+
+
+def share(value):
+    """Rank 0's value on every rank (a search must take the same branch everywhere)."""
+    _, world = rank_and_world()
+    if world == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+@torch.no_grad()
+def sharded_features(sampler, fidelity: Fidelity, num: int, batch_size: int, seed: int, device,
+                     **how) -> dict[str, torch.Tensor] | None:
+    """Features of ``num`` samples drawn over all ranks, on rank 0 (None on the others)."""
+    rank, world = rank_and_world()
+    # Features chunk by chunk: only they are kept, never all the images (50,000 at 256x256 are 10 GB).
+    parts = [fidelity.features(x, device) for x in shard_batches(sampler, num, batch_size, seed, device, rank,
+                                                                   world, **how)]
+    gathered = {}
+    for layer in fidelity.layers:
+        # A rank without chunks has no features but still takes part in the gather, with no rows.
+        mine = torch.cat([p[layer] for p in parts]) if parts else torch.empty(0, 0)
+        rows = gather_rows(mine.to(device))
+        gathered[layer] = None if rows is None else rows.cpu()
+    return gathered if rank == 0 else None
