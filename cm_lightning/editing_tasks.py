@@ -1,0 +1,224 @@
+"""``python evaluate.py task=<edit> ckpt=PATH input=FILE_OR_FOLDER``: zero-shot editing of your images.
+
+Tasks (CM paper, Section 6; the math is in cm_lightning/diffusion/editing.py):
+    inpaint      Algorithm 4 with A = I; ``mask=`` box | left_half | random_strokes | a PNG (white = generate)
+    colorize     Algorithm 4 with the per-pixel luminance basis; needs a 3-channel model
+    superres     Algorithm 4 with the per-patch mean basis; ``factor=`` must divide the resolution
+    stroke       SDEdit: the stroke painting noised to ``sigma``, then f
+    denoise      the input plus noise of ``sigma`` (or, with noisy_input=true, already noisy), then f
+    interpolate  ``num`` one-step samples along the great circle between two seeded noises
+Each writes ``<task>.png`` (rows of input | degraded | result; interpolate: one row of frames) and the
+results as ``<task>/<name>.png`` under out_dir.
+"""
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from torchvision.utils import make_grid, save_image
+
+from cm_lightning.checkpoints import sampler_from_checkpoint
+from cm_lightning.diffusion import editing
+from cm_lightning.diffusion.linear_transforms import LUMINANCE, ChannelBasis, Identity, PatchBasis
+from cm_lightning.editing_inputs import build_masks, read_images, to_tensor
+from cm_lightning.errors import ConfigError
+from cm_lightning.sampler import Sampler
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SIGMA = {"stroke": 2.0, "denoise": 0.5}  # noise levels where a digit's shape survives
+
+
+@dataclass
+class Editor:
+    """A consistency checkpoint and the settings every editing task shares."""
+
+    sampler: Sampler
+    sigmas: list[float]  # Algorithm 4's noise levels
+    device: torch.device
+    seed: int
+    batch_size: int
+    label: int | None
+
+    def batched(self, fn, *tensors):
+        """``fn(f, generator, *batch)`` over batches; returns its outputs concatenated, on the CPU."""
+        outputs = []
+        for i, start in enumerate(range(0, tensors[0].shape[0], self.batch_size)):
+            batch = [t[start : start + self.batch_size].to(self.device) for t in tensors]
+            g = torch.Generator(device=self.device).manual_seed(self.seed + i)
+            f = self.bound(batch[0].shape[0], g)
+            outputs.append([o.cpu() for o in fn(f, g, *batch)])
+        return [torch.cat(parts) for parts in zip(*outputs)]
+
+    def bound(self, num: int, g: torch.Generator):
+        """f(x, sigma) with class labels bound: ``label`` if given, else drawn from the seed."""
+        labels = self.sampler.labels(num, g)
+        if labels is not None and self.label is not None:
+            labels = torch.full_like(labels, self.label)
+        return lambda x, s: self.sampler.denoise(x, s, labels)
+
+
+def run_method(ckpt) -> tuple[str, int]:
+    """('cd' or 'ct', the grid size N at the end of training; 0 without a discrete grid) of the run that
+    wrote ``ckpt``, from its stored config. Every consistency-training variant counts as 'ct'."""
+    config = torch.load(Path(str(ckpt)).expanduser(), map_location="cpu", weights_only=False, mmap=True)
+    config = config["cm_lightning"]["config"]
+    target = config["model"]["target"]
+    schedule = instantiate(target["schedule"]) if "schedule" in target else None
+    final = schedule(config["trainer"]["max_steps"]) if callable(schedule) else None
+    method = "cd" if target["_target_"].endswith("CDTarget") else "ct"
+    return method, (int(final[0]) if isinstance(final, tuple) else 0)
+
+
+def load_editor(cfg: DictConfig, task: str) -> Editor:
+    from cm_lightning.evaluation import pick_device  # evaluation imports this module
+
+    device = pick_device(cfg.device)
+    sampler = sampler_from_checkpoint(cfg.ckpt, cfg.ema, device)
+    if sampler.kind != "consistency":
+        raise ConfigError(f"task={task} needs a consistency model (CD or CT); ckpt={cfg.ckpt} is an EDM teacher")
+    grid = dict(sigma_min=sampler.sigma_min, sigma_max=sampler.sigma_max, rho=sampler.rho)
+    if cfg.edit_sigmas is not None:
+        sigmas = editing.check_levels(cfg.edit_sigmas, sampler.sigma_min, sampler.sigma_max)
+    else:
+        sigmas = editing.published_edit_sigmas(*run_method(cfg.ckpt), **grid)
+    if cfg.label is not None and not 0 <= cfg.label < max(sampler.num_classes, 1):
+        raise ConfigError(f"label={cfg.label} is not a class of this model ({sampler.num_classes} classes); "
+                          "leave label=null for an unconditional model")
+    return Editor(sampler, sigmas, device, cfg.seed, cfg.batch_size, cfg.label)
+
+
+def edit_sigma(cfg: DictConfig, task: str, sampler: Sampler) -> float:
+    sigma = DEFAULT_SIGMA[task] if cfg.sigma is None else float(cfg.sigma)
+    if not sampler.sigma_min <= sigma <= sampler.sigma_max:
+        raise ConfigError(f"sigma={sigma} is outside the model's noise range [{sampler.sigma_min}, "
+                          f"{sampler.sigma_max}]; choose a level inside it, e.g. sigma={DEFAULT_SIGMA[task]}")
+    return sigma
+
+
+# --- outputs ----------------------------------------------------------------------------------
+def write_results(cfg: DictConfig, task: str, names: list[str], columns: list[torch.Tensor]) -> list[Path]:
+    """``<task>.png``: one row per image of ``columns`` (input | degraded | result); the results alone
+    as ``<task>/<name>.png``."""
+    out = Path(cfg.out_dir)
+    (out / task).mkdir(parents=True, exist_ok=True)
+    rows = torch.stack(columns, dim=1).flatten(0, 1)
+    grid_path = out / f"{task}.png"
+    save_image(make_grid((rows.clamp(-1, 1) + 1) / 2, nrow=len(columns), padding=1, pad_value=1), grid_path)
+    written, seen = [grid_path], set()
+    for i, (name, image) in enumerate(zip(names, columns[-1])):
+        name = f"{name}_{i}" if name in seen else name  # a.png and a.jpg in one folder
+        seen.add(name)
+        written.append(out / task / f"{name}.png")
+        save_image((image.clamp(-1, 1) + 1) / 2, written[-1])
+    log.info("wrote %s and %d result(s) under %s", grid_path, len(names), out / task)
+    return written
+
+
+# --- tasks ------------------------------------------------------------------------------------
+def algorithm4_task(cfg: DictConfig, task: str, transform, omega_for, editor: Editor, images) -> list[Path]:
+    """Runs Algorithm 4 on ``input=`` with the mask ``omega_for(shape)``: columns input | kept | result."""
+    y = to_tensor(images, editor.sampler)
+    omega = omega_for(y.shape)
+    sigma_min = editor.sampler.sigma_min
+
+    def run(f, g, y, omega):
+        kept = editing.degrade(y, transform, omega)
+        return kept, editing.edit(f, y, transform, omega, editor.sigmas, sigma_min, g)
+
+    kept, result = editor.batched(run, y, omega.expand(y.shape[0], *omega.shape[1:]))
+    if task == "colorize":  # show the luminance as gray, not the luminance axis' tint
+        kept = (torch.tensor(LUMINANCE)[:, None, None] * y).sum(1, keepdim=True).expand_as(y)
+    return write_results(cfg, task, [n for n, _ in images], [y, kept, result])
+
+
+def inpaint_task(cfg: DictConfig) -> list[Path]:
+    editor = load_editor(cfg, "inpaint")
+    images = read_images(cfg, "inpaint")
+    masks = build_masks(cfg, images, editor.sampler.image_shape[-1])
+    return algorithm4_task(cfg, "inpaint", Identity(), lambda shape: masks, editor, images)
+
+
+def colorize_task(cfg: DictConfig) -> list[Path]:
+    editor = load_editor(cfg, "colorize")
+    channels = editor.sampler.image_shape[0]
+    if channels != 3:
+        raise ConfigError(
+            f"task=colorize needs a colour (3-channel) model, but ckpt={cfg.ckpt} has {channels} channel(s). "
+            "Train one on the colour digits with `python train.py experiment=digits_colour_ct` "
+            "(or any RGB data, e.g. data=cifar10)"
+        )
+    basis = ChannelBasis(LUMINANCE)
+    return algorithm4_task(cfg, "colorize", basis, basis.keep_first, editor, read_images(cfg, "colorize"))
+
+
+def superres_task(cfg: DictConfig) -> list[Path]:
+    editor = load_editor(cfg, "superres")
+    size = editor.sampler.image_shape[-1]
+    if cfg.factor < 2 or size % cfg.factor:
+        divisors = [k for k in range(2, size + 1) if size % k == 0]
+        raise ConfigError(f"factor={cfg.factor} does not divide the model's resolution {size}; use one of {divisors}")
+    basis = PatchBasis(cfg.factor)
+    return algorithm4_task(cfg, "superres", basis, basis.keep_first, editor, read_images(cfg, "superres"))
+
+
+def stroke_task(cfg: DictConfig) -> list[Path]:
+    editor = load_editor(cfg, "stroke")
+    sigma = edit_sigma(cfg, "stroke", editor.sampler)
+    images = read_images(cfg, "stroke")
+    strokes = to_tensor(images, editor.sampler)
+
+    def run(f, g, y):
+        noise = torch.randn(y.shape, generator=g, device=y.device)
+        return y + sigma * noise, editing.stroke_guided(f, y, noise, [sigma], editor.sampler.sigma_min, g)
+
+    noisy, result = editor.batched(run, strokes)
+    return write_results(cfg, "stroke", [n for n, _ in images], [strokes, noisy, result])
+
+
+def denoise_task(cfg: DictConfig) -> list[Path]:
+    editor = load_editor(cfg, "denoise")
+    sigma = edit_sigma(cfg, "denoise", editor.sampler)
+    images = read_images(cfg, "denoise")
+    clean = to_tensor(images, editor.sampler)
+
+    def run(f, g, y):
+        noisy = y if cfg.noisy_input else y + sigma * torch.randn(y.shape, generator=g, device=y.device)
+        return noisy, editing.denoise(f, noisy, sigma)
+
+    noisy, result = editor.batched(run, clean)
+    return write_results(cfg, "denoise", [n for n, _ in images], [clean, noisy, result])
+
+
+def interpolate_task(cfg: DictConfig) -> list[Path]:
+    editor = load_editor(cfg, "interpolate")
+    shape = editor.sampler.image_shape
+    g = torch.Generator(device=editor.device).manual_seed(cfg.seed)
+    z0, z1 = torch.randn((2, *shape), generator=g, device=editor.device)
+    frames = editing.interpolate(editor.bound(cfg.num, g), z0, z1, cfg.num, editor.sampler.sigma_max)
+    return write_frames(cfg, frames.cpu())
+
+
+def write_frames(cfg: DictConfig, frames: torch.Tensor) -> list[Path]:
+    out = Path(cfg.out_dir)
+    (out / "interpolate").mkdir(parents=True, exist_ok=True)
+    strip = out / "interpolate.png"
+    save_image(make_grid((frames + 1) / 2, nrow=frames.shape[0], padding=1, pad_value=1), strip)
+    paths = [out / "interpolate" / f"frame_{i:03d}.png" for i in range(frames.shape[0])]
+    for path, frame in zip(paths, frames):
+        save_image((frame + 1) / 2, path)
+    log.info("wrote %s and %d frames under %s", strip, len(paths), out / "interpolate")
+    return [strip, *paths]
+
+
+EDIT_TASKS = {
+    "inpaint": inpaint_task,
+    "colorize": colorize_task,
+    "superres": superres_task,
+    "stroke": stroke_task,
+    "denoise": denoise_task,
+    "interpolate": interpolate_task,
+}
