@@ -10,7 +10,7 @@ from hydra.errors import InstantiationException
 from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from cm_lightning.errors import ConfigError
+from cm_lightning.errors import ConfigError, TrainingError
 
 
 def wandb_offline() -> bool:
@@ -23,9 +23,17 @@ def wandb_offline() -> bool:
         return True
 
 
+def wandb_mode() -> str:
+    """wandb.init's mode: WANDB_MODE when set, else offline unless W&B is configured. Lightning's own
+    ``offline`` flag refuses ``log_model``; W&B's offline mode keeps artifacts for ``wandb sync``."""
+    return os.environ.get("WANDB_MODE") or ("offline" if wandb_offline() else "online")
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("wandb_offline"):
         OmegaConf.register_new_resolver("wandb_offline", wandb_offline)
+    if not OmegaConf.has_resolver("wandb_mode"):
+        OmegaConf.register_new_resolver("wandb_mode", wandb_mode)
 
 
 def _root_cause(exc: BaseException) -> BaseException:
@@ -47,5 +55,8 @@ def user_errors(fn):
                 raise
             print(f"error: {cause}", file=sys.stderr)
             sys.exit(2)
+        except TrainingError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(1)
 
     return wrapper

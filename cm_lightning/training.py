@@ -1,12 +1,18 @@
-"""``python train.py``: build everything from the Hydra config, check it, and fit."""
+"""``python train.py``: build everything from the Hydra config, check it, and fit, resuming the run
+directory's newest checkpoint when there is one (``ckpt_path: auto``)."""
 
 import logging
+import secrets
 from pathlib import Path
 
 import lightning as L
 from hydra.utils import instantiate
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from cm_lightning import ddp, slurm
+from cm_lightning.callbacks.checkpoint import AtomicCheckpointIO, check_writable, checkpoint_dir, resume_path
 from cm_lightning.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -28,20 +34,49 @@ def check_data_matches_net(data, net) -> None:
         )
 
 
+def wandb_run_id(run_dir) -> str:
+    """This run directory's W&B run id, made once and kept in ``<run dir>/wandb_run_id``, so that a resumed
+    run (requeued, or started again by hand) goes on logging to the same W&B run."""
+    path = Path(str(run_dir)) / "wandb_run_id"
+    if path.is_file():
+        return path.read_text().strip()
+    run_id = secrets.token_hex(8)
+    if rank_zero_only.rank == 0:  # the only rank that logs; the others never use the id
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(run_id + "\n")
+    return run_id
+
+
+def build_logger(c: DictConfig):
+    if str(c.get("_target_", "")).endswith("WandbLogger") and not c.get("id"):
+        return instantiate(c, id=wandb_run_id(c.get("save_dir") or "."), resume="allow")
+    return instantiate(c)
+
+
 def build(cfg: DictConfig):
-    """Data, model, callbacks, loggers and trainer, each with ``hydra.utils.instantiate``."""
-    data = instantiate(cfg.data)
+    """Data, model, callbacks, loggers and trainer, each with ``hydra.utils.instantiate``; the checks that
+    need them run here, before any process is started or any step is taken."""
+    slurm.check_allocation(cfg.trainer.get("devices", 1), cfg.trainer.get("num_nodes", 1),
+                           cfg.trainer.get("accelerator", "auto"))
+    data = instantiate(cfg.data, seed=cfg.seed)
     model = instantiate(cfg.model)
     check_data_matches_net(data, model.net)
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    loggers = [build_logger(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    # One preemption mechanism (callbacks/preemption.py): Lightning's SLURM auto-requeue is switched off.
+    plugins = [AtomicCheckpointIO()] + ([SLURMEnvironment(auto_requeue=False)] if slurm.managed() else [])
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins)
+    data.per_device_batch(trainer.world_size, trainer.accumulate_grad_batches)
+    check_writable(checkpoint_dir(trainer))
     return data, model, trainer
 
 
 def train(cfg: DictConfig) -> Path:
     L.seed_everything(cfg.seed, workers=True)
-    data, model, trainer = build(cfg)
-    trainer.fit(model, datamodule=data, ckpt_path=cfg.get("ckpt_path"))
+    ddp.use_rank_command()
+    with ddp.job_scope():
+        data, model, trainer = build(cfg)
+        ckpt = resume_path(cfg.get("ckpt_path"), checkpoint_dir(trainer))
+        trainer.fit(model, datamodule=data, ckpt_path=ckpt)
     return Path(trainer.default_root_dir)
