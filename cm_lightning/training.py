@@ -1,7 +1,6 @@
 """``python train.py``: build everything from the Hydra config, check it, and fit, resuming the run
 directory's newest checkpoint when there is one (``ckpt_path: auto``)."""
 
-import logging
 import secrets
 from pathlib import Path
 
@@ -14,8 +13,6 @@ from omegaconf import DictConfig, OmegaConf
 from cm_lightning import ddp, slurm
 from cm_lightning.callbacks.checkpoint import AtomicCheckpointIO, check_writable, checkpoint_dir, resume_path
 from cm_lightning.errors import ConfigError
-
-log = logging.getLogger(__name__)
 
 
 def check_data_matches_net(data, net) -> None:
