@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from cm_lightning.errors import ConfigError, TrainingError
+from cm_lightning.speed import auto_precision
 
 
 def wandb_offline() -> bool:
@@ -32,6 +33,8 @@ def wandb_mode() -> str:
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("wandb_mode"):
         OmegaConf.register_new_resolver("wandb_mode", wandb_mode)
+    if not OmegaConf.has_resolver("auto_precision"):
+        OmegaConf.register_new_resolver("auto_precision", auto_precision)
 
 
 def _root_cause(exc: BaseException) -> BaseException:

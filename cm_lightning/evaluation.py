@@ -24,6 +24,7 @@ from cm_lightning.metrics.midpoint_search import ternary_search
 from cm_lightning.metrics.reference import ReferenceSource
 from cm_lightning.metrics.sharding import share, sharded_features
 from cm_lightning.sampler import Sampler
+from cm_lightning.speed import Speed, auto_precision
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,20 @@ def class_labels(classes, num: int, sampler: Sampler) -> torch.Tensor | None:
     return torch.tensor(classes).repeat(-(-num // len(classes)))[:num]
 
 
+def speed_up(sampler: Sampler, cfg: DictConfig, device) -> Sampler:
+    """evaluate.yaml's ``speed``: precision, channels-last, and compilation (with ``auto``: on a GPU, for the
+    tasks that sample thousands of images, which repay the minute it takes)."""
+    s = cfg.speed
+    compile_ = s.compile
+    if compile_ == "auto" and cfg.task not in ("fid", "search_midpoint"):
+        compile_ = False
+    precision = s.precision
+    if precision == "auto":
+        precision = auto_precision() if torch.device(device).type == "cuda" else "32-true"
+    speed = Speed(channels_last=s.channels_last, compile=compile_, sample_compile_mode=s.sample_compile_mode)
+    return sampler.speed_up(speed, precision, device)
+
+
 def sample_batched(sampler: Sampler, num: int, batch_size: int, seed: int, device, labels=None, **how):
     images, out_labels = [], []
     for i, start in enumerate(range(0, num, batch_size)):
@@ -77,6 +92,7 @@ def sample_task(cfg: DictConfig) -> list[Path]:
     device = pick_device(cfg.device)
     sampler = sampler_from_checkpoint(cfg.ckpt, cfg.ema, device, net=cfg.get("net"), kind=cfg.get("kind"),
                                       noise_kind=cfg.get("noise_kind", "adm"))
+    speed_up(sampler, cfg, device)
     given = class_labels(cfg.get("classes"), cfg.num, sampler)
     plan = schedules(cfg, sampler)
     out = Path(cfg.out_dir)
@@ -139,6 +155,7 @@ class Scorer:
     def start(self) -> "Scorer":
         self.fabric = launch(self.cfg)
         self.sampler.net.to(self.fabric.device)
+        speed_up(self.sampler, self.cfg, self.fabric.device)
         if self.fabric.is_global_zero:
             self.reference = self.source.load(self.fidelity, self.cache_dir, self.fabric.device)
         return self

@@ -15,6 +15,7 @@ from cm_lightning.checkpoints import META_KEY
 from cm_lightning.diffusion.precond import Precond
 from cm_lightning.ema import ema_update_
 from cm_lightning.sampler import Sampler
+from cm_lightning.speed import Speed
 
 
 class GenerativeModule(L.LightningModule):
@@ -33,6 +34,7 @@ class GenerativeModule(L.LightningModule):
         rho: float = 7.0,
         seed: int = 0,
         ema_warmup: bool = False,
+        speed: Speed | None = None,
     ):
         super().__init__()
         if not ema_rates:
@@ -49,6 +51,7 @@ class GenerativeModule(L.LightningModule):
         self.warmup_steps = warmup_steps
         self.grid = dict(sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
         self.seed = seed
+        self.speed = speed or Speed()
         self.run_config = None  # set by the entry point; stored in checkpoints for evaluate.py
         # Parts rebuilt from the config rather than saved (a frozen teacher, LPIPS): prefixes of their keys.
         self.frozen_prefixes: tuple[str, ...] = ()
@@ -77,9 +80,18 @@ class GenerativeModule(L.LightningModule):
     def labels_for(self, labels):
         return labels if getattr(self.net, "num_classes", 0) else None
 
+    # --- speed ------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Memory format and compilation, before the strategy moves the module and wraps it for DDP (so that
+        DDP's gradient buckets are laid out like the final parameters)."""
+        self.speed = self.speed.resolved(self.trainer.strategy.root_device)
+        self.speed.prepare(self.net)
+        if self.speed.channels_last:  # the EMAs only sample now and then: their memory format, not compiled
+            self.ema.to(memory_format=torch.channels_last)
+
     # --- optimisation -----------------------------------------------------------------------
     def configure_optimizers(self):
-        opt = self.optimizer_factory(params=self.net.parameters())
+        opt = self.speed.optimizer(self.optimizer_factory, self.net.parameters(), self.trainer.strategy.root_device)
         if not self.warmup_steps:
             return opt
         warm = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / self.warmup_steps))

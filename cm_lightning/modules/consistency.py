@@ -33,6 +33,13 @@ class ConsistencyModule(GenerativeModule):
             ema.load_state_dict(self.net.state_dict())
         self.frozen_prefixes = ("target.teacher.", "distance.")
 
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if self.target_net is not None:
+            self.speed.prepare(self.target_net)
+        if getattr(self.target, "teacher", None) is not None:
+            self.speed.prepare(self.speed.frozen(self.target.teacher.net, self.trainer.precision))
+
     def _check_teacher(self, teacher, init_from_teacher: bool) -> None:
         for attr in ("image_size", "in_channels", "num_classes"):
             mine, theirs = getattr(self.net, attr, None), getattr(teacher.net, attr, None)
@@ -59,13 +66,15 @@ class ConsistencyModule(GenerativeModule):
         labels = self.labels_for(labels)
         self.seed_dropout(batch_idx)
         student = self.precond(self.net, x0 + t.view(-1, 1, 1, 1) * z, t, labels)
-        with torch.no_grad():
+        # The teacher's and the target's evaluations keep no autograd state at all (inference mode); the
+        # clone turns the result back into an ordinary tensor that the loss may save for its backward.
+        with torch.inference_mode():
             x_r = self.target.target_input(x0, z, t, r, labels)
             self.seed_dropout(batch_idx)  # the same dropout masks as the student's forward
             target_net = self.net if self.target_net is None else self.target_net
             target = self.precond(target_net, x_r, r, labels)
             target = torch.where((r == 0).view(-1, 1, 1, 1), x0, target)
-        return student, target, t, r
+        return student, target.clone(), t, r
 
     def losses(self, x0, labels, batch_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample weighted distances and their weights lambda(t, r)."""

@@ -140,7 +140,8 @@ class AttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, height, width = x.shape
         qkv = self.qkv(self.norm(x)).reshape(b, 3, self.num_heads, c // self.num_heads, height * width)
-        q, k, v = qkv.transpose(-1, -2).unbind(1)  # each (b, heads, pixels, head_dim)
+        # (b, heads, pixels, head_dim) each, contiguous: the flash and memory-efficient kernels need unit stride.
+        q, k, v = qkv.transpose(-1, -2).contiguous().unbind(1)
         h = F.scaled_dot_product_attention(q, k, v)
         h = h.transpose(-1, -2).reshape(b, c, height, width)
         return x + self.proj_out(h)

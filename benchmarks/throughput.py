@@ -1,0 +1,225 @@
+"""Training and sampling throughput of any experiment, printed as one JSON line.
+
+    python benchmarks/throughput.py experiment=imagenet64_cd model/distance=l2 [bench.batch=64]
+        [bench.find_max_batch=true] [model.speed.compile=false ...any train.py override]
+
+The experiment's own LightningModule trains through Lightning (precision plugin, optimiser, EMA and target
+updates included) on synthetic data of its shape; optimiser steps are timed after ``bench.warmup`` untimed
+ones, with the device synchronised at both ends. Then one-step and two-step sampling from the EMA weights is
+timed at ``bench.sample_batch``. FLOPs per image come from ``torch.utils.flop_counter`` over one uncompiled
+training step. CD without ``model.teacher_ckpt`` distils a randomly initialised teacher of the same network,
+which costs the same. Settings are in conf/throughput.yaml; results go to stdout and ``bench.out``.
+"""
+
+import gc
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, open_dict
+from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cm_lightning.cli import register_resolvers, user_errors  # noqa: E402
+
+register_resolvers()
+
+
+class Synthetic(torch.utils.data.IterableDataset):
+    """The same batch forever: the benchmark measures the step, not the input pipeline."""
+
+    def __init__(self, batch: int, net):
+        self.x = torch.randn(batch, net.in_channels, net.image_size, net.image_size).clamp(-1, 1)
+        self.y = torch.randint(0, max(1, getattr(net, "num_classes", 0)), (batch,))
+
+    def __iter__(self):
+        while True:
+            yield self.x, self.y
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class StepTimer(L.Callback):
+    """Wall time of optimiser steps warmup+1 .. warmup+steps, and the peak memory over them."""
+
+    def __init__(self, warmup: int, steps: int):
+        self.warmup, self.steps, self.seconds = warmup, steps, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.warmup:
+            synchronize(pl_module.device)
+            if pl_module.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(pl_module.device)
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.warmup + self.steps:
+            synchronize(pl_module.device)
+            self.seconds = time.perf_counter() - self.start
+
+
+def teacher_for(cfg: DictConfig, workdir: Path) -> None:
+    """A CD/ECT config without a teacher gets a randomly initialised one of the same network, saved as a
+    plain state dict the way the authors' teachers are."""
+    if "teacher_ckpt" in cfg.model and cfg.model.teacher_ckpt is None:
+        path = workdir / "edm_random_teacher.pt"
+        if not path.exists():
+            torch.save(instantiate(cfg.net).state_dict(), path)
+        with open_dict(cfg):
+            cfg.model.teacher_ckpt = str(path)
+
+
+def count_flops(model, batch: int, device: torch.device) -> tuple[float, float]:
+    """FLOPs per image of one training step (every network evaluation, forward and backward) and of one
+    forward pass of the network."""
+    data = Synthetic(batch, model.net)
+    x, y = data.x.to(device), data.y.to(device)
+    with FlopCounterMode(display=False) as step:
+        model.losses(x, y, 0)[0].mean().backward()
+    model.net.zero_grad(set_to_none=True)
+    with FlopCounterMode(display=False) as forward, torch.no_grad():
+        model.precond(model.net, x, torch.ones(batch, device=device), model.labels_for(y))
+    return step.get_total_flops() / batch, forward.get_total_flops() / batch
+
+
+def build_trainer(cfg: DictConfig, steps: int, callbacks, workdir: Path) -> L.Trainer:
+    return L.Trainer(accelerator=cfg.trainer.accelerator, devices=1, precision=cfg.trainer.precision,
+                     max_steps=steps, gradient_clip_val=cfg.trainer.gradient_clip_val, logger=False,
+                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                     limit_val_batches=0, num_sanity_val_steps=0, callbacks=callbacks, default_root_dir=workdir)
+
+
+def train_run(cfg: DictConfig, batch: int, warmup: int, steps: int, workdir: Path, flops: bool = False):
+    """(module, seconds for the timed steps, peak GiB, FLOPs per image or None) of a fresh model."""
+    torch._dynamo.reset()
+    model = instantiate(cfg.model)
+    timer = StepTimer(warmup, steps)
+    trainer = build_trainer(cfg, warmup + steps, [timer], workdir)
+    device = trainer.strategy.root_device
+    counted = count_flops(model.to(device), cfg.bench.flop_batch, device) if flops else None
+    loader = torch.utils.data.DataLoader(Synthetic(batch, model.net), batch_size=None,
+                                         pin_memory=device.type == "cuda")
+    trainer.fit(model, train_dataloaders=loader)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return model, timer.seconds, peak, counted
+
+
+def fits(cfg: DictConfig, batch: int, workdir: Path) -> bool:
+    try:
+        train_run(cfg, batch, warmup=2, steps=1, workdir=workdir)
+        return True
+    except torch.OutOfMemoryError:
+        return False
+    finally:
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def find_max_batch(cfg: DictConfig, start: int, workdir: Path) -> int:
+    """The largest per-device batch (a multiple of 8 past ``start``) whose training step fits: doubling,
+    then bisection."""
+    device = torch.device("cuda")
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.bench.memory_gib * 2**30 / total), device)
+    good, bad = 0, start
+    while fits(cfg, bad, workdir):
+        good, bad = bad, bad * 2
+    while bad - good > 8:
+        mid = (good + bad) // 16 * 8
+        good, bad = (mid, bad) if fits(cfg, mid, workdir) else (good, mid)
+    return good
+
+
+def time_sampling(model, cfg: DictConfig, device: torch.device) -> dict:
+    """Images/s of the EMA weights' sampler per step count, compiled in ``sample_compile_mode``."""
+    sampler = model.sampler().speed_up(model.speed, cfg.trainer.precision, device)
+    rates = {}
+    for steps in cfg.bench.sample_steps:
+        how = {"steps": steps} if model.kind == "consistency" else {"steps": steps, "solver": "heun"}
+
+        def call(seed: int):
+            sampler(cfg.bench.sample_batch, seed=seed, device=device, **how)
+
+        for seed in range(3):
+            call(seed)
+        synchronize(device)
+        start = time.perf_counter()
+        for seed in range(cfg.bench.sample_repeats):
+            call(seed)
+        synchronize(device)
+        rates[str(steps)] = sig(cfg.bench.sample_batch * cfg.bench.sample_repeats / (time.perf_counter() - start))
+    return rates
+
+
+def sig(x: float) -> float:
+    return float(f"{x:.4g}")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+@hydra.main(config_path="../conf", config_name="throughput", version_base="1.3")
+@user_errors
+def main(cfg: DictConfig) -> None:
+    L.seed_everything(cfg.seed)
+    bench = cfg.bench
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        teacher_for(cfg, workdir)
+        model, seconds, peak, (step_flops, forward_flops) = train_run(cfg, bench.batch, bench.warmup, bench.steps,
+                                                                      workdir, flops=True)
+        device = model.device
+        images_per_s = bench.batch * bench.steps / seconds
+        result = {
+            "device": device_name(device),
+            "experiment": cfg.run_name,
+            "batch_per_device": bench.batch,
+            "train_images_per_s": sig(images_per_s),
+            "train_tflops": sig(step_flops * images_per_s / 1e12),
+            "train_gflop_per_image": sig(step_flops / 1e9),
+            "net_forward_gflop_per_image": sig(forward_flops / 1e9),
+            "peak_memory_gib": None if peak is None else round(peak, 2),
+            "sample_batch": bench.sample_batch,
+            "sample_images_per_s": time_sampling(model, cfg, device),
+        }
+        del model
+        gc.collect()
+        if bench.find_max_batch:
+            if device.type != "cuda":
+                raise SystemExit("error: bench.find_max_batch=true needs a CUDA device")
+            largest = find_max_batch(cfg, bench.batch, workdir)
+            _, seconds, peak, _ = train_run(cfg, largest, bench.warmup, bench.steps, workdir)
+            result.update(max_batch=largest, max_batch_images_per_s=sig(largest * bench.steps / seconds),
+                          max_batch_peak_memory_gib=round(peak, 2), memory_cap_gib=bench.memory_gib)
+    speed = instantiate(cfg.model.speed).resolved(device)
+    result["settings"] = {
+        "precision": cfg.trainer.precision, "channels_last": speed.channels_last, "compile": speed.compile,
+        "compile_mode": speed.compile_mode, "sample_compile_mode": speed.sample_compile_mode,
+        "fused_optimizer": speed.fused_optimizer, "frozen_dtype": speed.frozen_dtype,
+        "activation_checkpointing": bool(cfg.net.get("use_checkpoint", False)),
+        "distance": cfg.model.distance._target_.rsplit(".", 1)[-1], "optimizer": cfg.model.optimizer._target_,
+        "torch": torch.__version__, "steps_timed": bench.steps, "warmup": bench.warmup,
+    }
+    line = json.dumps(result)
+    print(line, flush=True)
+    Path(bench.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(bench.out).write_text(line + "\n")
+
+
+if __name__ == "__main__":
+    main()
