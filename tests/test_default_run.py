@@ -1,7 +1,5 @@
 """The README's `python train.py`, run as written (slow: a few minutes on 2 CPU cores)."""
 
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -12,13 +10,10 @@ from conftest import run_script
 
 @pytest.mark.slow
 def test_default_training_run_makes_recognisable_digits(tmp_path):
-    start = time.time()
     run_script("train.py", f"hydra.run.dir={tmp_path}", "trainer.enable_progress_bar=false")
-    minutes = (time.time() - start) / 60
     assert (tmp_path / "checkpoints/last.ckpt").is_file()
     assert (tmp_path / "samples/final_1step.png").is_file() and (tmp_path / "samples/final_2step.png").is_file()
     assert list((tmp_path / "wandb").glob("offline-run-*"))
-    assert minutes < 10, f"the default run took {minutes:.1f} min"  # ~4 min on 2 idle cores; CI may be busier
 
     run_script("evaluate.py", f"ckpt={tmp_path / 'checkpoints/last.ckpt'}", "num=500", f"hydra.run.dir={tmp_path}")
     classifier = load_pretrained_digits_classifier()
