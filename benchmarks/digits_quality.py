@@ -89,14 +89,14 @@ def main() -> None:
         if row in ("cd", "ect"):
             extra.append(f"model.teacher_ckpt={teacher}")
         if args.score_only:
-            ckpt, seconds = args.out / row / "checkpoints/last.ckpt", float("nan")
+            ckpt, seconds = args.out / row / "checkpoints/last.ckpt", None
         else:
             ckpt, seconds = train(experiment, args.out / row, extra)
         if row != "edm":
             how, found = searched_two_step(ckpt, reference)
             samplings = [*samplings, (f"{samplings[-1][0]}, searched midpoint", how)]
         for name, how in samplings:
-            result = {"row": name, "experiment": experiment, "train_seconds": round(seconds, 1),
+            result = {"row": name, "experiment": experiment, "train_seconds": seconds and round(seconds, 1),
                       **score(ckpt, how, reference), **(found if "searched" in name else {})}
             print(json.dumps(result), flush=True)
             results.append(result)

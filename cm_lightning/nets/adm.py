@@ -33,7 +33,9 @@ class GroupNorm32(nn.GroupNorm):
     """GroupNorm evaluated in float32 so that half-precision activations keep accurate statistics."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).type(x.dtype)
+        # The weights too: a teacher stored in bf16 (model.speed.frozen_dtype) still normalises in fp32.
+        weight, bias = (None if p is None else p.float() for p in (self.weight, self.bias))
+        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type(x.dtype)
 
 
 def normalization(channels: int, groups: int) -> GroupNorm32:
