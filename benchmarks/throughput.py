@@ -197,6 +197,7 @@ def main(cfg: DictConfig) -> None:
             "sample_batch": bench.sample_batch,
             "sample_images_per_s": time_sampling(model, cfg, device),
         }
+        speed = model.speed  # resolved for the device in setup()
         del model
         gc.collect()
         if bench.find_max_batch:
@@ -206,7 +207,6 @@ def main(cfg: DictConfig) -> None:
             _, seconds, peak, _ = train_run(cfg, largest, bench.warmup, bench.steps, workdir)
             result.update(max_batch=largest, max_batch_images_per_s=sig(largest * bench.steps / seconds),
                           max_batch_peak_memory_gib=round(peak, 2), memory_cap_gib=bench.memory_gib)
-    speed = instantiate(cfg.model.speed).resolved(device)
     result["settings"] = {
         "precision": cfg.trainer.precision, "channels_last": speed.channels_last, "compile": speed.compile,
         "compile_mode": speed.compile_mode, "sample_compile_mode": speed.sample_compile_mode,
