@@ -71,9 +71,7 @@ def speed_up(sampler: Sampler, cfg: DictConfig, device) -> Sampler:
     compile_ = s.compile
     if compile_ == "auto" and cfg.task not in ("fid", "search_midpoint"):
         compile_ = False
-    precision = s.precision
-    if precision == "auto":
-        precision = auto_precision() if torch.device(device).type == "cuda" else "32-true"
+    precision = auto_precision(device) if s.precision == "auto" else s.precision
     speed = Speed(channels_last=s.channels_last, compile=compile_, sample_compile_mode=s.sample_compile_mode)
     return sampler.speed_up(speed, precision, device)
 

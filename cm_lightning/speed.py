@@ -19,11 +19,11 @@ AMP_DTYPES = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16-mix
               "16-true": torch.float16, "32-true": None, "64-true": None}
 
 
-def auto_precision() -> str:
-    """``trainer.precision`` by default: bf16 autocast on a GPU that has bf16 (Ampere and newer), else fp32."""
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16-mixed"
-    return "32-true"
+def auto_precision(accelerator="auto") -> str:
+    """The precision ``auto`` means on ``accelerator`` (Lightning's name or a device: auto, gpu, cuda, cpu):
+    bf16 autocast where it runs on a GPU that has bf16 (Ampere and newer), else fp32."""
+    on_gpu = str(accelerator).split(":")[0] in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    return "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
 
 
 def amp_dtype(precision) -> torch.dtype | None:
