@@ -24,12 +24,15 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cm_lightning.cli import register_resolvers, user_errors  # noqa: E402
+
+from max_batch import largest_batch, out_of_memory  # noqa: E402
 
 register_resolvers()
 
@@ -83,13 +86,14 @@ def teacher_for(cfg: DictConfig, workdir: Path) -> None:
 
 def count_flops(model, batch: int, device: torch.device) -> tuple[float, float]:
     """FLOPs per image of one training step (every network evaluation, forward and backward) and of one
-    forward pass of the network."""
+    forward pass of the network. Attention runs as explicit matrix products here: the flop counter knows
+    the CUDA flash kernels but not the CPU's, and the count must not depend on the device."""
     data = Synthetic(batch, model.net)
     x, y = data.x.to(device), data.y.to(device)
-    with FlopCounterMode(display=False) as step:
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as step:
         model.losses(x, y, 0)[0].mean().backward()
     model.net.zero_grad(set_to_none=True)
-    with FlopCounterMode(display=False) as forward, torch.no_grad():
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as forward, torch.no_grad():
         model.precond(model.net, x, torch.ones(batch, device=device), model.labels_for(y))
     return step.get_total_flops() / batch, forward.get_total_flops() / batch
 
@@ -116,30 +120,30 @@ def train_run(cfg: DictConfig, batch: int, warmup: int, steps: int, workdir: Pat
     return model, timer.seconds, peak, counted
 
 
-def fits(cfg: DictConfig, batch: int, workdir: Path) -> bool:
-    try:
-        train_run(cfg, batch, warmup=2, steps=1, workdir=workdir)
-        return True
-    except torch.OutOfMemoryError:
-        return False
-    finally:
-        gc.collect()
-        torch.cuda.empty_cache()
-
-
-def find_max_batch(cfg: DictConfig, start: int, workdir: Path) -> int:
-    """The largest per-device batch (a multiple of 8 past ``start``) whose training step fits: doubling,
-    then bisection."""
+def max_batch(cfg: DictConfig, start: int, start_peak: float, workdir: Path) -> tuple[int, float | None, float]:
+    """(the largest per-device batch that trains within ``bench.memory_gib``, its training seconds and peak GiB;
+    None for the batch the main run measured). Each probe is a full timed run, so the answer needs no run
+    of its own."""
     device = torch.device("cuda")
     total = torch.cuda.get_device_properties(device).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.bench.memory_gib * 2**30 / total), device)
-    good, bad = 0, start
-    while fits(cfg, bad, workdir):
-        good, bad = bad, bad * 2
-    while bad - good > 8:
-        mid = (good + bad) // 16 * 8
-        good, bad = (mid, bad) if fits(cfg, mid, workdir) else (good, mid)
-    return good
+    runs = {}
+
+    def peak_at(batch: int) -> float | None:
+        try:
+            _, seconds, peak, _ = train_run(cfg, batch, cfg.bench.warmup, cfg.bench.steps, workdir)
+        except Exception as error:  # noqa: BLE001 - only running out of memory means "does not fit"
+            if not out_of_memory(error):
+                raise
+            return None
+        finally:
+            gc.collect()
+            torch.cuda.empty_cache()
+        runs[batch] = (seconds, peak)
+        return peak
+
+    largest = largest_batch(peak_at, start, start_peak, cfg.bench.memory_gib)
+    return largest, *runs.get(largest, (None, start_peak))
 
 
 def time_sampling(model, cfg: DictConfig, device: torch.device) -> dict:
@@ -178,11 +182,19 @@ def device_name(device: torch.device) -> str:
 def main(cfg: DictConfig) -> None:
     L.seed_everything(cfg.seed)
     bench = cfg.bench
+    if bench.find_max_batch and not torch.cuda.is_available():
+        raise SystemExit("error: bench.find_max_batch=true needs a CUDA device; drop it on the CPU")
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         teacher_for(cfg, workdir)
-        model, seconds, peak, (step_flops, forward_flops) = train_run(cfg, bench.batch, bench.warmup, bench.steps,
-                                                                      workdir, flops=True)
+        try:
+            model, seconds, peak, (step_flops, forward_flops) = train_run(cfg, bench.batch, bench.warmup,
+                                                                          bench.steps, workdir, flops=True)
+        except Exception as error:  # noqa: BLE001 - re-raised unless it is running out of memory
+            if not out_of_memory(error):
+                raise
+            raise SystemExit(f"error: bench.batch={bench.batch} does not train within the device's memory; "
+                             "lower bench.batch or add net.use_checkpoint=true") from error
         device = model.device
         images_per_s = bench.batch * bench.steps / seconds
         result = {
@@ -201,12 +213,10 @@ def main(cfg: DictConfig) -> None:
         del model
         gc.collect()
         if bench.find_max_batch:
-            if device.type != "cuda":
-                raise SystemExit("error: bench.find_max_batch=true needs a CUDA device")
-            largest = find_max_batch(cfg, bench.batch, workdir)
-            _, seconds, peak, _ = train_run(cfg, largest, bench.warmup, bench.steps, workdir)
-            result.update(max_batch=largest, max_batch_images_per_s=sig(largest * bench.steps / seconds),
-                          max_batch_peak_memory_gib=round(peak, 2), memory_cap_gib=bench.memory_gib)
+            largest, max_seconds, max_peak = max_batch(cfg, bench.batch, peak, workdir)
+            max_seconds = max_seconds or seconds  # None: nothing larger than bench.batch fits
+            result.update(max_batch=largest, max_batch_images_per_s=sig(largest * bench.steps / max_seconds),
+                          max_batch_peak_memory_gib=round(max_peak, 2), memory_cap_gib=bench.memory_gib)
     result["settings"] = {
         "precision": cfg.trainer.precision, "channels_last": speed.channels_last, "compile": speed.compile,
         "compile_mode": speed.compile_mode, "sample_compile_mode": speed.sample_compile_mode,

@@ -1,0 +1,67 @@
+"""The largest per-device batch that trains within a memory cap, in as few compiled training runs as possible.
+
+Every probe is a fresh model, compiled again for its batch, so on a GPU a probe costs a minute or more. Peak
+memory is close to affine in the batch (weights, optimiser state, EMAs, target and teacher, plus activations
+per image), so two measured batches predict the answer and one or two probes around it confirm it, where
+doubling and bisection take six or seven.
+"""
+
+import math
+
+import torch
+
+
+def out_of_memory(error: BaseException | None) -> bool:
+    """Whether ``error`` (or what it was raised from: Dynamo wraps errors raised while it compiles) is the
+    allocator, cuBLAS or cuDNN running out of device memory, which means the batch does not fit."""
+    while error is not None:
+        if isinstance(error, torch.OutOfMemoryError):
+            return True
+        if isinstance(error, RuntimeError) and ("out of memory" in str(error) or "ALLOC_FAILED" in str(error)):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def largest_batch(peak_at, start: int, start_peak: float, cap: float, multiple: int = 8) -> int:
+    """The largest multiple of ``multiple`` (``start`` itself if nothing larger fits) whose training run's peak
+    memory ``peak_at(batch)`` (GiB; None when it ran out of memory) is within ``cap`` GiB; ``start`` is known to
+    fit with ``start_peak``. ``peak_at`` is called at most once per batch."""
+    peaks = {start: start_peak}
+
+    def fits(batch: int) -> bool:
+        if batch not in peaks:
+            peaks[batch] = peak_at(batch)
+        return peaks[batch] is not None and peaks[batch] <= cap
+
+    def down(batch: float) -> int:
+        return int(batch // multiple * multiple)
+
+    good = start
+    step = max(multiple, down(start) or multiple)
+    if fits(down(start) + step):
+        good = down(start) + step
+        slope = (peaks[good] - start_peak) / (good - start)
+        if slope > 0:
+            guess = down(good + (cap - peaks[good]) / slope)
+            if guess > good:
+                if fits(guess):
+                    good = guess
+                else:
+                    return bisect(fits, good, guess, multiple)
+        step = multiple
+        while fits(good + step):  # the fit was pessimistic: gallop upwards
+            good += step
+            step *= 2
+        return bisect(fits, good, good + step, multiple)
+    return bisect(fits, good, down(start) + step, multiple)
+
+
+def bisect(fits, good: int, bad: int, multiple: int) -> int:
+    """The largest multiple of ``multiple`` in [good, bad) that fits, given that ``good`` fits and ``bad`` does not."""
+    while True:
+        lo = math.ceil((good + 1) / multiple) * multiple
+        if lo >= bad:
+            return good
+        mid = max(lo, (good + bad) // 2 // multiple * multiple)
+        good, bad = (mid, bad) if fits(mid) else (good, mid)
