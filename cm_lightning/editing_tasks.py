@@ -74,10 +74,10 @@ def run_method(ckpt) -> tuple[str, int]:
 
 
 def load_editor(cfg: DictConfig, task: str) -> Editor:
-    from cm_lightning.evaluation import pick_device  # evaluation imports this module
+    from cm_lightning.evaluation import pick_device, speed_up  # evaluation imports this module
 
     device = pick_device(cfg.device)
-    sampler = sampler_from_checkpoint(cfg.ckpt, cfg.ema, device)
+    sampler = speed_up(sampler_from_checkpoint(cfg.ckpt, cfg.ema, device), cfg, device)
     if sampler.kind != "consistency":
         raise ConfigError(f"task={task} needs a consistency model (CD or CT); ckpt={cfg.ckpt} is an EDM teacher")
     grid = dict(sigma_min=sampler.sigma_min, sigma_max=sampler.sigma_max, rho=sampler.rho)

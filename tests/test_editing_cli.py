@@ -16,6 +16,7 @@ from cm_lightning.diffusion.linear_transforms import LUMINANCE, ChannelBasis, Id
 from cm_lightning.editing_tasks import run_method
 from cm_lightning.errors import ConfigError
 from cm_lightning.evaluation import evaluate
+from cm_lightning.speed import Speed
 from conftest import ROOT, TINY, run_script
 from inprocess import train_here
 
@@ -88,8 +89,11 @@ def test_one_channel_model_and_colourisation_refused(cd_run, inputs, tmp_path):
     assert "python train.py experiment=digits_colour_ct" in proc.stderr
 
 
-def test_trained_model_keeps_the_reference_exactly(colour_ckpt):
-    sampler = sampler_from_checkpoint(colour_ckpt)
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_trained_model_keeps_the_reference_exactly(colour_ckpt, precision):
+    # bf16 is what editing samples in on a GPU (evaluate.yaml speed.precision=auto): Algorithm 4's
+    # recombination stays in fp32, so what it keeps is kept as exactly.
+    sampler = sampler_from_checkpoint(colour_ckpt).speed_up(Speed(channels_last=True, compile=False), precision, "cpu")
     f = lambda x, s: sampler.denoise(x, s)  # noqa: E731
     y = colour_digits_tensor(16)[0][:6]
     box = torch.zeros(1, 1, 16, 16)
