@@ -173,7 +173,7 @@ def test_ect_with_another_architecture(edm_run):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("model.target.schedule.s0=2000", "s0=2000, s1=1280"),
+    ("model.target.schedule.s0=2000", "s0=2000, s1=80"),
     ("model.target.p_std=0", "p_std=0"),
     ("model.target.p_std=-1.5", "p_std=-1.5"),
     ("model.distance.c_scale=0", "c_scale=0"),
