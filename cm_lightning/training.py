@@ -2,6 +2,7 @@
 directory's newest checkpoint when there is one (``ckpt_path: auto``)."""
 
 import secrets
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -72,7 +73,10 @@ def build(cfg: DictConfig):
 def train(cfg: DictConfig) -> Path:
     L.seed_everything(cfg.seed, workers=True)
     ddp.use_rank_command()
-    with ddp.job_scope():
+    with ddp.job_scope(), warnings.catch_warnings():
+        # The target network, the teacher and the EMAs are frozen in eval mode by design; Lightning's warning
+        # about modules in eval mode at the start of training would greet every run and say nothing.
+        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
         data, model, trainer = build(cfg)
         ckpt = resume_path(cfg.get("ckpt_path"), checkpoint_dir(trainer))
         trainer.fit(model, datamodule=data, ckpt_path=ckpt)

@@ -37,14 +37,26 @@ def test_target_and_ema_updates_after_optimizer_step():
             torch.testing.assert_close(p_ema, rate * p_old + (1 - rate) * p_new)
 
 
+class Modes(L.Callback):
+    """Whether the networks the step runs are in training mode (train.py silences Lightning's warning about
+    modules in eval mode, which the EMAs are once they have sampled)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen = {name: {m.training for m in net.modules()}
+                     for name, net in [("net", pl_module.net), ("target", pl_module.target_net)]}
+
+
 def test_one_trainer_step_moves_the_target_by_mu():
     torch.manual_seed(0)
     module = ct_module(randomise(tiny_net()), mu=0.9)
     before = [p.clone() for p in module.net.parameters()]
     data = DataLoader(TensorDataset(torch.randn(8, 1, 8, 8), torch.zeros(8, dtype=torch.long)), batch_size=8)
+    modes = Modes()
     trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, accelerator="cpu")
+                        enable_model_summary=False, accelerator="cpu", callbacks=[modes])
     trainer.fit(module, data)
+    # The target runs in training mode too: its dropout masks are the student's (the authors' target_model.train()).
+    assert modes.seen == {"net": {True}, "target": {True}}
     assert any(not torch.equal(p0, p1) for p0, p1 in zip(before, module.net.parameters()))
     for p0, p1, pt in zip(before, module.net.parameters(), module.target_net.parameters()):
         torch.testing.assert_close(pt, 0.9 * p0 + 0.1 * p1)
