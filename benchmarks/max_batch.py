@@ -34,27 +34,25 @@ def largest_batch(peak_at, start: int, start_peak: float, cap: float, multiple: 
             peaks[batch] = peak_at(batch)
         return peaks[batch] is not None and peaks[batch] <= cap
 
-    def down(batch: float) -> int:
-        return int(batch // multiple * multiple)
+    second = start // multiple * multiple + max(multiple, start // multiple * multiple)  # about twice the start
+    if not fits(second):
+        return bisect(fits, start, second, multiple)
+    slope = (peaks[second] - start_peak) / (second - start)
+    guess = int((second + (cap - peaks[second]) / slope) // multiple * multiple) if slope > 0 else second
+    return gallop(fits, max(second, guess), second, multiple)
 
-    good = start
-    step = max(multiple, down(start) or multiple)
-    if fits(down(start) + step):
-        good = down(start) + step
-        slope = (peaks[good] - start_peak) / (good - start)
-        if slope > 0:
-            guess = down(good + (cap - peaks[good]) / slope)
-            if guess > good:
-                if fits(guess):
-                    good = guess
-                else:
-                    return bisect(fits, good, guess, multiple)
-        step = multiple
-        while fits(good + step):  # the fit was pessimistic: gallop upwards
-            good += step
-            step *= 2
-        return bisect(fits, good, good + step, multiple)
-    return bisect(fits, good, down(start) + step, multiple)
+
+def gallop(fits, guess: int, floor: int, multiple: int) -> int:
+    """From ``guess``, steps doubling upwards while it fits or downwards while it does not (``floor`` fits),
+    then bisection of the last step: a handful of probes when the guess is close, as the affine fit's is."""
+    step = multiple
+    if fits(guess):
+        while fits(guess + step):
+            guess, step = guess + step, step * 2
+        return bisect(fits, guess, guess + step, multiple)
+    while guess - step > floor and not fits(guess - step):
+        guess, step = guess - step, step * 2
+    return bisect(fits, max(floor, guess - step), guess, multiple)
 
 
 def bisect(fits, good: int, bad: int, multiple: int) -> int:

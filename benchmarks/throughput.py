@@ -142,7 +142,7 @@ def max_batch(cfg: DictConfig, start: int, start_peak: float, workdir: Path) -> 
         runs[batch] = (seconds, peak)
         return peak
 
-    largest = largest_batch(peak_at, start, start_peak, cfg.bench.memory_gib)
+    largest = largest_batch(peak_at, start, start_peak, min(cfg.bench.memory_gib, total / 2**30))
     return largest, *runs.get(largest, (None, start_peak))
 
 

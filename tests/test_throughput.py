@@ -76,21 +76,24 @@ MEMORY = {
 
 @pytest.mark.parametrize("memory", sorted(MEMORY))
 @pytest.mark.parametrize("start", [64, 12])
-@pytest.mark.parametrize("cap", [60.0, 78.0])
-def test_largest_batch_is_the_largest_multiple_of_8_that_fits(memory, start, cap):
+@pytest.mark.parametrize("cap, usable", [(60.0, 60.0), (78.0, 78.0), (80.0, 76.5)])
+def test_largest_batch_is_the_largest_multiple_of_8_that_fits(memory, start, cap, usable):
+    # usable < cap: an 80 GB cap on a card whose allocator runs out first (CUDA context, fragmentation).
     peak = MEMORY[memory]
     calls = []
 
     def peak_at(batch):
         calls.append(batch)
-        return peak(batch) if peak(batch) <= cap else None  # the allocator, capped, raises past the cap
+        return peak(batch) if peak(batch) <= usable else None
 
     got = largest_batch(peak_at, start, peak(start), cap)
-    fitting = [b for b in range(8, 4096, 8) if peak(b) <= cap]
+    fitting = [b for b in range(8, 4096, 8) if peak(b) <= usable]
     assert got == max([start, *fitting])
     assert len(calls) == len(set(calls)) and start not in calls  # every probe is a compiled run: none twice
     if memory == "affine":
-        assert len(calls) <= 3  # twice the start, the prediction, and the next multiple of 8 above it
+        # twice the start, the prediction, and the next multiple of 8 above it (below it, when the card
+        # holds less than the cap)
+        assert len(calls) <= (3 if usable == cap else 5)
 
 
 def test_out_of_memory_is_told_from_other_errors():
