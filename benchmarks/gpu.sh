@@ -25,7 +25,7 @@ declare -A RUNS=(
   [cd]="experiment=imagenet64_cd model/distance=l2 bench.batch=64"
   [ct]="experiment=imagenet64_ct model/distance=l2 bench.batch=64"
   [lsun]="experiment=lsun_cd model/distance=l2 bench.batch=16"
-  [max]="experiment=imagenet64_cd model/distance=l2 bench.batch=64 bench.find_max_batch=true"
+  [max]="experiment=imagenet64_cd model/distance=l2 bench.batch=64 bench.find_max_batch=true bench.sample_steps=[]"
   [fp32]="experiment=imagenet64_cd model/distance=l2 bench.batch=64 trainer.precision=32-true
           model.speed.channels_last=false model.speed.compile=false"
 )
