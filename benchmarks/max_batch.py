@@ -34,7 +34,8 @@ def largest_batch(peak_at, start: int, start_peak: float, cap: float, multiple: 
             peaks[batch] = peak_at(batch)
         return peaks[batch] is not None and peaks[batch] <= cap
 
-    second = start // multiple * multiple + max(multiple, start // multiple * multiple)  # about twice the start
+    rounded = start // multiple * multiple
+    second = rounded + max(multiple, rounded)  # about twice the start, a multiple of ``multiple``
     if not fits(second):
         return bisect(fits, start, second, multiple)
     slope = (peaks[second] - start_peak) / (second - start)

@@ -90,11 +90,12 @@ def count_flops(model, batch: int, device: torch.device) -> tuple[float, float]:
     the CUDA flash kernels but not the CPU's, and the count must not depend on the device."""
     data = Synthetic(batch, model.net)
     x, y = data.x.to(device), data.y.to(device)
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as step:
-        model.losses(x, y, 0)[0].mean().backward()
-    model.net.zero_grad(set_to_none=True)
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as forward, torch.no_grad():
-        model.precond(model.net, x, torch.ones(batch, device=device), model.labels_for(y))
+    with sdpa_kernel(SDPBackend.MATH):
+        with FlopCounterMode(display=False) as step:
+            model.losses(x, y, 0)[0].mean().backward()
+        model.net.zero_grad(set_to_none=True)
+        with FlopCounterMode(display=False) as forward, torch.no_grad():
+            model.precond(model.net, x, torch.ones(batch, device=device), model.labels_for(y))
     return step.get_total_flops() / batch, forward.get_total_flops() / batch
 
 
@@ -120,14 +121,14 @@ def train_run(cfg: DictConfig, batch: int, warmup: int, steps: int, workdir: Pat
     return model, timer.seconds, peak, counted
 
 
-def max_batch(cfg: DictConfig, start: int, start_peak: float, workdir: Path) -> tuple[int, float | None, float]:
-    """(the largest per-device batch that trains within ``bench.memory_gib``, its training seconds and peak GiB;
-    None for the batch the main run measured). Each probe is a full timed run, so the answer needs no run
-    of its own."""
+def max_batch(cfg: DictConfig, start: int, start_run: tuple[float, float], workdir: Path) -> tuple[int, float, float]:
+    """(the largest per-device batch that trains within ``bench.memory_gib``, its training seconds and peak GiB),
+    given the main run's (seconds, peak GiB) at ``start``. Each probe is a full timed run, so the answer needs
+    no run of its own."""
     device = torch.device("cuda")
     total = torch.cuda.get_device_properties(device).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.bench.memory_gib * 2**30 / total), device)
-    runs = {}
+    runs = {start: start_run}
 
     def peak_at(batch: int) -> float | None:
         try:
@@ -142,8 +143,8 @@ def max_batch(cfg: DictConfig, start: int, start_peak: float, workdir: Path) -> 
         runs[batch] = (seconds, peak)
         return peak
 
-    largest = largest_batch(peak_at, start, start_peak, min(cfg.bench.memory_gib, total / 2**30))
-    return largest, *runs.get(largest, (None, start_peak))
+    largest = largest_batch(peak_at, start, start_run[1], min(cfg.bench.memory_gib, total / 2**30))
+    return largest, *runs[largest]
 
 
 def time_sampling(model, cfg: DictConfig, device: torch.device) -> dict:
@@ -213,8 +214,7 @@ def main(cfg: DictConfig) -> None:
         del model
         gc.collect()
         if bench.find_max_batch:
-            largest, max_seconds, max_peak = max_batch(cfg, bench.batch, peak, workdir)
-            max_seconds = max_seconds or seconds  # None: nothing larger than bench.batch fits
+            largest, max_seconds, max_peak = max_batch(cfg, bench.batch, (seconds, peak), workdir)
             result.update(max_batch=largest, max_batch_images_per_s=sig(largest * bench.steps / max_seconds),
                           max_batch_peak_memory_gib=round(max_peak, 2), memory_cap_gib=bench.memory_gib)
     result["settings"] = {
