@@ -30,7 +30,7 @@ def test_teacher_with_another_architecture(edm_run, tmp_path):
 def test_teacher_that_is_not_edm(cd_run, tmp_path):
     err = fails("train.py", "experiment=digits_cd", f"model.teacher_ckpt={cd_run / 'checkpoints/last.ckpt'}",
                 *TINY, "logger=none", f"hydra.run.dir={tmp_path}")
-    assert "'consistency' checkpoint" in err
+    assert "is a consistency model's checkpoint" in err
 
 
 def test_data_path_that_does_not_exist(tmp_path):

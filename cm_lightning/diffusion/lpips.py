@@ -35,10 +35,10 @@ class LPIPS(nn.Module):
         super().__init__()
         # Only the convolutional trunk is built and read; the 120M-parameter classifier is never needed.
         self.features = make_layers(cfgs["D"])[: _TAPS[-1] + 1]
-        vgg = _load(vgg_weights, "VGG16 weights", "Set model.distance.vgg_weights to torchvision's vgg16-397923af.pth.")
+        vgg = _load(vgg_weights, "VGG16 weights", "Set model.objective.distance.vgg_weights to torchvision's vgg16-397923af.pth.")
         self.features.load_state_dict({k[len("features."):]: v for k, v in vgg.items() if k.startswith("features.")})
         self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in _CHANNELS)
-        lin = _load(lin_weights, "linear-layer weights", "Set model.distance.lin_weights to LPIPS v0.1 vgg.pth.")
+        lin = _load(lin_weights, "linear-layer weights", "Set model.objective.distance.lin_weights to LPIPS v0.1 vgg.pth.")
         for i, conv in enumerate(self.lins):
             conv.weight.data.copy_(lin[f"lin{i}.model.1.weight"])
         self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1))
