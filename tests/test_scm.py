@@ -119,3 +119,10 @@ def test_bad_scm_settings_stop_with_one_line():
         SCM(TrigFlow(), p_std=0)
     with pytest.raises(ConfigError, match="TrigFlow"):
         SCM(edm_denoiser())
+
+
+def test_a_layer_without_forward_mode_ad_stops_with_one_line():
+    x = torch.randn(1, 1, 4, 8)
+    attention = lambda x: torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(x, x, x)[0]  # noqa: E731
+    with pytest.raises(ConfigError, match="_scaled_dot_product_flash_attention_for_cpu, which has no forward-mode AD"):
+        jvp(attention, (x,), (x,))

@@ -72,3 +72,21 @@ def test_every_evaluate_task_runs_on_an_sct_checkpoint(tmp_path):
     assert (out / "search_midpoint/search_midpoint.json").exists()
     assert all((out / task / f"{task}.png").exists() for task in EDIT_TASKS if task != "interpolate")
     assert list((out / "interpolate").glob("*.png"))
+
+
+def test_bad_scm_settings_stop_before_any_step_with_one_line(edm_run, tmp_path):
+    from test_bad_input import fails
+
+    tiny = [*TINY, "logger=none", f"hydra.run.dir={tmp_path}"]
+    teacher = f"model.teacher_ckpt={edm_run / 'checkpoints/last.ckpt'}"
+    cases = [
+        (["experiment=digits_scd"], "model.teacher_ckpt is not set"),
+        (["experiment=digits_scd", teacher, "data.image_size=8", "net.attention_resolutions=[4]"],
+         "the teacher's net.image_size=16 differs from this run's net.image_size=8"),
+        (["experiment=digits_sct", "model.objective.p_std=0"], "model.objective.p_std=0"),
+        (["experiment=digits_sct", "model.objective.parameterisation.t_mid=2.0"], "t_mid=2.0 is outside (0, t_max"),
+    ]
+    for overrides, message in cases:
+        err = fails("train.py", *overrides, *tiny)
+        (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+        assert message in line, err[-2000:]
