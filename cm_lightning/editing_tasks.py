@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torchvision.utils import make_grid, save_image
 
@@ -26,6 +25,7 @@ from cm_lightning.diffusion.linear_transforms import LUMINANCE, ChannelBasis, Id
 from cm_lightning.editing_inputs import build_masks, read_images, to_tensor
 from cm_lightning.errors import ConfigError
 from cm_lightning.sampler import Sampler
+from cm_lightning.untrusted import instantiate_trusted, load_file
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +64,11 @@ class Editor:
 def run_method(ckpt) -> tuple[str, int]:
     """('cd' or 'ct', the grid size N at the end of training; 0 without a discrete grid) of the run that
     wrote ``ckpt``, from its stored config. Every consistency-training variant counts as 'ct'."""
-    config = torch.load(Path(str(ckpt)).expanduser(), map_location="cpu", weights_only=False, mmap=True)
-    config = config["cm_lightning"]["config"]
+    config = load_file(ckpt, "ckpt", mmap=True)["cm_lightning"]["config"]
     target = config["model"]["target"]
-    schedule = instantiate(target["schedule"]) if "schedule" in target else None
+    schedule = None
+    if "schedule" in target:
+        schedule = instantiate_trusted(target["schedule"], "the checkpoint's model.target.schedule")
     final = schedule(config["trainer"]["max_steps"]) if callable(schedule) else None
     method = "cd" if target["_target_"].endswith("CDTarget") else "ct"
     return method, (int(final[0]) if isinstance(final, tuple) else 0)

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
 from lightning.fabric import Fabric
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
@@ -25,6 +24,7 @@ from cm_lightning.metrics.reference import ReferenceSource
 from cm_lightning.metrics.sharding import share, sharded_features
 from cm_lightning.sampler import Sampler
 from cm_lightning.speed import Speed, auto_precision
+from cm_lightning.untrusted import instantiate_trusted
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def training_data(cfg: DictConfig):
     if is_plain(ckpt):
         raise ConfigError(f"ckpt={cfg.ckpt} is a plain state dict without its training config; pass "
                           "metrics.reference=<.npz of real images in the authors' format>")
-    return instantiate(ckpt[META_KEY]["config"]["data"])
+    return instantiate_trusted(ckpt[META_KEY]["config"]["data"], "the checkpoint's data")
 
 
 class Scorer:

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from cm_lightning import ddp, slurm
 from cm_lightning.callbacks.checkpoint import AtomicCheckpointIO, check_writable, checkpoint_dir, resume_path
 from cm_lightning.errors import ConfigError
+from cm_lightning.untrusted import fit_options
 
 
 def check_data_matches_net(data, net) -> None:
@@ -79,5 +80,5 @@ def train(cfg: DictConfig) -> Path:
         warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
         data, model, trainer = build(cfg)
         ckpt = resume_path(cfg.get("ckpt_path"), checkpoint_dir(trainer))
-        trainer.fit(model, datamodule=data, ckpt_path=ckpt)
+        trainer.fit(model, datamodule=data, ckpt_path=ckpt, **fit_options(trainer))
     return Path(trainer.default_root_dir)
