@@ -1,6 +1,7 @@
 """Inputs of the editing tasks: the user's images (a file or a folder) and inpainting masks."""
 
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,19 @@ from cm_lightning.errors import ConfigError
 from cm_lightning.sampler import Sampler
 
 log = logging.getLogger(__name__)
+
+
+def open_image(file: Path) -> Image.Image:
+    """The decoded image, or ValueError for one whose header declares more than PIL's decompression-bomb
+    limit of ``Image.MAX_IMAGE_PIXELS`` pixels: it is refused before its pixels are decoded into memory."""
+    with warnings.catch_warnings():  # PIL's warning between 1x and 2x the limit: the size is refused below
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        img = Image.open(file)
+    with img:
+        if img.width * img.height > Image.MAX_IMAGE_PIXELS:
+            raise ValueError(f"{img.width} x {img.height} pixels, more than the limit of {Image.MAX_IMAGE_PIXELS}")
+        img.load()
+        return img.copy()
 
 
 def read_images(cfg: DictConfig, task: str) -> list[tuple[str, Image.Image]]:
@@ -28,10 +42,8 @@ def read_images(cfg: DictConfig, task: str) -> list[tuple[str, Image.Image]]:
     images = []
     for file in files:
         try:
-            with Image.open(file) as img:
-                img.load()
-                images.append((file.stem, img.copy()))
-        except (OSError, ValueError) as exc:
+            images.append((file.stem, open_image(file)))
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
             log.warning("skipping %s: not a readable image (%s)", file, exc)
     if not images:
         raise ConfigError(f"input={cfg.input} holds no readable image (tried {len(files)} file(s))")

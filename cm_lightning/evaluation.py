@@ -15,9 +15,11 @@ from cm_lightning.callbacks.metrics import log_results, nfe
 from cm_lightning.callbacks.sample_grid import image_grid
 from cm_lightning.checkpoints import export_state_dict, sampler_from_checkpoint
 from cm_lightning.checkpoints import META_KEY, is_plain, read_checkpoint
-from cm_lightning.diffusion.sampling import check_decreasing, sigmas_from_indices
+from cm_lightning.diffusion.editing import check_levels
+from cm_lightning.diffusion.sampling import sigmas_from_indices
 from cm_lightning.editing_tasks import EDIT_TASKS
 from cm_lightning.errors import ConfigError
+from cm_lightning.inputs import check_evaluation
 from cm_lightning.metrics.fidelity import Fidelity
 from cm_lightning.metrics.midpoint_search import ternary_search
 from cm_lightning.metrics.reference import ReferenceSource
@@ -43,7 +45,7 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 def schedules(cfg: DictConfig, sampler: Sampler) -> dict:
     """Named sampling plans: explicit sigmas, the authors' ts indices, or step counts."""
     if cfg.sigmas is not None:
-        return {"sigmas": dict(sigmas=check_decreasing(cfg.sigmas, "sigmas"))}
+        return {"sigmas": dict(sigmas=check_levels(cfg.sigmas, sampler.sigma_min, sampler.sigma_max, "sigmas"))}
     if cfg.ts is not None:
         sigmas = sigmas_from_indices(cfg.ts, cfg.ts_num_scales, sampler.sigma_min, sampler.sigma_max, sampler.rho)
         return {"ts" + "-".join(str(t) for t in cfg.ts): dict(sigmas=sigmas)}
@@ -248,4 +250,5 @@ TASKS.update(EDIT_TASKS)
 def evaluate(cfg: DictConfig) -> list[Path]:
     if cfg.task not in TASKS:
         raise ConfigError(f"task={cfg.task!r} is unknown; choose one of {sorted(TASKS)}")
+    check_evaluation(cfg)
     return TASKS[cfg.task](cfg)

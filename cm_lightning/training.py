@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from cm_lightning import ddp, slurm
 from cm_lightning.callbacks.checkpoint import AtomicCheckpointIO, check_writable, checkpoint_dir, resume_path
 from cm_lightning.errors import ConfigError
+from cm_lightning.inputs import check_training
 from cm_lightning.untrusted import fit_options
 
 
@@ -55,6 +56,7 @@ def build_logger(c: DictConfig):
 def build(cfg: DictConfig):
     """Data, model, callbacks, loggers and trainer, each with ``hydra.utils.instantiate``; the checks that
     need them run here, before any process is started or any step is taken."""
+    check_training(cfg)
     slurm.check_allocation(cfg.trainer.get("devices", 1), cfg.trainer.get("num_nodes", 1),
                            cfg.trainer.get("accelerator", "auto"))
     data = instantiate(cfg.data, seed=cfg.seed)
