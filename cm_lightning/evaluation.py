@@ -11,6 +11,7 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import save_image
 
+from cm_lightning import ddp
 from cm_lightning.callbacks.metrics import log_results, nfe
 from cm_lightning.callbacks.sample_grid import image_grid
 from cm_lightning.checkpoints import export_state_dict, sampler_from_checkpoint
@@ -20,6 +21,7 @@ from cm_lightning.diffusion.sampling import sigmas_from_indices
 from cm_lightning.editing_tasks import EDIT_TASKS
 from cm_lightning.errors import ConfigError
 from cm_lightning.inputs import check_evaluation
+from cm_lightning.run_dir import check_output_dir, refuse_existing, write_hydra_files
 from cm_lightning.metrics.fidelity import Fidelity
 from cm_lightning.metrics.midpoint_search import ternary_search
 from cm_lightning.metrics.reference import ReferenceSource
@@ -111,7 +113,9 @@ def sample_task(cfg: DictConfig) -> list[Path]:
 
 def export_task(cfg: DictConfig) -> list[Path]:
     """``task=export``: the run's EMA network as a plain state dict, the format of the authors' files."""
-    out = export_state_dict(cfg.ckpt, cfg.get("export_to") or Path(cfg.out_dir) / "model_ema.pt", cfg.ema)
+    out = cfg.get("export_to") or Path(cfg.out_dir) / "model_ema.pt"
+    refuse_existing(out, "export_to", cfg.get("overwrite", False), "choose another export_to=...")
+    out = export_state_dict(cfg.ckpt, out, cfg.ema)
     log.info("wrote %s", out)
     return [out]
 
@@ -119,6 +123,7 @@ def export_task(cfg: DictConfig) -> list[Path]:
 def launch(cfg: DictConfig) -> Fabric:
     """``trainer.devices`` processes, one per device (Lightning Fabric: the others re-run this command)."""
     accelerator = "auto" if cfg.device == "auto" else torch.device(cfg.device).type
+    ddp.exit_with_launcher()
     fabric = Fabric(accelerator=accelerator, devices=cfg.trainer.devices, num_nodes=cfg.trainer.num_nodes,
                     strategy=cfg.trainer.strategy)
     fabric.launch()
@@ -251,4 +256,7 @@ def evaluate(cfg: DictConfig) -> list[Path]:
     if cfg.task not in TASKS:
         raise ConfigError(f"task={cfg.task!r} is unknown; choose one of {sorted(TASKS)}")
     check_evaluation(cfg)
+    overwrite = bool(cfg.get("overwrite", False))
+    check_output_dir(cfg.out_dir, overwrite)
+    write_hydra_files(cfg, cfg.out_dir, overwrite)
     return TASKS[cfg.task](cfg)

@@ -1,6 +1,7 @@
 """Each user mistake stops before training or sampling, with one message naming the value and the fix."""
 
 import hashlib
+import shutil
 import struct
 import zlib
 from pathlib import Path
@@ -143,3 +144,58 @@ def test_an_oversized_image_is_skipped_with_a_warning_naming_it(size, tmp_path, 
     images = read_images(OmegaConf.create({"input": str(tmp_path)}), "inpaint")
     assert [name for name, _ in images] == ["good"]
     assert f"skipping {tmp_path / 'bomb.png'}" in caplog.text and "pixels" in caplog.text, caplog.text
+
+
+# --- nothing is written over without overwrite=true; a resume keeps the method -----------------------------
+def snapshot_run(run: Path) -> dict:
+    """The run's files but its logs, to which every command started in it appends."""
+    return {p: h for p, h in snapshot(run).items() if p.suffix != ".log"}
+
+
+@pytest.fixture
+def finished_run(edm_run, tmp_path) -> Path:
+    run = tmp_path / "finished"
+    shutil.copytree(edm_run, run)
+    return run
+
+
+def test_export_onto_an_existing_file(finished_run, tmp_path):
+    ckpt = finished_run / "checkpoints/last.ckpt"
+    message = one_line("evaluate.py", "task=export", f"ckpt={ckpt}", f"export_to={ckpt}",
+                       f"hydra.run.dir={tmp_path / 'out'}", names=f"export_to={ckpt}", watch=[finished_run])
+    assert "overwrite=true" in message and "another export_to" in message
+
+
+def test_a_fresh_start_into_a_finished_run(finished_run):
+    before = snapshot_run(finished_run)
+    message = one_line("train.py", "experiment=digits_edm", *TINY, "logger=none", "ckpt_path=null",
+                       f"hydra.run.dir={finished_run}", names=str(finished_run / "checkpoints"))
+    assert "overwrite=true" in message and "hydra.run.dir" in message and snapshot_run(finished_run) == before
+
+
+@pytest.mark.parametrize("into", ["training run", "evaluation"])
+def test_evaluate_into_a_directory_that_holds_work(into, finished_run, tmp_path):
+    ckpt = finished_run / "checkpoints/last.ckpt"
+    out = finished_run if into == "training run" else tmp_path / "eval"
+    if into == "evaluation":
+        run_script("evaluate.py", f"ckpt={ckpt}", "num=2", f"hydra.run.dir={out}")
+    before = snapshot_run(out)
+    message = one_line("evaluate.py", f"ckpt={ckpt}", "num=2", f"hydra.run.dir={out}", names=f"out_dir={out}")
+    assert "overwrite=true" in message and snapshot_run(out) == before
+
+
+def test_resume_with_another_network(finished_run):
+    before = snapshot_run(finished_run)
+    tiny = [o for o in TINY if not o.startswith("net.model_channels")]
+    message = one_line("train.py", "experiment=digits_edm", *tiny, "net.model_channels=32", "logger=none",
+                       f"hydra.run.dir={finished_run}", names="model.net.model_channels: 16 -> 32")
+    assert "start a new run" in message and snapshot_run(finished_run) == before
+
+
+def test_resume_applies_a_changed_learning_rate(finished_run):
+    tiny = [o for o in TINY if not o.startswith("trainer.max_steps")]
+    proc = run_script("train.py", "experiment=digits_edm", *tiny, "trainer.max_steps=6", "model.optimizer.lr=3e-5",
+                      "logger=none", f"hydra.run.dir={finished_run}")
+    assert "resuming with model.optimizer.lr=3e-05" in proc.stderr + proc.stdout
+    ckpt = torch.load(finished_run / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 6 and ckpt["optimizer_states"][0]["param_groups"][0]["lr"] == 3e-5
