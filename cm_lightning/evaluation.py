@@ -258,5 +258,6 @@ def evaluate(cfg: DictConfig) -> list[Path]:
     check_evaluation(cfg)
     overwrite = bool(cfg.get("overwrite", False))
     check_output_dir(cfg.out_dir, overwrite)
-    write_hydra_files(cfg, cfg.out_dir, overwrite)
-    return TASKS[cfg.task](cfg)
+    written = TASKS[cfg.task](cfg)
+    write_hydra_files(cfg, cfg.out_dir, overwrite)  # after the task's own checks: a refused command writes nothing
+    return written
