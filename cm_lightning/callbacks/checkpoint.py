@@ -76,13 +76,18 @@ def unreadable(path: Path) -> str | None:
     return None
 
 
+def newest_first(dirpath) -> list[Path]:
+    """The ``*.ckpt`` files of ``dirpath``, newest first (last.ckpt first among equally new files)."""
+    dirpath = Path(str(dirpath))
+    if not dirpath.is_dir():
+        return []
+    return sorted(dirpath.glob("*.ckpt"), key=lambda p: (p.stat().st_mtime, p.name == "last.ckpt"), reverse=True)
+
+
 def latest_readable(dirpath) -> Path | None:
     """The newest ``*.ckpt`` in ``dirpath`` that loads (last.ckpt first among equally new files); a newer
     one that does not is reported and skipped. None when the directory holds no checkpoint."""
-    dirpath = Path(str(dirpath))
-    if not dirpath.is_dir():
-        return None
-    files = sorted(dirpath.glob("*.ckpt"), key=lambda p: (p.stat().st_mtime, p.name == "last.ckpt"), reverse=True)
+    files = newest_first(dirpath)
     skipped = []
     for path in files:
         problem = unreadable(path)
