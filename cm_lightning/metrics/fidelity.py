@@ -120,8 +120,11 @@ class Fidelity:
     def extractor(self, device) -> torch.nn.Module:
         if self._extractor is None:
             cls = FEATURE_EXTRACTORS_REGISTRY[self.extractor_name]
-            # torch-fidelity unpickles the weights with weights_only=False: it gets them from load_file instead.
-            weights = weights_stream(self.weights, "feature_extractor_weights_path")
+            # torch-fidelity's Inception unpickles its weights with weights_only=False: it gets what load_file
+            # accepted instead. The digits extractor is ours and loads with weights_only=True.
+            weights = str(self.weights)
+            if self.extractor_name == INCEPTION:
+                weights = weights_stream(self.weights, "feature_extractor_weights_path")
             self._extractor = cls(self.extractor_name, self.layers, feature_extractor_weights_path=weights)
         return self._extractor.to(device)
 
