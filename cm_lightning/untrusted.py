@@ -65,15 +65,20 @@ def load_file(path, what: str, mmap: bool = False):
         raise UnloadableFile(what, path, refusal(exc)) from None
 
 
-def weights_stream(path, what: str) -> io.BytesIO:
-    """A file's state dict, loaded safely and written again as an in-memory file, for a library that calls
-    ``torch.load(weights_only=False)`` on the path it is given (torch-fidelity's Inception and VGG):
-    what it then unpickles is only what ``load_file`` accepted."""
-    state = load_file(path, what)
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+def load_weights(path, what: str, mmap: bool = False) -> dict:
+    """A state dict of tensors (a network's weights file) by ``load_file``; one line for anything else."""
+    state = load_file(path, what, mmap=mmap)
+    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
         raise UnloadableFile(what, path, "is not a state dict of tensors (a weights file)")
+    return state
+
+
+def weights_stream(path, what: str) -> io.BytesIO:
+    """A weights file loaded by ``load_weights`` and written again as an in-memory file, for a library that
+    calls ``torch.load(weights_only=False)`` on what it is given (torch-fidelity's Inception): what it then
+    unpickles is only what ``load_weights`` accepted."""
     stream = io.BytesIO()
-    torch.save(state, stream)
+    torch.save(load_weights(path, what), stream)
     stream.seek(0)
     return stream
 

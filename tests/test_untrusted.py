@@ -157,15 +157,39 @@ def test_the_command_line_prints_one_line_and_exits_2(tmp_path, marker):
 
 
 # --- every loading path, a stored-config gadget -----------------------------------------------------
-@pytest.mark.parametrize("name", list(gadgets(Path("x"))))
-@pytest.mark.parametrize("task", ["sample", "export", "inpaint"])
+def gadget_cases():
+    """Every gadget form through task=sample, and the nested torch.load form through every task."""
+    return [("sample", name) for name in gadgets(Path("x"))] + [(task, "nested torch.load") for task in TASKS[1:]]
+
+
+@pytest.mark.parametrize("task,name", gadget_cases())
 def test_evaluate_refuses_a_gadget_in_the_stored_net(task, name, cd_run, tmp_path, marker):
     evil = with_gadget(cd_run / "checkpoints/last.ckpt", tmp_path / "evil.ckpt", "net", gadgets(marker)[name])
-    run = lambda: evaluate_here([f"ckpt={evil}", f"task={task}", f"input={tmp_path}", "num=2"], tmp_path / "out")
+    run = lambda: evaluate_here([f"ckpt={evil}", f"task={task}", f"input={tmp_path}", "num=10"], tmp_path / "out")
     if task == "export":  # export copies tensors and never builds the network: nothing to refuse, nothing runs
         run()
     else:
         refuses(run, "the checkpoint's model.net", "is refused")
+
+
+@pytest.mark.parametrize("how", ["ckpt_path", "auto"])
+def test_resume_refuses_a_gadget_in_the_stored_config(how, cd_run, edm_run, tmp_path, marker):
+    """Lightning never instantiates the stored config; the resume check compares it, as data, with the
+    run's own and stops at the foreign target."""
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    evil = with_gadget(cd_run / "checkpoints/last.ckpt", run_dir / "checkpoints/last.ckpt", "net",
+                       gadgets(marker)["os.system"])
+    overrides = [f"ckpt_path={evil}"] if how == "ckpt_path" else []
+    cd = ["experiment=digits_cd", f"model.teacher_ckpt={edm_run / 'checkpoints/last.ckpt'}"]
+    refuses(lambda: train_here([*cd, *TINY, "logger=none", *overrides], run_dir),
+            "model.net._target_: os.system -> cm_lightning.nets.adm.ADMUNet")
+
+
+def test_feature_extractor_weights_refuse_plain_data(tmp_path):
+    weights = tmp_path / "weights.pt"
+    torch.save({"_target_": "os.system", "command": "true"}, weights)
+    refuses(lambda: Fidelity("digits-classifier", weights), "is not a state dict of tensors")
 
 
 def test_fid_refuses_a_gadget_in_the_stored_data(cd_run, tmp_path, marker):

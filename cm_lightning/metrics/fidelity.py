@@ -25,7 +25,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from cm_lightning.errors import ConfigError
 from cm_lightning.metrics import digits_fidelity
 from cm_lightning.metrics.digits_classifier import WEIGHTS_PATH as DIGITS_WEIGHTS
-from cm_lightning.untrusted import load_file, weights_stream
+from cm_lightning.untrusted import load_weights, weights_stream
 
 INCEPTION = "inception-v3-compat"
 EXTRACTORS = (INCEPTION, digits_fidelity.FEATURE_EXTRACTOR_NAME)
@@ -83,7 +83,7 @@ class Fidelity:
                  prc: bool = False, kid_subset_size: int = 1000, batch_size: int = 256):
         self.extractor_name = feature_extractor
         self.weights = resolve_weights(feature_extractor, feature_extractor_weights_path)
-        load_file(self.weights, "feature_extractor_weights_path", mmap=True)  # refused now, not after sampling
+        load_weights(self.weights, "feature_extractor_weights_path", mmap=True)  # refused now, not after sampling
         if not (fid or isc or kid or prc):
             raise ConfigError("fid, isc, kid and prc are all false; enable at least one metric")
         self.fid, self.isc, self.kid, self.prc = fid, isc, kid, prc
