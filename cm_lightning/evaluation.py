@@ -21,11 +21,11 @@ from cm_lightning.diffusion.sampling import sigmas_from_indices
 from cm_lightning.editing_tasks import EDIT_TASKS
 from cm_lightning.errors import ConfigError
 from cm_lightning.inputs import check_evaluation
-from cm_lightning.run_dir import check_output_dir, refuse_existing, write_hydra_files
 from cm_lightning.metrics.fidelity import Fidelity
 from cm_lightning.metrics.midpoint_search import ternary_search
 from cm_lightning.metrics.reference import ReferenceSource
 from cm_lightning.metrics.sharding import share, sharded_features
+from cm_lightning.run_dir import check_output_dir, refuse_existing, write_hydra_files
 from cm_lightning.sampler import Sampler
 from cm_lightning.speed import Speed, auto_precision
 from cm_lightning.untrusted import instantiate_trusted
