@@ -1,7 +1,6 @@
 """Inputs of the editing tasks: the user's images (a file or a folder) and inpainting masks."""
 
 import logging
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -9,24 +8,11 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image, ImageDraw
 
-from cm_lightning.data.transforms import center_crop_resize, to_model_range
+from cm_lightning.data.transforms import center_crop_resize, header_problem, to_model_range
 from cm_lightning.errors import ConfigError
 from cm_lightning.sampler import Sampler
 
 log = logging.getLogger(__name__)
-
-
-def open_image(file: Path) -> Image.Image:
-    """The decoded image, or ValueError for one whose header declares more than PIL's decompression-bomb
-    limit of ``Image.MAX_IMAGE_PIXELS`` pixels: it is refused before its pixels are decoded into memory."""
-    with warnings.catch_warnings():  # PIL's warning between 1x and 2x the limit: the size is refused below
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        img = Image.open(file)
-    with img:
-        if img.width * img.height > Image.MAX_IMAGE_PIXELS:
-            raise ValueError(f"{img.width} x {img.height} pixels, more than the limit of {Image.MAX_IMAGE_PIXELS}")
-        img.load()
-        return img.copy()
 
 
 def read_images(cfg: DictConfig, task: str) -> list[tuple[str, Image.Image]]:
@@ -41,10 +27,16 @@ def read_images(cfg: DictConfig, task: str) -> list[tuple[str, Image.Image]]:
     files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")) if path.is_dir() else [path]
     images = []
     for file in files:
-        try:
-            images.append((file.stem, open_image(file)))
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            log.warning("skipping %s: not a readable image (%s)", file, exc)
+        problem = header_problem(file)
+        if problem is None:
+            try:
+                with Image.open(file) as img:
+                    img.load()
+                    images.append((file.stem, img.copy()))
+            except (OSError, ValueError) as exc:  # a header that promises pixels the file does not hold
+                problem = f"not a readable image ({exc})"
+        if problem:
+            log.warning("skipping %s: %s", file, problem)
     if not images:
         raise ConfigError(f"input={cfg.input} holds no readable image (tried {len(files)} file(s))")
     return images
@@ -103,9 +95,13 @@ def build_masks(cfg: DictConfig, images: list[tuple[str, Image.Image]], size: in
     path = Path(str(cfg.mask)).expanduser()
     if not path.is_file():
         raise ConfigError(f"mask={cfg.mask} is neither box, left_half, random_strokes nor an image file")
+    problem = header_problem(path)
     try:
-        with Image.open(path) as m:
-            mask = m.convert("L")
+        if problem is None:
+            with Image.open(path) as m:
+                mask = m.convert("L")
     except OSError as exc:
-        raise ConfigError(f"mask={cfg.mask} is not a readable image ({exc})") from None
+        problem = f"not a readable image ({exc})"
+    if problem:
+        raise ConfigError(f"mask={cfg.mask} is {problem}; use box, left_half, random_strokes or another image")
     return torch.stack([fit_mask(mask, path, img, name, size) for name, img in images])

@@ -136,13 +136,18 @@ def png_header(width: int, height: int) -> bytes:
 
 
 @pytest.mark.parametrize("size", [(200_000, 200_000), (10_000, 10_000)])
-def test_an_oversized_image_is_skipped_with_a_warning_naming_it(size, tmp_path, caplog):
+@pytest.mark.parametrize("reader", ["editing input", "training folder"])
+def test_an_oversized_image_is_skipped_with_a_warning_naming_it(reader, size, tmp_path, caplog):
+    from cm_lightning.data.image_folder import ImageFolderDataModule
     from cm_lightning.editing_inputs import read_images
 
     (tmp_path / "bomb.png").write_bytes(png_header(*size))
     Image.new("RGB", (16, 16)).save(tmp_path / "good.png")
-    images = read_images(OmegaConf.create({"input": str(tmp_path)}), "inpaint")
-    assert [name for name, _ in images] == ["good"]
+    if reader == "editing input":
+        names = [name for name, _ in read_images(OmegaConf.create({"input": str(tmp_path)}), "inpaint")]
+    else:
+        names = [f.stem for f in ImageFolderDataModule(str(tmp_path), image_size=16, batch_size=1).files]
+    assert names == ["good"]
     assert f"skipping {tmp_path / 'bomb.png'}" in caplog.text and "pixels" in caplog.text, caplog.text
 
 
