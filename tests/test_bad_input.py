@@ -189,11 +189,15 @@ def test_evaluate_into_a_directory_that_holds_work(into, finished_run, tmp_path)
     assert "overwrite=true" in message and snapshot_run(out) == before
 
 
-def test_resume_with_another_network(finished_run):
+@pytest.mark.parametrize("change,names", [
+    (["experiment=digits_edm", "net.model_channels=32"], "model.net.model_channels: 16 -> 32"),
+    (["experiment=digits_ct", "net.model_channels=16"], "model._target_: cm_lightning.modules.edm.EDMModule -> "),
+])
+def test_resume_with_another_network_or_method(change, names, finished_run):
     before = snapshot_run(finished_run)
     tiny = [o for o in TINY if not o.startswith("net.model_channels")]
-    message = one_line("train.py", "experiment=digits_edm", *tiny, "net.model_channels=32", "logger=none",
-                       f"hydra.run.dir={finished_run}", names="model.net.model_channels: 16 -> 32")
+    message = one_line("train.py", *tiny, *change, "logger=none",
+                       f"hydra.run.dir={finished_run}", names=names)
     assert "start a new run" in message and snapshot_run(finished_run) == before
 
 
