@@ -115,7 +115,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
                 "+callbacks.poison.step=3", "logger=none", f"hydra.run.dir={tmp_path}", code=1)
     last = tmp_path / "checkpoints/last.ckpt"
     assert "error: the training loss is nan at step 3 (epoch 0)" in err and f"last good checkpoint is {last}" in err
-    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
 
 
