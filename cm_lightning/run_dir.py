@@ -104,9 +104,10 @@ def check_resume(ckpt, run_config: dict) -> None:
     if not isinstance(stored, dict):
         return  # written before checkpoints carried their config: nothing to compare with
     old, new = method_keys(stored), method_keys(run_config)
-    differ = sorted(k for k in old.keys() | new.keys() if old.get(k, "<unset>") != new.get(k, "<unset>"))
+    # A key only one side has is a setting the project added or dropped since the run started: not compared.
+    differ = sorted(k for k in old.keys() & new.keys() if old[k] != new[k])
     if differ:
-        shown = "; ".join(f"{k}: {old.get(k, '<unset>')} -> {new.get(k, '<unset>')}" for k in differ[:6])
+        shown = "; ".join(f"{k}: {old[k]} -> {new[k]}" for k in differ[:6])
         raise ConfigError(f"ckpt_path={ckpt} was trained with other settings ({shown}"
                           f"{f'; {len(differ) - 6} more' if len(differ) > 6 else ''}); resume with the run's own "
                           "settings, or start a new run in another hydra.run.dir=...")
