@@ -20,6 +20,7 @@ of the real data score about 15 (finite-sample bias at 898 images); noise scores
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -85,9 +86,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "outputs/digits_quality")
     parser.add_argument("--rows", default="edm,cd,ct,ict,ect")
     parser.add_argument("--score-only", action="store_true", help="score the checkpoints already in --out")
+    parser.add_argument("--no-search", action="store_true", help="skip the two-step midpoint search")
     parser.add_argument("--set", nargs="*", default=[], help="overrides as row:key=value, e.g. ct:model.lr=1e-3")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))
     reference = to_uint8(digits_tensor(16)[0])
     results, teacher = [], args.out / "edm/checkpoints/last.ckpt"
     for row in args.rows.split(","):
@@ -99,7 +101,7 @@ def main() -> None:
             ckpt, seconds = args.out / row / "checkpoints/last.ckpt", None
         else:
             ckpt, seconds = train(experiment, args.out / row, extra)
-        if row != "edm":
+        if row != "edm" and not args.no_search:
             how, found = searched_two_step(ckpt, reference)
             samplings = [*samplings, (f"{samplings[-1][0]}, searched midpoint", how)]
         for name, how in samplings:
