@@ -28,8 +28,8 @@ def test_edm_then_cd_then_evaluate(edm_run, cd_run, tmp_path):
         assert arr.shape == (6, 16, 16, 1) and arr.dtype == np.uint8
 
 
-def test_default_experiment_logs_curriculum(tmp_path):
-    run_script("train.py", *TINY, "logger=csv", f"hydra.run.dir={tmp_path}")
+def test_ct_logs_its_curriculum(tmp_path):
+    run_script("train.py", "experiment=digits_ct", *TINY, "logger=csv", f"hydra.run.dir={tmp_path}")
     rows = list(csv.DictReader(open(tmp_path / "csv/metrics.csv")))
     assert [float(r["train/num_scales"]) for r in rows if r.get("train/num_scales")][0] == 2.0
     assert any(r.get("val/loss") for r in rows)
@@ -46,7 +46,7 @@ def test_resume_continues_from_the_checkpoint(edm_run, tmp_path):
 
 
 def test_wandb_offline_and_tensorboard_loggers(tmp_path):
-    run_script("train.py", *TINY, "trainer.max_steps=2", "logger=wandb", f"hydra.run.dir={tmp_path / 'w'}")
+    run_script("train.py", "experiment=digits_ct", *TINY, "trainer.max_steps=2", "logger=wandb", f"hydra.run.dir={tmp_path / 'w'}")
     assert list((tmp_path / "w/wandb").glob("offline-run-*"))
-    run_script("train.py", *TINY, "trainer.max_steps=2", "logger=tensorboard", f"hydra.run.dir={tmp_path / 't'}")
+    run_script("train.py", "experiment=digits_ct", *TINY, "trainer.max_steps=2", "logger=tensorboard", f"hydra.run.dir={tmp_path / 't'}")
     assert list((tmp_path / "t/tensorboard").glob("events.*"))

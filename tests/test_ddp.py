@@ -13,8 +13,8 @@ from cm_lightning.slurm import count_devices
 from conftest import TINY
 from probes import run
 
-ONE_STEP = [*TINY, "trainer.max_steps=1", "trainer.accelerator=cpu", "trainer.deterministic=true", "logger=csv",
-            "+callbacks.probe._target_=probes.RankProbe"]
+ONE_STEP = ["experiment=digits_ct", *TINY, "trainer.max_steps=1", "trainer.accelerator=cpu",
+            "trainer.deterministic=true", "logger=csv", "+callbacks.probe._target_=probes.RankProbe"]
 
 
 def weights(run_dir):

@@ -166,11 +166,11 @@ def test_samples_match_evaluate_sample_and_nfe_counts(edm_run):
 # --- the user's paths ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ct_run(tmp_path_factory):
-    """The default experiment, tiny, with the metrics callback forced (every 2 steps, and at the end after
+    """CT, tiny, with the metrics callback forced (every 2 steps, and at the end after
     step 5) and W&B + CSV."""
     out = tmp_path_factory.mktemp("ct_metrics")
     tiny = [o for o in TINY if not o.startswith("trainer.max_steps")]
-    run_script("train.py", *tiny, "trainer.max_steps=5", "callbacks.metrics.every_n_steps=2",
+    run_script("train.py", "experiment=digits_ct", *tiny, "trainer.max_steps=5", "callbacks.metrics.every_n_steps=2",
                "callbacks.metrics.num=20", "callbacks.metrics.batch_size=8",
                f"callbacks.metrics.cache_dir={out / 'cache'}", "logger.wandb.log_model=true", f"hydra.run.dir={out}")
     return out
@@ -201,7 +201,8 @@ def test_inception_fid_of_callback_and_evaluate_equal_torch_fidelity(tmp_path):
     common = [f"feature_extractor={INCEPTION}", f"feature_extractor_weights_path={weights}", f"reference={ref}",
               f"cache_dir={tmp_path / 'cache'}", "isc=false"]
     # On the CPU, like the direct call: a GPU's TF32 convolutions would differ in the fourth digit.
-    run_script("train.py", *TINY, "trainer.accelerator=cpu", "logger=csv", "callbacks.metrics.every_n_steps=null",
+    run_script("train.py", "experiment=digits_ct", *TINY, "trainer.accelerator=cpu", "logger=csv",
+               "callbacks.metrics.every_n_steps=null",
                "callbacks.metrics.at_end=true", "callbacks.metrics.num=6", "callbacks.metrics.steps=[1]",
                "callbacks.metrics.batch_size=4", *[f"callbacks.metrics.{o}" for o in common],
                f"hydra.run.dir={tmp_path / 'run'}")

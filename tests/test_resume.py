@@ -13,8 +13,9 @@ from cm_lightning.data.sampler import EpochSampler
 from conftest import TINY
 from probes import run
 
-RUN = [*TINY, "trainer.max_steps=7", "+trainer.limit_train_batches=3", "callbacks.checkpoint.every_n_train_steps=2",
-       "trainer.deterministic=true", "trainer.accelerator=cpu", "data.hflip=true"]
+RUN = ["experiment=digits_ct", *TINY, "trainer.max_steps=7", "+trainer.limit_train_batches=3",
+       "callbacks.checkpoint.every_n_train_steps=2", "trainer.deterministic=true", "trainer.accelerator=cpu",
+       "data.hflip=true"]
 
 
 def load(run_dir, name="last.ckpt"):

@@ -28,7 +28,7 @@ def slurm_is_up() -> bool:
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not slurm_is_up(), reason="no SLURM here: tests/slurm/start.sh")]
 
-RUN = [*TINY, "trainer.accelerator=cpu", "trainer.val_check_interval=100", "logger=csv"]
+RUN = ["experiment=digits_ct", *TINY, "trainer.accelerator=cpu", "trainer.val_check_interval=100", "logger=csv"]
 ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "PYTHON": sys.executable,
        "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0",
        "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
