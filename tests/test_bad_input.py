@@ -64,3 +64,10 @@ def test_multistep_schedule_not_decreasing(script, cd_run, tmp_path):
 def test_evaluate_missing_checkpoint(tmp_path):
     err = fails("evaluate.py", "ckpt=/no/such.ckpt", f"hydra.run.dir={tmp_path}")
     assert "ckpt=/no/such.ckpt does not exist" in err
+
+
+def test_unknown_mu_divisor(tmp_path):
+    err = fails("train.py", "experiment=digits_ct", "model.target.schedule.mu_divisor=authors", *TINY, "logger=none",
+                f"hydra.run.dir={tmp_path}")
+    assert [line for line in err.splitlines() if "mu_divisor" in line] == [err.strip().splitlines()[-1]]
+    assert "mu_divisor='authors'" in err and "'code'" in err
