@@ -4,14 +4,18 @@ import functools
 import netrc
 import os
 import sys
+from importlib.resources import files
 from pathlib import Path
 
+import hydra
 from hydra.errors import InstantiationException
 from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from cm_lightning.errors import ConfigError, TrainingError
+from cm_lightning.evaluation import evaluate
 from cm_lightning.speed import auto_precision
+from cm_lightning.training import train
 
 
 def wandb_offline() -> bool:
@@ -61,3 +65,27 @@ def user_errors(fn):
             sys.exit(1)
 
     return wrapper
+
+
+def config_dir() -> Path:
+    """The configs: conf/ beside the package in a source checkout (editable installs included), else the copy
+    installed inside the package as cm_lightning/conf (pyproject.toml maps it there)."""
+    checkout = Path(__file__).resolve().parents[1] / "conf"
+    if (checkout / "train.yaml").is_file():
+        return checkout
+    return Path(str(files("cm_lightning") / "conf"))
+
+
+def _run_hydra(config_name: str, task) -> None:
+    register_resolvers()
+    hydra.main(config_path=str(config_dir()), config_name=config_name, version_base="1.3")(user_errors(task))()
+
+
+def train_main() -> None:
+    """``cm-train`` and ``python train.py``: conf/train.yaml with the command line's overrides."""
+    _run_hydra("train", train)
+
+
+def evaluate_main() -> None:
+    """``cm-evaluate`` and ``python evaluate.py``: conf/evaluate.yaml with the command line's overrides."""
+    _run_hydra("evaluate", evaluate)
