@@ -12,6 +12,7 @@ from hydra.errors import InstantiationException
 from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from cm_lightning import wandb_runs
 from cm_lightning.errors import ConfigError, TrainingError
 from cm_lightning.evaluation import evaluate
 from cm_lightning.speed import auto_precision
@@ -34,11 +35,14 @@ def wandb_mode() -> str:
     return os.environ.get("WANDB_MODE") or ("offline" if wandb_offline() else "online")
 
 
+RESOLVERS = {"wandb_mode": wandb_mode, "auto_precision": auto_precision, "wandb_name": wandb_runs.run_name,
+             "wandb_group": wandb_runs.group, "wandb_tags": wandb_runs.tags}
+
+
 def register_resolvers() -> None:
-    if not OmegaConf.has_resolver("wandb_mode"):
-        OmegaConf.register_new_resolver("wandb_mode", wandb_mode)
-    if not OmegaConf.has_resolver("auto_precision"):
-        OmegaConf.register_new_resolver("auto_precision", auto_precision)
+    for name, fn in RESOLVERS.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
 
 
 def _root_cause(exc: BaseException) -> BaseException:

@@ -18,6 +18,7 @@ from cm_lightning.errors import ConfigError
 from cm_lightning.metrics.fidelity import NAMES, Fidelity
 from cm_lightning.metrics.reference import ReferenceSource
 from cm_lightning.metrics.sharding import sharded_features
+from cm_lightning.wandb_runs import GOALS, define_summaries
 
 log = logging.getLogger(__name__)
 TABLE_KEY = "metrics/fid_vs_nfe"
@@ -73,6 +74,10 @@ class Metrics(L.Callback):
                               "training set from; pass reference=<npz in the authors' format>")
         self.source = ReferenceSource.create(self.reference_path, trainer.datamodule, self.reference_num)
         self.source.check(pl_module.sampler().image_shape, self.fidelity, "the model")
+        keys = [f"metrics/{m}_{name}" for name in self.schedules(pl_module.kind) for m in GOALS]
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                define_summaries(logger.experiment, keys)
 
     @torch.no_grad()
     def measure(self, trainer, module) -> dict[str, dict]:

@@ -1,0 +1,51 @@
+"""A Hydra sweep as a W&B user sees it: read back from the offline runs' files."""
+
+import pytest
+
+from conftest import TINY, run_script
+from wandb_records import OfflineRun
+
+# Two lrs of tiny digits CT runs, measured (FID, IS) at steps 2 and 4.
+SWEEP = [*TINY, "model.optimizer.lr=0.001,0.002", "callbacks.metrics.every_n_steps=2", "callbacks.metrics.num=50",
+         "callbacks.metrics.batch_size=50", "callbacks.throughput.window_size=2", "logger=default"]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep")
+    run_script("train.py", "--multirun", *SWEEP, f"hydra.sweep.dir={out}")
+    return out
+
+
+def offline_run(run_dir) -> OfflineRun:
+    (wandb_dir,) = (run_dir / "wandb").glob("offline-run-*")
+    return OfflineRun(wandb_dir)
+
+
+def test_sweep_runs_share_a_group_with_distinct_names_and_tags(sweep):
+    runs = [offline_run(sweep / str(i)) for i in (0, 1)]
+    assert runs[0].run.run_group == runs[1].run.run_group == f"digits_ct/{sweep.name}"
+    assert {r.run.job_type for r in runs} == {"train"}
+    names = [r.run.display_name for r in runs]
+    assert names[0] != names[1] and all(n.startswith("digits_ct ") for n in names)
+    assert "model.optimizer.lr=0.001" in names[0] and "model.optimizer.lr=0.002" in names[1]
+    tags = [set(r.run.tags) for r in runs]
+    assert {"digits_ct", "ct", "digits", "adm_tiny"} <= tags[0] & tags[1]
+    assert "model.optimizer.lr=0.001" in tags[0] - tags[1] and "model.optimizer.lr=0.002" in tags[1] - tags[0]
+
+
+def test_sweep_runs_log_what_a_w_and_b_user_compares(sweep):
+    for i in (0, 1):
+        run = offline_run(sweep / str(i))
+        metrics = run.metrics
+        for k in ("1step", "2step"):
+            assert metrics[f"metrics/fid_{k}"].summary.min and metrics[f"metrics/is_{k}"].summary.max
+            assert metrics[f"metrics/fid_{k}"].step_metric == "trainer/global_step"
+        assert metrics["*"].step_metric == "trainer/global_step"  # every other key against the optimiser step
+        rows = run.history
+        logged = lambda key: [r[key] for r in rows if key in r]  # noqa: E731
+        assert [r["trainer/global_step"] for r in rows if "metrics/fid_1step" in r] == [2, 4]
+        assert logged("lr-RAdam")[0] == pytest.approx((1e-3, 2e-3)[i])
+        assert logged("train/grad_norm") and all(g > 0 for g in logged("train/grad_norm"))
+        assert logged("train/device/samples_per_sec") and all(v > 0 for v in logged("train/device/samples_per_sec"))
+        assert logged("train/sec_per_step") and all(v > 0 for v in logged("train/sec_per_step"))
