@@ -12,6 +12,7 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import save_image
 
+from cm_lightning import wandb_runs
 from cm_lightning.callbacks.metrics import log_results, nfe
 from cm_lightning.callbacks.sample_grid import image_grid
 from cm_lightning.checkpoints import export_state_dict, sampler_from_checkpoint
@@ -178,11 +179,7 @@ class Scorer:
         return path
 
     def wandb(self) -> WandbLogger | None:
-        """The W&B run ``wandb.id`` (e.g. the training run's, to put the numbers next to its curves), if given."""
-        if self.cfg.wandb.id is None:
-            return None
-        w = self.cfg.wandb
-        return WandbLogger(id=w.id, project=w.project, save_dir=self.cfg.out_dir, mode=w.mode)
+        return wandb_runs.evaluation_logger(self.cfg)
 
 
 def fid_task(cfg: DictConfig) -> list[Path]:
@@ -196,7 +193,6 @@ def fid_task(cfg: DictConfig) -> list[Path]:
     logger = scorer.wandb()
     if logger is not None:
         log_results([logger], results, read_checkpoint(cfg.ckpt, "ckpt").get("global_step", 0), [])
-        logger.experiment.finish()
     return [scorer.report("metrics", {"results": results})]
 
 
@@ -236,7 +232,6 @@ def search_midpoint_task(cfg: DictConfig) -> list[Path]:
         logger.log_table("search/fid_vs_midpoint", ["midpoint", "sigma", *columns],
                          [[r["ts"][1], r["sigmas"][1], *(r[c] for c in columns)] for r in rows])
         logger.log_metrics({"search/best_midpoint": best, "search/best_fid": candidates[best]["fid"]})
-        logger.experiment.finish()
     payload = {"best": candidates[best], "samples_used": cfg.num * len(rows), "candidates": rows}
     return [scorer.report("search_midpoint", payload)]
 
@@ -248,4 +243,6 @@ TASKS.update(EDIT_TASKS)
 def evaluate(cfg: DictConfig) -> list[Path]:
     if cfg.task not in TASKS:
         raise ConfigError(f"task={cfg.task!r} is unknown; choose one of {sorted(TASKS)}")
-    return TASKS[cfg.task](cfg)
+    written = TASKS[cfg.task](cfg)
+    wandb_runs.record_evaluation(cfg, written)
+    return written

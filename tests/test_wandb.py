@@ -49,3 +49,21 @@ def test_sweep_runs_log_what_a_w_and_b_user_compares(sweep):
         assert logged("train/grad_norm") and all(g > 0 for g in logged("train/grad_norm"))
         assert logged("train/device/samples_per_sec") and all(v > 0 for v in logged("train/device/samples_per_sec"))
         assert logged("train/sec_per_step") and all(v > 0 for v in logged("train/sec_per_step"))
+
+
+@pytest.mark.parametrize("task, outputs", [("fid", {"metrics.json"}), ("sample", {"samples_1step.npz"})])
+def test_evaluation_run_joins_the_training_group_and_keeps_its_outputs(sweep, tmp_path, task, outputs):
+    trained = offline_run(sweep / "0")
+    ckpt = sweep / "0/checkpoints/last.ckpt"
+    run_script("evaluate.py", f"task={task}", f"ckpt={ckpt}", "num=50", "steps=[1]", "wandb.log=true",
+               f"hydra.run.dir={tmp_path}")
+    run = offline_run(tmp_path)
+    assert run.run.job_type == "evaluate" and run.run.run_group == trained.run.run_group
+    assert run.run.display_name == f"{task} {trained.run.display_name}" and task in run.run.tags
+    assert run.config["checkpoint"] == str(ckpt) and run.config["checkpoint_run_id"] == trained.run.run_id
+    (artifact,) = [a for a in run.of("artifact") if a.type == "evaluation"]
+    assert outputs <= {m.path for m in artifact.manifest.contents}
+    if task == "fid":
+        assert run.metrics["metrics/fid_1step"].summary.min
+        (row,) = [r for r in run.history if "metrics/fid_1step" in r]
+        assert row["trainer/global_step"] == 4

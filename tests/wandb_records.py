@@ -56,7 +56,7 @@ class OfflineRun:
     @property
     def config(self) -> dict:
         out = {}
-        for c in self.of("config"):
+        for c in [self.run.config, *self.of("config")]:
             for item in c.update:
                 out[item.nested_key[0] if item.nested_key else item.key] = json.loads(item.value_json)
         return out

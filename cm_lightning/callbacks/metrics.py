@@ -18,7 +18,7 @@ from cm_lightning.errors import ConfigError
 from cm_lightning.metrics.fidelity import NAMES, Fidelity
 from cm_lightning.metrics.reference import ReferenceSource
 from cm_lightning.metrics.sharding import sharded_features
-from cm_lightning.wandb_runs import GOALS, define_summaries
+from cm_lightning.wandb_runs import define_summaries
 
 log = logging.getLogger(__name__)
 TABLE_KEY = "metrics/fid_vs_nfe"
@@ -37,6 +37,8 @@ def log_results(loggers, results: dict[str, dict], step: int, rows: list) -> Non
     rows += [[step, name, r["nfe"], *(r.get(m) for m in metrics)] for name, r in results.items()]
     flat = {f"metrics/{m}_{name}": r[m] for name, r in results.items() for m in metrics if m in r}
     for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            define_summaries(logger.experiment, flat)  # before the first values, which W&B summarises as defined
         logger.log_metrics(flat, step=step)
         if isinstance(logger, WandbLogger):
             logger.log_table(key=TABLE_KEY, columns=["step", "sampling", "nfe", *metrics], data=rows, step=step)
@@ -74,10 +76,6 @@ class Metrics(L.Callback):
                               "training set from; pass reference=<npz in the authors' format>")
         self.source = ReferenceSource.create(self.reference_path, trainer.datamodule, self.reference_num)
         self.source.check(pl_module.sampler().image_shape, self.fidelity, "the model")
-        keys = [f"metrics/{m}_{name}" for name in self.schedules(pl_module.kind) for m in GOALS]
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                define_summaries(logger.experiment, keys)
 
     @torch.no_grad()
     def measure(self, trainer, module) -> dict[str, dict]:
