@@ -23,7 +23,7 @@ from cm_lightning.errors import ConfigError
 from cm_lightning.metrics.fidelity import Fidelity
 from cm_lightning.metrics.midpoint_search import ternary_search
 from cm_lightning.metrics.reference import ReferenceSource
-from cm_lightning.metrics.sharding import share, sharded_features
+from cm_lightning.metrics.sharding import progress, share, sharded_features
 from cm_lightning.sampler import Sampler
 from cm_lightning.speed import Speed, auto_precision
 
@@ -79,11 +79,13 @@ def speed_up(sampler: Sampler, cfg: DictConfig, device) -> Sampler:
 
 def sample_batched(sampler: Sampler, num: int, batch_size: int, seed: int, device, labels=None, **how):
     images, out_labels = [], []
-    for i, start in enumerate(range(0, num, batch_size)):
-        given = None if labels is None else labels[start : start + batch_size]
-        x, y = sampler(min(batch_size, num - start), seed=seed + i, device=device, labels=given, **how)
-        images.append(x.cpu())
-        out_labels.append(None if y is None else y.cpu())
+    with progress(num, batch_size, 0, 1, "sampling") as bar:
+        for i, start in enumerate(range(0, num, batch_size)):
+            given = None if labels is None else labels[start : start + batch_size]
+            x, y = sampler(min(batch_size, num - start), seed=seed + i, device=device, labels=given, **how)
+            images.append(x.cpu())
+            out_labels.append(None if y is None else y.cpu())
+            bar.update(len(x))
     return torch.cat(images), (None if out_labels[0] is None else torch.cat(out_labels))
 
 
