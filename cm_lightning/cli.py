@@ -14,9 +14,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from cm_lightning import wandb_runs
 from cm_lightning.errors import ConfigError, TrainingError
-from cm_lightning.evaluation import evaluate
 from cm_lightning.speed import auto_precision
-from cm_lightning.training import train
 
 
 def wandb_offline() -> bool:
@@ -87,9 +85,13 @@ def _run_hydra(config_name: str, task) -> None:
 
 def train_main() -> None:
     """``cm-train`` and ``python train.py``: conf/train.yaml with the command line's overrides."""
+    from cm_lightning.training import train  # imported here: training and evaluation import this module
+
     _run_hydra("train", train)
 
 
 def evaluate_main() -> None:
     """``cm-evaluate`` and ``python evaluate.py``: conf/evaluate.yaml with the command line's overrides."""
+    from cm_lightning.evaluation import evaluate
+
     _run_hydra("evaluate", evaluate)

@@ -26,6 +26,7 @@ from cm_lightning.metrics.reference import ReferenceSource
 from cm_lightning.metrics.sharding import progress, share, sharded_features
 from cm_lightning.sampler import Sampler
 from cm_lightning.speed import Speed, auto_precision
+from cm_lightning.tasks.report import report_task
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +239,8 @@ def search_midpoint_task(cfg: DictConfig) -> list[Path]:
     return [scorer.report("search_midpoint", payload)]
 
 
-TASKS = {"sample": sample_task, "export": export_task, "fid": fid_task, "search_midpoint": search_midpoint_task}
+TASKS = {"sample": sample_task, "export": export_task, "fid": fid_task, "search_midpoint": search_midpoint_task,
+         "report": report_task}
 TASKS.update(EDIT_TASKS)
 
 

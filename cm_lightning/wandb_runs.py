@@ -53,6 +53,15 @@ def define_summaries(experiment, names) -> None:
             experiment.define_metric(key, step_metric=STEP, summary=GOALS[metric])
 
 
+def wandb_identity(loggers) -> dict | None:
+    """Where the W&B run of these loggers lives (entity, project, group, name, id), for reports that link it."""
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            run = logger.experiment
+            return dict(entity=run.entity, project=run.project, group=run.group, name=run.name, id=run.id)
+    return None
+
+
 def finish(loggers) -> None:
     """Closes this process's W&B runs: the next job of a sweep in the same process (Hydra's basic launcher)
     would otherwise log into this one's run, which wandb.init returns while it is open."""

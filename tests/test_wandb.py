@@ -2,19 +2,8 @@
 
 import pytest
 
-from conftest import TINY, run_script
+from conftest import run_script
 from wandb_records import OfflineRun
-
-# Two lrs of tiny digits CT runs, measured (FID, IS) at steps 2 and 4.
-SWEEP = [*TINY, "model.optimizer.lr=0.001,0.002", "callbacks.metrics.every_n_steps=2", "callbacks.metrics.num=50",
-         "callbacks.metrics.batch_size=50", "callbacks.throughput.window_size=2", "logger=default"]
-
-
-@pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sweep")
-    run_script("train.py", "--multirun", *SWEEP, f"hydra.sweep.dir={out}")
-    return out
 
 
 def offline_run(run_dir) -> OfflineRun:
