@@ -22,11 +22,11 @@ export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$ro
 mkdir -p "$DIR"
 
 declare -A RUNS=(
-  [cd]="experiment=imagenet64_cd model/distance=l2 bench.batch=64"
-  [ct]="experiment=imagenet64_ct model/distance=l2 bench.batch=64"
-  [lsun]="experiment=lsun_cd model/distance=l2 bench.batch=16"
-  [max]="experiment=imagenet64_cd model/distance=l2 bench.batch=64 bench.find_max_batch=true bench.sample_steps=[]"
-  [fp32]="experiment=imagenet64_cd model/distance=l2 bench.batch=64 trainer.precision=32-true
+  [cd]="experiment=imagenet64_cd model/objective/distance=l2 bench.batch=64"
+  [ct]="experiment=imagenet64_ct model/objective/distance=l2 bench.batch=64"
+  [lsun]="experiment=lsun_cd model/objective/distance=l2 bench.batch=16"
+  [max]="experiment=imagenet64_cd model/objective/distance=l2 bench.batch=64 bench.find_max_batch=true bench.sample_steps=[]"
+  [fp32]="experiment=imagenet64_cd model/objective/distance=l2 bench.batch=64 trainer.precision=32-true
           model.speed.channels_last=false model.speed.compile=false"
 )
 

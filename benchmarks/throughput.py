@@ -1,6 +1,6 @@
 """Training and sampling throughput of any experiment, printed as one JSON line.
 
-    python benchmarks/throughput.py experiment=imagenet64_cd model/distance=l2 [bench.batch=64]
+    python benchmarks/throughput.py experiment=imagenet64_cd model/objective/distance=l2 [bench.batch=64]
         [bench.find_max_batch=true] [model.speed.compile=false ...any train.py override]
 
 The experiment's own LightningModule trains through Lightning (precision plugin, optimiser, EMA and target
@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cm_lightning.cli import register_resolvers, user_errors  # noqa: E402
+from cm_lightning.training import needs_teacher  # noqa: E402
 
 from max_batch import largest_batch, out_of_memory  # noqa: E402
 
@@ -76,7 +77,7 @@ class StepTimer(L.Callback):
 def teacher_for(cfg: DictConfig, workdir: Path) -> None:
     """A CD/ECT config without a teacher gets a randomly initialised one of the same network, saved as a
     plain state dict the way the authors' teachers are."""
-    if "teacher_ckpt" in cfg.model and cfg.model.teacher_ckpt is None:
+    if needs_teacher(cfg.model) and cfg.model.teacher_ckpt is None:
         path = workdir / "edm_random_teacher.pt"
         if not path.exists():
             torch.save(instantiate(cfg.net).state_dict(), path)
@@ -95,7 +96,7 @@ def count_flops(model, batch: int, device: torch.device) -> tuple[float, float]:
             model.losses(x, y, 0)[0].mean().backward()
         model.net.zero_grad(set_to_none=True)
         with FlopCounterMode(display=False) as forward, torch.no_grad():
-            model.precond(model.net, x, torch.ones(batch, device=device), model.labels_for(y))
+            model.parameterisation(model.net, x, torch.ones(batch, device=device), model.labels_for(y))
     return step.get_total_flops() / batch, forward.get_total_flops() / batch
 
 
@@ -152,7 +153,7 @@ def time_sampling(model, cfg: DictConfig, device: torch.device) -> dict:
     sampler = model.sampler().speed_up(model.speed, cfg.trainer.precision, device)
     rates = {}
     for steps in cfg.bench.sample_steps:
-        how = {"steps": steps} if model.kind == "consistency" else {"steps": steps, "solver": "heun"}
+        how = {"steps": steps} if sampler.param.few_step else {"steps": steps, "solver": "heun"}
 
         def call(seed: int):
             sampler(cfg.bench.sample_batch, seed=seed, device=device, **how)
@@ -222,7 +223,7 @@ def main(cfg: DictConfig) -> None:
         "compile_mode": speed.compile_mode, "sample_compile_mode": speed.sample_compile_mode,
         "fused_optimizer": speed.fused_optimizer, "frozen_dtype": speed.frozen_dtype,
         "activation_checkpointing": bool(cfg.net.get("use_checkpoint", False)),
-        "distance": cfg.model.distance._target_.rsplit(".", 1)[-1], "optimizer": cfg.model.optimizer._target_,
+        "distance": cfg.model.objective.distance._target_.rsplit(".", 1)[-1], "optimizer": cfg.model.optimizer._target_,
         "torch": torch.__version__, "steps_timed": bench.steps, "warmup": bench.warmup,
     }
     line = json.dumps(result)

@@ -1,8 +1,9 @@
 """Reading networks back from checkpoints: the CD teacher, evaluate.py, the ECT init; and exporting them.
 
 A Lightning checkpoint written by this project carries, under ``"cm_lightning"``, the resolved run
-config and what is needed to rebuild the sampler (kind, preconditioning, EMA rates), so a
-checkpoint file is all a user has to keep.
+config and what is needed to rebuild the sampler (the parameterisation by name, the EMA rates), so a
+checkpoint file is all a user has to keep. Checkpoints written before parameterisations had names carry
+``kind``, ``precond`` and ``grid`` instead, which ``precond.from_meta`` reads as the Karras family.
 
 The authors' released files (``edm_imagenet64_ema.pt``, ``cd_imagenet64_l2.pt``, ``ct_bedroom256.pt``, ...)
 are plain state dicts of the ADM U-Net, whose keys ``nets/adm.py`` reproduces: they load into the network
@@ -20,7 +21,7 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
-from cm_lightning.diffusion.precond import Precond, consistency_function, edm_denoiser
+from cm_lightning.diffusion.precond import Precond, consistency_function, edm_denoiser, from_meta
 from cm_lightning.errors import ConfigError
 from cm_lightning.sampler import Sampler
 
@@ -134,13 +135,13 @@ def load_teacher(path, like: nn.Module | None = None, precond: Precond | None = 
         if like is None:
             raise ConfigError(f"model.teacher_ckpt={path} is a plain state dict; it needs the run's net config")
         return Teacher(load_plain(copy.deepcopy(like), ckpt, "model.teacher_ckpt", path), precond or edm_denoiser())
-    meta = ckpt[META_KEY]
-    if meta["kind"] != "edm":
+    param = from_meta(ckpt[META_KEY])
+    if param.few_step or not isinstance(param, Precond):
         raise ConfigError(
-            f"model.teacher_ckpt={path} is a '{meta['kind']}' checkpoint; the teacher must come from an EDM run "
+            f"model.teacher_ckpt={path} is a consistency model's checkpoint; the teacher must come from an EDM run "
             "(experiment=digits_edm or another *_edm experiment)"
         )
-    return Teacher(network_from_checkpoint(ckpt, "ema"), Precond(**meta["precond"]))
+    return Teacher(network_from_checkpoint(ckpt, "ema"), param)
 
 
 def select_ema(meta: dict, ema: int | None) -> dict:
@@ -163,7 +164,7 @@ def plain_sampler(path, state: dict, net=None, kind: str | None = None, noise_ki
                           f"{net_hint(path)}")
     net = load_plain(net if isinstance(net, nn.Module) else instantiate(net), state, "ckpt", path)
     precond = edm_denoiser(noise_kind=noise_kind) if kind == "edm" else consistency_function(noise_kind=noise_kind)
-    return Sampler(net, precond, kind)
+    return Sampler(net, precond)
 
 
 def sampler_from_checkpoint(path, ema: int | None = None, device="cpu", net=None, kind: str | None = None,
@@ -177,8 +178,7 @@ def sampler_from_checkpoint(path, ema: int | None = None, device="cpu", net=None
         sampler.net.to(device)
         return sampler
     meta = select_ema(ckpt[META_KEY], ema)
-    net = network_from_checkpoint(ckpt, "ema").to(device)
-    return Sampler(net, Precond(**meta["precond"]), meta["kind"], **meta["grid"])
+    return Sampler(network_from_checkpoint(ckpt, "ema").to(device), from_meta(meta))
 
 
 def export_state_dict(path, out, ema: int | None = None) -> Path:

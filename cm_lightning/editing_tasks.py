@@ -37,7 +37,7 @@ class Editor:
     """A consistency checkpoint and the settings every editing task shares."""
 
     sampler: Sampler
-    sigmas: list[float]  # Algorithm 4's noise levels
+    levels: list[float]  # Algorithm 4's noise levels, the parameterisation's own
     device: torch.device
     seed: int
     batch_size: int
@@ -61,12 +61,16 @@ class Editor:
         return lambda x, s: self.sampler.denoise(x, s, labels)
 
 
-def run_method(ckpt) -> tuple[str, int]:
+def run_method(ckpt) -> tuple[str, int] | None:
     """('cd' or 'ct', the grid size N at the end of training; 0 without a discrete grid) of the run that
-    wrote ``ckpt``, from its stored config. Every consistency-training variant counts as 'ct'."""
+    wrote ``ckpt``, from its stored config; every consistency-training variant counts as 'ct'. None for
+    a method without a pair rule (sCM)."""
     config = torch.load(Path(str(ckpt)).expanduser(), map_location="cpu", weights_only=False, mmap=True)
     config = config["cm_lightning"]["config"]
-    target = config["model"]["target"]
+    model = config["model"]
+    target = model["target"] if "target" in model else model.get("objective", {}).get("pair")
+    if target is None:
+        return None
     schedule = instantiate(target["schedule"]) if "schedule" in target else None
     final = schedule(config["trainer"]["max_steps"]) if callable(schedule) else None
     method = "cd" if target["_target_"].endswith("CDTarget") else "ct"
@@ -78,24 +82,29 @@ def load_editor(cfg: DictConfig, task: str) -> Editor:
 
     device = pick_device(cfg.device)
     sampler = speed_up(sampler_from_checkpoint(cfg.ckpt, cfg.ema, device), cfg, device)
-    if sampler.kind != "consistency":
-        raise ConfigError(f"task={task} needs a consistency model (CD or CT); ckpt={cfg.ckpt} is an EDM teacher")
-    grid = dict(sigma_min=sampler.sigma_min, sigma_max=sampler.sigma_max, rho=sampler.rho)
+    param = sampler.param
+    if not param.few_step:
+        raise ConfigError(f"task={task} needs a consistency model (CD, CT, sCM, ...); ckpt={cfg.ckpt} is an EDM teacher")
+    method = run_method(cfg.ckpt) if cfg.edit_sigmas is None else None
     if cfg.edit_sigmas is not None:
-        sigmas = editing.check_levels(cfg.edit_sigmas, sampler.sigma_min, sampler.sigma_max)
+        sigmas = editing.check_levels(cfg.edit_sigmas, param.grid["sigma_min"], param.grid["sigma_max"])
+        levels = [param.from_sigma(s) for s in sigmas]
+    elif method is not None:
+        levels = [param.from_sigma(s) for s in editing.published_edit_sigmas(*method, **param.grid)]
     else:
-        sigmas = editing.published_edit_sigmas(*run_method(cfg.ckpt), **grid)
+        levels = param.levels(2)
     if cfg.label is not None and not 0 <= cfg.label < max(sampler.num_classes, 1):
         raise ConfigError(f"label={cfg.label} is not a class of this model ({sampler.num_classes} classes); "
                           "leave label=null for an unconditional model")
-    return Editor(sampler, sigmas, device, cfg.seed, cfg.batch_size, cfg.label)
+    return Editor(sampler, levels, device, cfg.seed, cfg.batch_size, cfg.label)
 
 
 def edit_sigma(cfg: DictConfig, task: str, sampler: Sampler) -> float:
     sigma = DEFAULT_SIGMA[task] if cfg.sigma is None else float(cfg.sigma)
-    if not sampler.sigma_min <= sigma <= sampler.sigma_max:
-        raise ConfigError(f"sigma={sigma} is outside the model's noise range [{sampler.sigma_min}, "
-                          f"{sampler.sigma_max}]; choose a level inside it, e.g. sigma={DEFAULT_SIGMA[task]}")
+    low, high = sampler.param.grid["sigma_min"], sampler.param.grid["sigma_max"]
+    if not low <= sigma <= high:
+        raise ConfigError(f"sigma={sigma} is outside the model's noise range [{low}, {high}]; choose a level "
+                          f"inside it, e.g. sigma={DEFAULT_SIGMA[task]}")
     return sigma
 
 
@@ -123,11 +132,9 @@ def algorithm4_task(cfg: DictConfig, task: str, transform, omega_for, editor: Ed
     """Runs Algorithm 4 on ``input=`` with the mask ``omega_for(shape)``: columns input | kept | result."""
     y = to_tensor(images, editor.sampler)
     omega = omega_for(y.shape)
-    sigma_min = editor.sampler.sigma_min
-
     def run(f, g, y, omega):
         kept = editing.degrade(y, transform, omega)
-        return kept, editing.edit(f, y, transform, omega, editor.sigmas, sigma_min, g)
+        return kept, editing.edit(f, y, transform, omega, editor.levels, editor.sampler.param, g)
 
     kept, result = editor.batched(run, y, omega.expand(y.shape[0], *omega.shape[1:]))
     if task == "colorize":  # show the luminance as gray, not the luminance axis' tint
@@ -173,7 +180,8 @@ def stroke_task(cfg: DictConfig) -> list[Path]:
 
     def run(f, g, y):
         noise = torch.randn(y.shape, generator=g, device=y.device)
-        return y + sigma * noise, editing.stroke_guided(f, y, noise, [sigma], editor.sampler.sigma_min, g)
+        param = editor.sampler.param
+        return y + sigma * noise, editing.stroke_guided(f, y, noise, [param.from_sigma(sigma)], param, g)
 
     noisy, result = editor.batched(run, strokes)
     return write_results(cfg, "stroke", [n for n, _ in images], [strokes, noisy, result])
@@ -187,7 +195,7 @@ def denoise_task(cfg: DictConfig) -> list[Path]:
 
     def run(f, g, y):
         noisy = y if cfg.noisy_input else y + sigma * torch.randn(y.shape, generator=g, device=y.device)
-        return noisy, editing.denoise(f, noisy, sigma)
+        return noisy, editing.denoise(f, noisy, sigma, editor.sampler.param)
 
     noisy, result = editor.batched(run, clean)
     return write_results(cfg, "denoise", [n for n, _ in images], [clean, noisy, result])
@@ -198,7 +206,7 @@ def interpolate_task(cfg: DictConfig) -> list[Path]:
     shape = editor.sampler.image_shape
     g = torch.Generator(device=editor.device).manual_seed(cfg.seed)
     z0, z1 = torch.randn((2, *shape), generator=g, device=editor.device)
-    frames = editing.interpolate(editor.bound(cfg.num, g), z0, z1, cfg.num, editor.sampler.sigma_max)
+    frames = editing.interpolate(editor.bound(cfg.num, g), z0, z1, cfg.num, editor.sampler.param)
     return write_frames(cfg, frames.cpu())
 
 

@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import save_image
 
 from cm_lightning import wandb_runs
-from cm_lightning.callbacks.metrics import log_results, nfe
+from cm_lightning.callbacks.metrics import log_results
 from cm_lightning.callbacks.sample_grid import image_grid
 from cm_lightning.checkpoints import export_state_dict, sampler_from_checkpoint
 from cm_lightning.checkpoints import META_KEY, is_plain, read_checkpoint
@@ -42,17 +42,22 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
+def levels(sampler: Sampler, sigmas) -> dict:
+    """A plan from EDM noise levels, as the sampler's parameterisation's own levels (TrigFlow: arctan(sigma / sigma_d))."""
+    return dict(sigmas=[sampler.param.from_sigma(s) for s in sigmas])
+
+
 def schedules(cfg: DictConfig, sampler: Sampler) -> dict:
     """Named sampling plans: explicit sigmas, the authors' ts indices, or step counts."""
     if cfg.sigmas is not None:
-        return {"sigmas": dict(sigmas=check_decreasing(cfg.sigmas, "sigmas"))}
+        return {"sigmas": levels(sampler, check_decreasing(cfg.sigmas, "sigmas"))}
     if cfg.ts is not None:
-        sigmas = sigmas_from_indices(cfg.ts, cfg.ts_num_scales, sampler.sigma_min, sampler.sigma_max, sampler.rho)
-        return {"ts" + "-".join(str(t) for t in cfg.ts): dict(sigmas=sigmas)}
-    if sampler.kind == "edm":
+        sigmas = sigmas_from_indices(cfg.ts, cfg.ts_num_scales, **sampler.param.grid)
+        return {"ts" + "-".join(str(t) for t in cfg.ts): levels(sampler, sigmas)}
+    if not sampler.param.few_step:
         steps = [18] if list(cfg.steps) == [1, 2] else list(cfg.steps)
         return {f"{k}step": dict(steps=int(k), solver=cfg.solver) for k in steps}
-    return {f"{k}step": dict(steps=int(k)) for k in cfg.steps}
+    return sampler.default_plans(cfg.steps)
 
 
 def class_labels(classes, num: int, sampler: Sampler) -> torch.Tensor | None:
@@ -168,7 +173,7 @@ class Scorer:
                                     self.fabric.device, **how)
         if features is None:
             return None
-        return {"nfe": nfe(self.sampler.kind, how), **self.fidelity.compute(features, self.reference)}
+        return {"nfe": self.sampler.nfe(how), **self.fidelity.compute(features, self.reference)}
 
     def report(self, name: str, payload: dict) -> Path:
         """``<out_dir>/<name>.json``: the payload and the settings it was measured under."""
@@ -212,15 +217,14 @@ def search_midpoint_task(cfg: DictConfig) -> list[Path]:
     if not cfg.metrics.fid:
         raise ConfigError("task=search_midpoint ranks candidates by FID; set metrics.fid=true")
     scorer = Scorer(cfg)
-    if scorer.sampler.kind != "consistency":
+    if not scorer.sampler.param.few_step:
         raise ConfigError(f"ckpt={cfg.ckpt} is an EDM model; the midpoint search is for consistency models")
     scorer.start()
-    grid = dict(sigma_min=scorer.sampler.sigma_min, sigma_max=scorer.sampler.sigma_max, rho=scorer.sampler.rho)
     candidates = {}
 
     def fid(p: int) -> float:
-        sigmas = sigmas_from_indices([0, p, last], cfg.ts_num_scales, **grid)
-        result = scorer.score(dict(sigmas=sigmas))
+        sigmas = sigmas_from_indices([0, p, last], cfg.ts_num_scales, **scorer.sampler.param.grid)
+        result = scorer.score(levels(scorer.sampler, sigmas))
         if result is not None:
             candidates[p] = {"ts": [0, p, last], "sigmas": sigmas, **result}
         return share(None if result is None else result["fid"])

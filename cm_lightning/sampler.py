@@ -1,4 +1,4 @@
-"""A trained generator reduced to what sampling needs: a backbone, its preconditioning, and the grid.
+"""A trained generator reduced to what sampling needs: a backbone and its parameterisation.
 
 Built by the LightningModules (from their EMA weights) and by evaluate.py (from a checkpoint), so
 that samples in training and in evaluation come from the same code.
@@ -9,19 +9,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from cm_lightning.diffusion.precond import Precond
-from cm_lightning.diffusion.sampling import default_multistep_sigmas, multistep_sample, ode_sample
+from cm_lightning.diffusion.sampling import multistep_sample, ode_sample
 from cm_lightning.speed import Speed, amp_dtype, autocast
 
 
 @dataclass
 class Sampler:
     net: nn.Module
-    precond: Precond
-    kind: str  # "consistency" (f_theta, CM Algorithm 1) or "edm" (denoiser, ODE solver)
-    sigma_min: float = 0.002
-    sigma_max: float = 80.0
-    rho: float = 7.0
+    param: object  # diffusion/precond.py: a consistency function (CM Algorithm 1) or a denoiser (ODE solver)
     amp: torch.dtype | None = None  # autocast dtype of the network evaluations; None: fp32
     cuda_graphs: bool = False
 
@@ -38,7 +33,7 @@ class Sampler:
             # Each evaluation is a new step for CUDA graph trees: the previous output has been consumed.
             torch.compiler.cudagraph_mark_step_begin()
         with autocast(x.device, self.amp):
-            return self.precond(self.net, x, sigma, labels)  # fp32 out: c_skip * x + c_out * F
+            return self.param(self.net, x, sigma, labels)  # fp32 out
 
     def speed_up(self, speed: Speed, precision: str, device) -> "Sampler":
         """Autocast in ``precision``'s dtype, channels-last and compilation in ``speed.sample_compile_mode``
@@ -55,21 +50,33 @@ class Sampler:
             return None
         return torch.randint(0, self.num_classes, (num,), generator=generator, device=generator.device)
 
+    def default_plans(self, steps, teacher_steps: int = 18, solver: str = "heun") -> dict[str, dict]:
+        """Named sampling plans: ``k``-step consistency sampling for each k in ``steps``; a denoiser's ODE sampler
+        with ``teacher_steps`` steps of ``solver``."""
+        if not self.param.few_step:
+            return {f"{teacher_steps}step": dict(steps=int(teacher_steps), solver=solver)}
+        return {f"{int(k)}step": dict(steps=int(k)) for k in steps}
+
+    def nfe(self, how: dict) -> int:
+        """Network evaluations per sample: k for k consistency steps, 2n - 1 for n Heun steps, n for Euler."""
+        if not self.param.few_step:
+            return 2 * how["steps"] - 1 if how.get("solver", "heun") == "heun" else how["steps"]
+        return len(how["sigmas"]) if how.get("sigmas") is not None else how["steps"]
+
     @torch.no_grad()
     def __call__(self, num: int, steps: int | None = None, sigmas=None, labels=None, seed: int = 0,
                  device="cpu", solver: str = "heun"):
         """``num`` images in [-1, 1] and their labels (None when unconditional).
 
-        Consistency models take ``steps`` (default 1) or explicit decreasing ``sigmas``; EDM models
-        take ``steps`` of the ODE ``solver`` (default 18 Heun steps, 35 evaluations).
+        Consistency models take ``steps`` (default 1) or explicit decreasing levels ``sigmas`` (the
+        parameterisation's own: sigma for EDM/CM, t for TrigFlow); denoisers take ``steps`` of the ODE
+        ``solver`` (default 18 Heun steps, 35 evaluations).
         """
         g = torch.Generator(device=device).manual_seed(seed)
         z = torch.randn((num, *self.image_shape), generator=g, device=device)
         labels = self.labels(num, g) if labels is None else labels.to(device)
         f = lambda x, s: self.denoise(x, s, labels)  # noqa: E731
-        grid = dict(sigma_min=self.sigma_min, sigma_max=self.sigma_max, rho=self.rho)
-        if self.kind == "edm":
-            return ode_sample(f, z, steps=steps or 18, solver=solver, **grid), labels
-        if sigmas is None:
-            sigmas = default_multistep_sigmas(steps or 1, **grid)
-        return multistep_sample(f, z, sigmas, sigma_min=self.sigma_min, generator=g), labels
+        if not self.param.few_step:
+            return ode_sample(f, z, steps=steps or 18, solver=solver, **self.param.grid), labels
+        levels = self.param.levels(steps or 1) if sigmas is None else sigmas
+        return multistep_sample(f, z, levels, self.param, generator=g), labels

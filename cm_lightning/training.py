@@ -33,6 +33,14 @@ def check_data_matches_net(data, net) -> None:
         )
 
 
+def needs_teacher(model: DictConfig) -> bool:
+    """Whether a model config reads ``model.teacher_ckpt``: to start from the teacher's weights, or because its
+    objective distils the teacher (CD's pair rule, sCD)."""
+    objective = model.get("objective") or {}
+    pair = str((objective.get("pair") or {}).get("_target_", ""))
+    return bool(model.get("init_from_teacher") or objective.get("distill") or pair.endswith("CDTarget"))
+
+
 def wandb_run_id(run_dir) -> str:
     """This run directory's W&B run id, made once and kept in ``<run dir>/wandb_run_id``, so that a resumed
     run (requeued, or started again by hand) goes on logging to the same W&B run."""

@@ -6,8 +6,11 @@ import torch
 
 from cm_lightning.diffusion.distances import L2
 from cm_lightning.diffusion.karras import FixedSchedule
+from cm_lightning.diffusion.objectives.consistency import DiscreteConsistency
+from cm_lightning.diffusion.objectives.denoising import Denoising
+from cm_lightning.diffusion.precond import consistency_function, edm_denoiser
 from cm_lightning.diffusion.targets import CTTarget
-from cm_lightning.modules.consistency import ConsistencyModule
+from cm_lightning.modules.generative import GenerativeModule
 from cm_lightning.nets.adm import ADMUNet
 
 
@@ -25,8 +28,21 @@ def randomise(net: torch.nn.Module, std: float = 0.1) -> torch.nn.Module:
     return net
 
 
-def ct_module(net, mu: float = 0.9, ema_rates=(0.99,), num_scales: int = 10) -> ConsistencyModule:
-    return ConsistencyModule(
-        net=net, target=CTTarget(FixedSchedule(num_scales, mu)), distance=L2(),
-        optimizer=functools.partial(torch.optim.SGD, lr=0.1), ema_rates=ema_rates,
-    )
+def consistency_module(net, pair, distance=None, **kwargs) -> GenerativeModule:
+    objective = DiscreteConsistency(consistency_function(), pair, distance or L2())
+    return GenerativeModule(net=net, objective=objective, **kwargs)
+
+
+def ct_module(net, mu: float = 0.9, ema_rates=(0.99,), num_scales: int = 10) -> GenerativeModule:
+    return consistency_module(
+        net, CTTarget(FixedSchedule(num_scales, mu)),
+        optimizer=functools.partial(torch.optim.SGD, lr=0.1), ema_rates=ema_rates)
+
+
+def edm_module(net, p_std: float = 1.2, **kwargs) -> GenerativeModule:
+    return GenerativeModule(net=net, objective=Denoising(edm_denoiser(), p_std=p_std), **kwargs)
+
+
+def pair_outputs(module: GenerativeModule, x0, labels=None, batch_idx: int = 0):
+    """The discrete consistency objective's (student output, target, t, r) for one batch."""
+    return module.objective.outputs(module.net, module.target_net, x0, labels, module.context(batch_idx))

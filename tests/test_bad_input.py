@@ -30,7 +30,7 @@ def test_teacher_with_another_architecture(edm_run, tmp_path):
 def test_teacher_that_is_not_edm(cd_run, tmp_path):
     err = fails("train.py", "experiment=digits_cd", f"model.teacher_ckpt={cd_run / 'checkpoints/last.ckpt'}",
                 *TINY, "logger=none", f"hydra.run.dir={tmp_path}")
-    assert "'consistency' checkpoint" in err
+    assert "is a consistency model's checkpoint" in err
 
 
 def test_data_path_that_does_not_exist(tmp_path):
@@ -67,7 +67,7 @@ def test_evaluate_missing_checkpoint(tmp_path):
 
 
 def test_unknown_mu_divisor(tmp_path):
-    err = fails("train.py", "experiment=digits_ct", "model.target.schedule.mu_divisor=authors", *TINY, "logger=none",
+    err = fails("train.py", "experiment=digits_ct", "model.objective.pair.schedule.mu_divisor=authors", *TINY, "logger=none",
                 f"hydra.run.dir={tmp_path}")
     assert [line for line in err.splitlines() if "mu_divisor" in line] == [err.strip().splitlines()[-1]]
     assert "mu_divisor='authors'" in err and "'code'" in err

@@ -16,6 +16,7 @@ from cm_lightning.errors import ConfigError
 from helpers import randomise, tiny_net
 
 EPS = 0.002
+PARAM = consistency_function(sigma_min=EPS)
 
 
 def consistency_f(channels=3, num_classes=0, labels=None, seed=0):
@@ -85,7 +86,7 @@ def test_algorithm4_follows_the_formula_step_by_step():
         seen.append((x.clone(), s.clone()))
         return torch.zeros_like(x)
 
-    out = editing.edit(f, y, transform, omega, sigmas, EPS, torch.Generator().manual_seed(0))
+    out = editing.edit(f, y, transform, omega, sigmas, PARAM, torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(0)
     kept = editing.degrade(y, transform, omega)
     z1, z2 = torch.randn(y.shape, generator=g), torch.randn(y.shape, generator=g)
@@ -117,7 +118,7 @@ def test_untrained_model_keeps_the_reference_exactly(case, batch, num_classes):
     labels = torch.arange(batch) % num_classes if num_classes else None
     f = consistency_f(num_classes=num_classes, labels=labels)
     transform, omega = case(y)
-    x = editing.edit(f, y, transform, omega, [80.0, 2.0, 0.5], EPS, torch.Generator().manual_seed(1))
+    x = editing.edit(f, y, transform, omega, [80.0, 2.0, 0.5], PARAM, torch.Generator().manual_seed(1))
     assert x.shape == y.shape
     assert torch.allclose(transform(x) * (1 - omega), transform(y) * (1 - omega), atol=1e-5)
     assert not torch.allclose(transform(x) * omega, transform(y) * omega, atol=1e-2)  # the rest is generated
@@ -125,7 +126,7 @@ def test_untrained_model_keeps_the_reference_exactly(case, batch, num_classes):
 
 def test_keeping_everything_returns_the_reference():
     y = torch.rand(2, 3, 8, 8) * 2 - 1
-    x = editing.edit(consistency_f(), y, Identity(), torch.zeros(1, 1, 8, 8), [80.0], EPS)
+    x = editing.edit(consistency_f(), y, Identity(), torch.zeros(1, 1, 8, 8), [80.0], PARAM)
     assert torch.allclose(x, y, atol=1e-6)
 
 
@@ -133,7 +134,7 @@ def test_interpolation_endpoints_are_the_one_step_samples():
     f = consistency_f()
     g = torch.Generator().manual_seed(0)
     z0, z1 = torch.randn(2, 3, 8, 8, generator=g)
-    frames = editing.interpolate(f, z0, z1, 5, sigma_max=80.0)
+    frames = editing.interpolate(f, z0, z1, 5, PARAM)
     ends = f(80.0 * torch.stack([z0, z1]), torch.full((2,), 80.0)).clamp(-1, 1)
     assert frames.shape == (5, 3, 8, 8)
     assert torch.allclose(frames[0], ends[0], atol=1e-5) and torch.allclose(frames[-1], ends[1], atol=1e-5)
@@ -148,14 +149,14 @@ def test_slerp_by_hand():
 def test_denoising_at_sigma_min_returns_the_input_and_larger_sigma_changes_it():
     f = consistency_f()
     x = torch.rand(3, 3, 8, 8) * 2 - 1
-    assert torch.equal(editing.denoise(f, x, EPS), x)
-    assert not torch.allclose(editing.denoise(f, x, 1.0), x, atol=1e-3)
+    assert torch.equal(editing.denoise(f, x, EPS, PARAM), x)
+    assert not torch.allclose(editing.denoise(f, x, 1.0, PARAM), x, atol=1e-3)
 
 
 def test_stroke_guided_starts_from_the_noised_strokes():
     y, noise = torch.rand(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
     seen = []
-    editing.stroke_guided(lambda x, s: seen.append(x) or x, y, noise, [2.0], EPS)
+    editing.stroke_guided(lambda x, s: seen.append(x) or x, y, noise, [2.0], PARAM)
     assert torch.allclose(seen[0], y + 2.0 * noise)
 
 
@@ -172,13 +173,13 @@ def test_published_default_schedules():
 def test_bad_schedules_and_masks():
     f, y = consistency_f(), torch.zeros(2, 3, 8, 8)
     with pytest.raises(ConfigError, match=r"edit_sigmas=\[2.0, 80.0\].*strictly decreasing"):
-        editing.edit(f, y, Identity(), torch.ones(1, 1, 8, 8), [2.0, 80.0], EPS)
+        editing.edit(f, y, Identity(), torch.ones(1, 1, 8, 8), [2.0, 80.0], PARAM)
     with pytest.raises(ConfigError, match=r"mask has shape \(1, 1, 16, 16\).*\(2, 3, 8, 8\)"):
-        editing.edit(f, y, Identity(), torch.ones(1, 1, 16, 16), [80.0], EPS)
+        editing.edit(f, y, Identity(), torch.ones(1, 1, 16, 16), [80.0], PARAM)
     with pytest.raises(ConfigError, match=r"noise range \[0.002, 80.0\]"):
         editing.check_levels([120.0, 1.0], EPS, 80.0)
     with pytest.raises(ConfigError, match="num=1"):
-        editing.interpolate(f, y[0], y[1], 1)
+        editing.interpolate(f, y[0], y[1], 1, PARAM)
 
 
 def test_colour_digits_are_seeded_rgb_with_visible_luminance():

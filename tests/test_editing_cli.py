@@ -29,7 +29,7 @@ def colour_ckpt(tmp_path_factory):
     out = tmp_path_factory.mktemp("colour")
     tiny = [o for o in TINY if not o.startswith(("trainer.max_steps", "trainer.val_check_interval"))]
     train_here(["experiment=digits_colour_ct", *tiny, "trainer.max_steps=30", "trainer.val_check_interval=30",
-                "model.target.schedule.s1=150", "logger=none"], out)
+                "model.objective.pair.schedule.s1=150", "logger=none"], out)
     return out / "checkpoints/last.ckpt"
 
 
@@ -101,13 +101,13 @@ def test_trained_model_keeps_the_reference_exactly(colour_ckpt, precision):
     colour, patch = ChannelBasis(), PatchBasis(4)
     cases = [(Identity(), box), (colour, colour.keep_first(y.shape)), (patch, patch.keep_first(y.shape))]
     for transform, omega in cases:
-        x = editing.edit(f, y, transform, omega, [80.0, 3.0, 0.5], sampler.sigma_min, torch.Generator().manual_seed(0))
+        x = editing.edit(f, y, transform, omega, [80.0, 3.0, 0.5], sampler.param, torch.Generator().manual_seed(0))
         assert torch.allclose(transform(x) * (1 - omega), transform(y) * (1 - omega), atol=1e-5)
     z0, z1 = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    frames = editing.interpolate(f, z0, z1, 3, sampler.sigma_max)
-    ends = f(sampler.sigma_max * torch.stack([z0, z1]), torch.full((2,), sampler.sigma_max)).clamp(-1, 1)
+    frames = editing.interpolate(f, z0, z1, 3, sampler.param)
+    ends = f(sampler.param.t_max * torch.stack([z0, z1]), torch.full((2,), sampler.param.t_max)).clamp(-1, 1)
     assert torch.allclose(frames[[0, -1]], ends, atol=1e-5)
-    assert torch.equal(editing.denoise(f, y, sampler.sigma_min), y)
+    assert torch.equal(editing.denoise(f, y, sampler.param.t_min, sampler.param), y)
 
 
 def test_default_schedule_is_read_from_the_run(colour_ckpt, cd_run):

@@ -10,6 +10,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from torchvision.models.vgg import cfgs, make_layers
 
+from cm_lightning.training import needs_teacher
 from conftest import ROOT, run_script
 from inprocess import train_here
 from test_data import write_cifar_fixture
@@ -40,21 +41,21 @@ def test_published_settings(name):
     batch, lr, steps, schedule, ema, net, classes = PUBLISHED[name]
     cfg = composed(f"experiment={name}")
     assert cfg.data.batch_size == batch and cfg.model.optimizer.lr == lr and cfg.trainer.max_steps == steps
-    assert {k: cfg.model.target.schedule[k] for k in schedule} == schedule
+    assert {k: cfg.model.objective.pair.schedule[k] for k in schedule} == schedule
     assert list(cfg.model.ema_rates) == ema and cfg.hydra.runtime.choices.net == net
     assert cfg.net.num_classes == classes and cfg.net.dropout == 0.0  # students train without dropout
-    assert cfg.model.distance._target_.endswith("LPIPS") and cfg.model.target.weighting == "uniform"
-    assert cfg.model.distance.pooling == "avg"  # the authors' piq LPIPS(replace_pooling=True)
-    assert cfg.model.noise_kind == ("edm" if net.startswith("ncsnpp") else "adm")
+    assert cfg.model.objective.distance._target_.endswith("LPIPS") and cfg.model.objective.pair.weighting == "uniform"
+    assert cfg.model.objective.distance.pooling == "avg"  # the authors' piq LPIPS(replace_pooling=True)
+    assert cfg.model.objective.parameterisation.noise_kind == ("edm" if net.startswith("ncsnpp") else "adm")
 
 
 def test_published_teachers_and_lsun_cat():
     cfg = composed("experiment=imagenet64_edm")
     assert (cfg.data.batch_size, cfg.model.optimizer.lr, cfg.net.dropout) == (4096, 1e-4, 0.1)
-    assert (cfg.model.p_mean, cfg.model.p_std, list(cfg.model.ema_rates)) == (-1.2, 1.2, IMAGENET_EMA)
+    assert (cfg.model.objective.p_mean, cfg.model.objective.p_std, list(cfg.model.ema_rates)) == (-1.2, 1.2, IMAGENET_EMA)
     assert cfg.net.num_classes == 1000 and cfg.data.num_classes == 1000
     cfg = composed("experiment=cifar10_edm")
-    assert cfg.hydra.runtime.choices.net == "ncsnpp_cifar10" and cfg.model.noise_kind == "edm"
+    assert cfg.hydra.runtime.choices.net == "ncsnpp_cifar10" and cfg.model.objective.parameterisation.noise_kind == "edm"
     cfg = composed("experiment=lsun_cd", "data=lsun_cat")
     assert cfg.data.root.endswith("lsun/cat") and cfg.data._target_.endswith("LSUNDataModule")
 
@@ -102,9 +103,11 @@ def shrink(cfg, disk: dict) -> list[str]:
     if net not in per_net:
         pytest.fail(f"no shrinking overrides for net {net}: add them to shrink() in tests/test_experiments.py")
     out += per_net[net]
-    if "distance" in cfg.model and cfg.model.distance._target_.endswith("LPIPS"):
-        out += [f"model.distance.lin_weights={root / 'lin.pth'}", f"model.distance.vgg_weights={root / 'vgg16.pth'}",
-                f"model.distance.resize_to={size}"]
+    distance = cfg.model.objective.get("distance")
+    if distance is not None and distance._target_.endswith("LPIPS"):
+        key = "model.objective.distance"
+        out += [f"{key}.lin_weights={root / 'lin.pth'}", f"{key}.vgg_weights={root / 'vgg16.pth'}",
+                f"{key}.resize_to={size}"]
     return out
 
 
@@ -126,7 +129,7 @@ def teacher_for(name: str, cfg, disk: dict) -> str:
 def test_experiment_trains_two_steps(name, disk, tmp_path):
     cfg = composed(f"experiment={name}")
     overrides = [f"experiment={name}", *shrink(cfg, disk)]
-    if "teacher_ckpt" in cfg.model:
+    if needs_teacher(cfg.model):
         overrides.append(f"model.teacher_ckpt={teacher_for(name, cfg, disk)}")
     train_here(overrides, tmp_path)
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)

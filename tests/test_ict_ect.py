@@ -17,9 +17,8 @@ from cm_lightning.diffusion.distances import L2
 from cm_lightning.diffusion.karras import ECTSchedule, ICTSchedule, karras_sigmas, lognormal_index_probs
 from cm_lightning.diffusion.targets import ECTTarget, ICTTarget, make_weighting
 from cm_lightning.errors import ConfigError
-from cm_lightning.modules.consistency import ConsistencyModule
 from conftest import ROOT, TINY, run_script
-from helpers import randomise, tiny_net
+from helpers import consistency_module, pair_outputs, randomise, tiny_net
 
 
 def compose_cfg(*overrides: str):
@@ -88,7 +87,7 @@ def test_weightings_hand_computed():
 
 
 def test_ict_pseudo_huber_is_per_image_with_the_published_c():
-    distance = instantiate(compose_cfg("experiment=digits_ict").model.distance)
+    distance = instantiate(compose_cfg("experiment=digits_ict").model.objective.distance)
     x, y = torch.zeros(2, 1, 16, 16), torch.zeros(2, 1, 16, 16)
     y[0] += 0.5  # ||x - y||^2 = 256 * 0.25 = 64
     c = 0.00054 * math.sqrt(256)
@@ -119,8 +118,8 @@ def test_ect_levels_stay_on_the_consistency_function_domain():
     torch.testing.assert_close(t.log().median(), torch.tensor(-1.1), atol=0.05, rtol=0)
 
 
-def ect_module(net) -> ConsistencyModule:
-    return ConsistencyModule(net=net, target=ECTTarget(ECTSchedule(double_every=1)), distance=L2(),
+def ect_module(net):
+    return consistency_module(net, ECTTarget(ECTSchedule(double_every=1)), L2(),
                              optimizer=functools.partial(torch.optim.Adam, lr=1e-3), ema_rates=(0.9,))
 
 
@@ -128,9 +127,9 @@ def test_r_zero_makes_the_target_exactly_x0():
     torch.manual_seed(0)
     module = ect_module(randomise(tiny_net()))
     assert module.target_net is None  # the online network is the target
-    module.target.sample_levels = lambda step, num, g: (torch.full((num,), 1.0), torch.tensor([0.0, 0.5, 0.0, 0.5]))
+    module.objective.pair.sample_levels = lambda step, num, g: (torch.full((num,), 1.0), torch.tensor([0.0, 0.5, 0.0, 0.5]))
     x0 = torch.randn(4, 1, 8, 8)
-    _, target, _, r = module.consistency_pair(x0, None, batch_idx=0)
+    _, target, _, r = pair_outputs(module, x0)
     assert torch.equal(target[r == 0], x0[r == 0])
     assert not torch.allclose(target[r > 0], x0[r > 0])
 
@@ -173,15 +172,15 @@ def test_ect_with_another_architecture(edm_run):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("model.target.schedule.s0=2000", "s0=2000, s1=80"),
-    ("model.target.p_std=0", "p_std=0"),
-    ("model.target.p_std=-1.5", "p_std=-1.5"),
-    ("model.distance.c_scale=0", "c_scale=0"),
-    ("model.target.index_sampling=normal", "'normal'"),
+    ("model.objective.pair.schedule.s0=2000", "s0=2000, s1=80"),
+    ("model.objective.pair.p_std=0", "p_std=0"),
+    ("model.objective.pair.p_std=-1.5", "p_std=-1.5"),
+    ("model.objective.distance.c_scale=0", "c_scale=0"),
+    ("model.objective.pair.index_sampling=normal", "'normal'"),
 ])
 def test_ict_bad_values_name_themselves(override, message):
     cfg = compose_cfg("experiment=digits_ict", override)
-    assert message in build_error(cfg.model.distance if "distance" in override else cfg.model.target)
+    assert message in build_error(cfg.model.objective.distance if "distance" in override else cfg.model.objective.pair)
 
 
 def test_ect_bad_values_name_themselves():
@@ -203,7 +202,7 @@ def test_ict_curriculum_survives_resume(tmp_path):
     # s0 = 10, s1 = 80, K = 8: K' = floor(8 / (log2 8 + 1)) = 2, so N = 11, 11, 21, 21, 41, 41, 81, 81.
     tiny = [o for o in TINY if not o.startswith("trainer.max_steps")]
     first, resumed = tmp_path / "first", tmp_path / "resumed"
-    common = ["experiment=digits_ict", *tiny, "model.target.schedule.s1=80", "model.target.schedule.total_steps=8",
+    common = ["experiment=digits_ict", *tiny, "model.objective.pair.schedule.s1=80", "model.objective.pair.schedule.total_steps=8",
               "logger=csv"]
     run_script("train.py", *common, "trainer.max_steps=4", f"hydra.run.dir={first}")
     run_script("train.py", *common, "trainer.max_steps=8", f"ckpt_path={first / 'checkpoints/last.ckpt'}",
@@ -218,15 +217,15 @@ def test_ict_curriculum_survives_resume(tmp_path):
 def test_cifar10_experiments_compose_with_the_published_settings():
     ict = compose_cfg("experiment=cifar10_ict")
     assert ict.data.batch_size == 1024 and ict.net.dropout == 0.3 and ict.model.optimizer.lr == 1e-4
-    target = instantiate(ict.model.target)
+    target = instantiate(ict.model.objective.pair)
     assert isinstance(target, ICTTarget) and target.uses_online_target
     assert target.schedule.total_steps == 400_000 and target.state(0) == {"num_scales": 11, "mu": 0.0}
     assert target.state(400_000)["num_scales"] == 1281
-    assert instantiate(ict.model.distance).c(torch.zeros(1, 3, 32, 32)) == pytest.approx(0.00054 * math.sqrt(3072))
+    assert instantiate(ict.model.objective.distance).c(torch.zeros(1, 3, 32, 32)) == pytest.approx(0.00054 * math.sqrt(3072))
 
     ect = compose_cfg("experiment=cifar10_ect")
     assert ect.data.batch_size == 128 and ect.net.dropout == 0.2 and ect.model.init_from_teacher
     assert list(ect.callbacks.sample_grid.sigmas) == [[80.0, 0.821]]
-    target = instantiate(ect.model.target)
+    target = instantiate(ect.model.objective.pair)
     assert isinstance(target, ECTTarget) and target.state(199_999) == {"stage": 7, "mu": 0.0}
     assert instantiate(ict.net).image_size == 32

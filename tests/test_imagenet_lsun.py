@@ -184,7 +184,7 @@ def fails(*overrides) -> str:
 
 def test_user_path_bad_data(tmp_path):
     shrink = ["data.image_size=16", "net.image_size=16", "net.model_channels=16", "net.channel_mult=[1,2]",
-              "net.attention_resolutions=[8]", "net.num_head_channels=16", "model/distance=l2",
+              "net.attention_resolutions=[8]", "net.num_head_channels=16", "model/objective/distance=l2",
               f"hydra.run.dir={tmp_path / 'run'}"]
     write_imagenet_batches(tmp_path / "in8", size=8)
     err = fails("experiment=imagenet64_ct", f"data.root={tmp_path / 'in8'}", *shrink)

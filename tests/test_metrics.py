@@ -16,7 +16,9 @@ from torch.utils.data import Dataset
 from torch_fidelity import feature_extractor_inceptionv3 as inception
 
 from cm_lightning import evaluation
-from cm_lightning.callbacks.metrics import Metrics, nfe
+from cm_lightning.callbacks.metrics import Metrics
+from cm_lightning.diffusion.precond import consistency_function, edm_denoiser
+from cm_lightning.sampler import Sampler
 from cm_lightning.checkpoints import sampler_from_checkpoint
 from cm_lightning.cli import register_resolvers
 from cm_lightning.data.digits import DigitsDataModule, digits_tensor
@@ -156,8 +158,9 @@ def test_samples_match_evaluate_sample_and_nfe_counts(edm_run):
     images = sample_shard(sampler, 5, 2, 3, "cpu", steps=2)
     reference, _ = evaluation.sample_batched(sampler, 5, 2, 3, "cpu", steps=2)
     assert torch.equal(images, to_uint8(reference))
-    assert nfe("edm", dict(steps=18)) == 35 and nfe("edm", dict(steps=18, solver="euler")) == 18
-    assert nfe("consistency", dict(steps=2)) == 2 and nfe("consistency", dict(sigmas=[80.0, 0.8])) == 2
+    teacher, student = Sampler(None, edm_denoiser()), Sampler(None, consistency_function())
+    assert teacher.nfe(dict(steps=18)) == 35 and teacher.nfe(dict(steps=18, solver="euler")) == 18
+    assert student.nfe(dict(steps=2)) == 2 and student.nfe(dict(sigmas=[80.0, 0.8])) == 2
 
 
 # --- the user's paths ------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ CASES = [(13, 4), (3, 4)]  # (num, batch): uneven shares; a single chunk leaves 
 
 def random_sampler() -> Sampler:
     torch.manual_seed(0)
-    return Sampler(randomise(tiny_net(image_size=8), std=0.05), consistency_function(), "consistency")
+    return Sampler(randomise(tiny_net(image_size=8), std=0.05), consistency_function())
 
 
 def fidelity() -> Fidelity:

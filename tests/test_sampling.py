@@ -1,9 +1,9 @@
 import pytest
 import torch
 
+from cm_lightning.diffusion.precond import consistency_function
 from cm_lightning.diffusion.sampling import (
     check_decreasing,
-    default_multistep_sigmas,
     multistep_sample,
     ode_sample,
     sigmas_from_indices,
@@ -21,8 +21,8 @@ def test_sigmas_from_the_authors_indices():
 
 
 def test_default_multistep_levels():
-    assert default_multistep_sigmas(1) == [pytest.approx(80.0)]
-    two = default_multistep_sigmas(2)
+    assert consistency_function().levels(1) == [pytest.approx(80.0)]
+    two = consistency_function().levels(2)
     assert two[0] == pytest.approx(80.0) and 0.002 < two[1] < 80.0
 
 
@@ -41,7 +41,7 @@ def test_multistep_follows_algorithm_1():
 
     z = torch.randn(3, 1, 4, 4)
     g = torch.Generator().manual_seed(0)
-    multistep_sample(f, z, [80.0, 2.0], sigma_min=0.002, generator=g)
+    multistep_sample(f, z, [80.0, 2.0], consistency_function(), generator=g)
     torch.testing.assert_close(calls[0][0], 80.0 * z)
     torch.testing.assert_close(calls[0][1], torch.full((3,), 80.0))
     expected_noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(0))

@@ -86,11 +86,11 @@ def test_compiled_student_and_target_draw_the_same_dropout_masks():
     fast = prepared(Speed(channels_last=True, compile=True), dropout=0.3)
     x, sigma = torch.rand(4, 1, 8, 8), torch.full((4,), 1.0)
     fast.seed_dropout(0)
-    student = fast.precond(fast.net, x, sigma)
+    student = fast.parameterisation(fast.net, x, sigma)
     with torch.inference_mode():
         fast.seed_dropout(0)
-        target = fast.precond(fast.target_net, x, sigma)
-        other = fast.precond(fast.target_net, x, sigma)  # the next masks of the generator
+        target = fast.parameterisation(fast.target_net, x, sigma)
+        other = fast.parameterisation(fast.target_net, x, sigma)  # the next masks of the generator
     torch.testing.assert_close(student.detach(), target, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(target, other)
 
@@ -105,7 +105,7 @@ def test_bf16_mixed_training_keeps_the_teacher_in_bf16_and_the_weights_in_fp32(t
     model, data = instantiate(cfg.model), instantiate(cfg.data, seed=0)
     trainer = cpu_trainer(max_steps=2, precision="bf16-mixed", limit_val_batches=0)
     trainer.fit(model, datamodule=data)
-    assert next(model.target.teacher.net.parameters()).dtype == torch.bfloat16
+    assert next(model.objective.pair.teacher.net.parameters()).dtype == torch.bfloat16
     assert {p.dtype for p in model.net.parameters()} == {torch.float32}
     assert {p.dtype for p in model.target_net.parameters()} == {torch.float32}
     assert math.isfinite(float(trainer.callback_metrics["train/loss"]))
@@ -149,9 +149,9 @@ def test_sampler_speed_up_samples_the_same_images_to_bf16_tolerance():
 
     torch.manual_seed(0)
     net = randomise(tiny_net(), std=0.05).eval()
-    plain = Sampler(net, consistency_function(), "consistency")
+    plain = Sampler(net, consistency_function())
     reference, _ = plain(8, steps=2, seed=3)
-    fast = Sampler(net, consistency_function(), "consistency").speed_up(
+    fast = Sampler(net, consistency_function()).speed_up(
         Speed(channels_last=True, compile=False), "bf16-mixed", torch.device("cpu"))
     assert fast.amp == torch.bfloat16 and not fast.cuda_graphs
     images, _ = fast(8, steps=2, seed=3)

@@ -2,7 +2,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from helpers import ct_module, randomise, tiny_net
+from helpers import ct_module, edm_module, pair_outputs, randomise, tiny_net
 
 
 def test_student_and_target_see_the_same_dropout_mask():
@@ -10,13 +10,13 @@ def test_student_and_target_see_the_same_dropout_mask():
     module = ct_module(randomise(tiny_net(dropout=0.5)))
     module.train()
     # With r = t the target's input equals the student's, so only the dropout masks could differ.
-    module.target.sample_levels = lambda step, num, g: (torch.full((num,), 2.0), torch.full((num,), 2.0))
+    module.objective.pair.sample_levels = lambda step, num, g: (torch.full((num,), 2.0), torch.full((num,), 2.0))
     x0 = torch.randn(4, 1, 8, 8)
-    student, target, t, r = module.consistency_pair(x0, None, batch_idx=0)
+    student, target, t, r = pair_outputs(module, x0)
     assert torch.equal(student.detach(), target)
     # The test would catch differing masks: two unseeded forwards differ.
-    a = module.precond(module.net, x0, t)
-    b = module.precond(module.net, x0, t)
+    a = module.parameterisation(module.net, x0, t)
+    b = module.parameterisation(module.net, x0, t)
     assert not torch.equal(a, b)
 
 
@@ -65,10 +65,8 @@ def test_one_trainer_step_moves_the_target_by_mu():
 def test_class_conditional_edm_trains_and_samples_with_labels():
     import functools
 
-    from cm_lightning.modules.edm import EDMModule
-
     torch.manual_seed(0)
-    module = EDMModule(net=tiny_net(num_classes=10), optimizer=functools.partial(torch.optim.Adam, lr=1e-3),
+    module = edm_module(tiny_net(num_classes=10), optimizer=functools.partial(torch.optim.Adam, lr=1e-3),
                        ema_rates=(0.9,))
     data = DataLoader(TensorDataset(torch.randn(8, 1, 8, 8), torch.arange(8) % 10), batch_size=4)
     trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -86,7 +84,5 @@ def test_edm_rejects_non_positive_p_std():
 
     import pytest
 
-    from cm_lightning.modules.edm import EDMModule
-
     with pytest.raises(ValueError, match="p_std=0"):
-        EDMModule(net=tiny_net(), optimizer=functools.partial(torch.optim.Adam), p_std=0)
+        edm_module(tiny_net(), optimizer=functools.partial(torch.optim.Adam), p_std=0)

@@ -27,13 +27,6 @@ log = logging.getLogger(__name__)
 TABLE_KEY = "metrics/fid_vs_nfe"
 
 
-def nfe(kind: str, how: dict) -> int:
-    """Network evaluations per sample: k for k consistency steps, 2n - 1 for n Heun steps, n for Euler."""
-    if kind == "edm":
-        return 2 * how["steps"] - 1 if how.get("solver", "heun") == "heun" else how["steps"]
-    return len(how["sigmas"]) if how.get("sigmas") is not None else how["steps"]
-
-
 def log_results(loggers, results: dict[str, dict], step: int, rows: list) -> None:
     """``results``: {sampling name: {"nfe": ..., "fid": ..., ...}}; ``rows`` accumulates the W&B table."""
     metrics = [m for m in dict.fromkeys(NAMES.values()) if any(m in r for r in results.values())]
@@ -66,11 +59,6 @@ class Metrics(L.Callback):
         self.measured_step = None
         self.rows: list = []
 
-    def schedules(self, kind: str) -> dict[str, dict]:
-        if kind == "edm":
-            return {f"{self.teacher_steps}step": dict(steps=self.teacher_steps)}
-        return {f"{k}step": dict(steps=k) for k in self.steps}
-
     def setup(self, trainer, pl_module, stage):
         if stage != "fit":
             return
@@ -87,11 +75,11 @@ class Metrics(L.Callback):
             # Read (or computed and cached) on first use: runs that never measure leave the cache alone.
             self.reference = self.source.load(self.fidelity, self.cache_dir, module.device)
         sampler, results = module.sampler(), {}
-        for name, how in self.schedules(module.kind).items():
+        for name, how in sampler.default_plans(self.steps, self.teacher_steps).items():
             features = sharded_features(sampler, self.fidelity, self.num, self.batch_size, self.seed, module.device,
                                         **how)
             if trainer.is_global_zero:
-                results[name] = {"nfe": nfe(module.kind, how), **self.fidelity.compute(features, self.reference)}
+                results[name] = {"nfe": sampler.nfe(how), **self.fidelity.compute(features, self.reference)}
         if trainer.is_global_zero:
             log_results(trainer.loggers, results, trainer.global_step, self.rows)
             self.write_json(trainer, results)

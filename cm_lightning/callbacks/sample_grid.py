@@ -29,11 +29,11 @@ class SampleGrid(L.Callback):
         self.num, self.steps, self.teacher_steps, self.seed = num, list(steps), teacher_steps, seed
         self.sigmas = [check_decreasing(s, "callbacks.sample_grid.sigmas entry") for s in (sigmas or [])]
 
-    def schedules(self, kind: str) -> dict:
-        if kind == "edm":
-            return {f"{self.teacher_steps}step": dict(steps=self.teacher_steps)}
-        named = {f"{k}step": dict(steps=k) for k in self.steps}
-        named.update({f"sigmas{i}": dict(sigmas=s) for i, s in enumerate(self.sigmas)})
+    def plans(self, sampler) -> dict:
+        named = sampler.default_plans(self.steps, self.teacher_steps)
+        if sampler.param.few_step:  # EDM's sigmas, as the parameterisation's levels
+            named.update({f"sigmas{i}": dict(sigmas=[sampler.param.from_sigma(v) for v in s])
+                          for i, s in enumerate(self.sigmas)})
         return named
 
     @torch.no_grad()
@@ -44,7 +44,7 @@ class SampleGrid(L.Callback):
         out = Path(trainer.default_root_dir) / "samples"
         out.mkdir(parents=True, exist_ok=True)
         paths = []
-        for name, how in self.schedules(module.kind).items():
+        for name, how in self.plans(sampler).items():
             images, _ = sampler(self.num, seed=self.seed, device=module.device, **how)
             grid = image_grid(images)
             path = out / f"{tag}_{name}.png"

@@ -1,9 +1,10 @@
 """Zero-shot editing with a consistency function f(x, sigma) (CM paper, Section 6 and Algorithm 4).
 
-Every routine runs the same chain: evaluate f at a noise level, clamp to [-1, 1] as the authors'
-samplers do, optionally project back onto the constraint, and re-noise to the next level with
-sqrt(sigma_n^2 - eps^2) fresh noise (CM Algorithm 1). ``f`` takes a per-sample sigma of shape (B,);
-bind class labels into it (``lambda x, s: sampler.denoise(x, s, labels)``).
+Every routine runs the same chain (``sampling.consistency_chain``): evaluate f at a noise level, clamp to
+[-1, 1] as the authors' samplers do, optionally project back onto the constraint, and re-noise to the next
+level (CM Algorithm 1, through the parameterisation ``param``: sqrt(sigma_n^2 - eps^2) fresh noise for EDM/CM,
+cos/sin mixing for TrigFlow). Levels are the parameterisation's own (sigma, or TrigFlow's t). ``f`` takes a
+per-sample level of shape (B,); bind class labels into it (``lambda x, s: sampler.denoise(x, s, labels)``).
 
 Algorithm 4 (y the reference, A orthogonal, Omega = 1 where A x is to be generated):
 
@@ -12,11 +13,9 @@ Algorithm 4 (y the reference, A orthogonal, Omega = 1 where A x is to be generat
 so (A x)(1 - Omega) = (A y)(1 - Omega) holds exactly for the output.
 """
 
-import math
-
 import torch
 
-from cm_lightning.diffusion.sampling import check_decreasing, sigmas_from_indices
+from cm_lightning.diffusion.sampling import check_decreasing, consistency_chain, sigmas_from_indices
 from cm_lightning.errors import ConfigError
 
 # The authors' published multistep settings (launch.sh; ternary-searched midpoints): ts indices into a
@@ -47,22 +46,6 @@ def check_levels(sigmas, sigma_min: float, sigma_max: float, what: str = "edit_s
     return sigmas
 
 
-def consistency_chain(f, x, sigmas, sigma_min: float = 0.002, generator=None, project=None, clip: bool = True):
-    """CM Algorithm 1 from a state ``x`` already at noise level sigmas[0], with an optional projection
-    after every evaluation (the replacement step of Algorithm 4)."""
-    ones = torch.ones(x.shape[0], device=x.device)
-    for i, s in enumerate(sigmas):
-        if i:
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            x = x + math.sqrt(s**2 - sigma_min**2) * noise
-        x = f(x, s * ones)
-        if clip:
-            x = x.clamp(-1, 1)
-        if project is not None:
-            x = project(x)
-    return x
-
-
 def check_mask(omega: torch.Tensor, y: torch.Tensor) -> None:
     try:
         torch.broadcast_shapes(omega.shape, y.shape)
@@ -79,34 +62,35 @@ def degrade(y: torch.Tensor, transform, omega: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def edit(f, y: torch.Tensor, transform, omega: torch.Tensor, sigmas, sigma_min: float = 0.002,
-         generator=None, clip: bool = True) -> torch.Tensor:
+def edit(f, y: torch.Tensor, transform, omega: torch.Tensor, levels, param, generator=None,
+         clip: bool = True) -> torch.Tensor:
     """CM Algorithm 4 for an orthogonal ``transform`` (A and its transpose A.inverse) and mask ``omega``."""
     check_mask(omega, y)
-    sigmas = check_decreasing(sigmas, "edit_sigmas")
+    levels = check_decreasing(levels, "edit_sigmas")
     omega = omega.to(y)
     kept = transform(y) * (1 - omega)
     x = transform.inverse(kept)
-    x = x + sigmas[0] * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    x = param.add_noise(x, torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype), levels[0])
 
     def replace(x):
         return transform.inverse(kept + transform(x) * omega)
 
-    return consistency_chain(f, x, sigmas, sigma_min, generator, replace, clip)
+    return consistency_chain(f, x, levels, param, generator, replace, clip)
 
 
 @torch.no_grad()
-def stroke_guided(f, strokes: torch.Tensor, noise: torch.Tensor, sigmas, sigma_min: float = 0.002,
-                  generator=None) -> torch.Tensor:
-    """SDEdit with a consistency model (CM Section 6): start from the stroke painting at sigmas[0]."""
-    sigmas = check_decreasing(sigmas, "sigma")
-    return consistency_chain(f, strokes + sigmas[0] * noise, sigmas, sigma_min, generator)
+def stroke_guided(f, strokes: torch.Tensor, noise: torch.Tensor, levels, param, generator=None) -> torch.Tensor:
+    """SDEdit with a consistency model (CM Section 6): start from the stroke painting noised to levels[0]."""
+    levels = check_decreasing(levels, "sigma")
+    return consistency_chain(f, param.add_noise(strokes, noise, levels[0]), levels, param, generator)
 
 
 @torch.no_grad()
-def denoise(f, noisy: torch.Tensor, sigma: float) -> torch.Tensor:
-    """An image with Gaussian noise of known ``sigma``, denoised in one evaluation: f(x, sigma)."""
-    return consistency_chain(f, noisy, check_decreasing([sigma], "sigma"))
+def denoise(f, noisy: torch.Tensor, sigma: float, param) -> torch.Tensor:
+    """An image x0 + sigma z with noise of known ``sigma`` (EDM's scaling), denoised in one evaluation at the
+    parameterisation's level for sigma."""
+    t = param.from_sigma(check_decreasing([sigma], "sigma")[0])
+    return consistency_chain(f, param.from_edm(noisy, t), [t], param)
 
 
 def slerp(z0: torch.Tensor, z1: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
@@ -118,9 +102,9 @@ def slerp(z0: torch.Tensor, z1: torch.Tensor, alpha: torch.Tensor) -> torch.Tens
 
 
 @torch.no_grad()
-def interpolate(f, z0: torch.Tensor, z1: torch.Tensor, num: int, sigma_max: float = 80.0) -> torch.Tensor:
-    """``num`` one-step samples f(sigma_max z, sigma_max) along the great circle from z0 to z1 (C, H, W)."""
+def interpolate(f, z0: torch.Tensor, z1: torch.Tensor, num: int, param) -> torch.Tensor:
+    """``num`` one-step samples from t_max along the great circle from z0 to z1 (C, H, W)."""
     if num < 2:
         raise ConfigError(f"num={num}: interpolation needs at least the two end frames (num >= 2)")
     z = slerp(z0, z1, torch.linspace(0, 1, num))
-    return consistency_chain(f, sigma_max * z, [sigma_max])
+    return consistency_chain(f, param.add_noise(torch.zeros_like(z), z, param.t_max), [param.t_max], param)

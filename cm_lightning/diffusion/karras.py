@@ -78,12 +78,12 @@ class CMAdaptiveSchedule:
             raise ValueError(f"total_steps={self.total_steps}: must be positive (set it to trainer.max_steps)")
         if self.mu_divisor not in _MU_DIVISOR_OFFSET:
             raise ConfigError(
-                f"model.target.schedule.mu_divisor={self.mu_divisor!r}: use 'paper' (N(k), the CM paper) or "
-                "'code' (N(k) - 1, the authors' implementation)"
+                f"model.objective.pair.schedule.mu_divisor={self.mu_divisor!r}: use 'paper' (N(k), the CM paper) "
+                "or 'code' (N(k) - 1, the authors' implementation)"
             )
         if self.mu_divisor == "code" and self.s0 < 2:
-            raise ConfigError(f"model.target.schedule: s0={self.s0} with mu_divisor=code divides by N(0) - 1 = 0; "
-                              "set s0 >= 2 or mu_divisor=paper")
+            raise ConfigError(f"model.objective.pair.schedule: s0={self.s0} with mu_divisor=code divides by "
+                              "N(0) - 1 = 0; set s0 >= 2 or mu_divisor=paper")
 
     def num_scales(self, step: int) -> int:
         k = min(step, self.total_steps)
@@ -113,13 +113,13 @@ class ICTSchedule:
     def __post_init__(self):
         if not 1 <= self.s0 <= self.s1:
             raise ConfigError(
-                f"model.target.schedule: s0={self.s0}, s1={self.s1}; the curriculum doubles N from s0 up to s1, "
+                f"model.objective.pair.schedule: s0={self.s0}, s1={self.s1}; the curriculum doubles N from s0 up to s1, "
                 "so it needs 1 <= s0 <= s1 (published: s0=10, s1=1280)"
             )
         if not 0.0 <= self.mu < 1.0:
-            raise ConfigError(f"model.target.schedule.mu={self.mu}: the target EMA rate must lie in [0, 1) (iCT: 0)")
+            raise ConfigError(f"model.objective.pair.schedule.mu={self.mu}: the target EMA rate must lie in [0, 1) (iCT: 0)")
         if self.total_steps < 1:
-            raise ConfigError(f"model.target.schedule.total_steps={self.total_steps}: must be positive")
+            raise ConfigError(f"model.objective.pair.schedule.total_steps={self.total_steps}: must be positive")
 
     @property
     def steps_per_doubling(self) -> int:
@@ -162,11 +162,11 @@ class ECTSchedule:
 
     def __post_init__(self):
         if not self.q > 1:
-            raise ConfigError(f"model.target.schedule.q={self.q}: t - r shrinks by q per stage, so q must exceed 1")
+            raise ConfigError(f"model.objective.pair.schedule.q={self.q}: t - r shrinks by q per stage, so q must exceed 1")
         if self.k < 0 or self.b < 0:
-            raise ConfigError(f"model.target.schedule: k={self.k}, b={self.b}; both must be non-negative (8, 1)")
+            raise ConfigError(f"model.objective.pair.schedule: k={self.k}, b={self.b}; both must be non-negative (8, 1)")
         if self.double_every < 1:
-            raise ConfigError(f"model.target.schedule.double_every={self.double_every}: must be a positive step count")
+            raise ConfigError(f"model.objective.pair.schedule.double_every={self.double_every}: must be a positive step count")
 
     def stage(self, step: int) -> int:
         return step // self.double_every

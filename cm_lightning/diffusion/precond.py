@@ -1,22 +1,26 @@
-"""Preconditioning around a backbone F: the EDM denoiser and the consistency function.
+"""Parameterisations: how noise is added to an image and how a backbone F becomes a denoised image or a
+consistency output. Samplers, editing, metrics and evaluate.py talk to this interface, never to a method:
 
-Both are  out(x, sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x, c_noise(sigma))
-with (CM paper, Appendix C; EDM, Table 1 when eps = 0):
+    __call__(net, x, t, labels)  the denoiser D(x_t, t) or the consistency function f(x_t, t)
+    few_step                     True: a consistency function (CM Algorithm 1); False: a denoiser (ODE sampler)
+    add_noise(x0, z, t)          x_t from a clean image and standard normal noise z
+    renoise(x, t, z)             a clean estimate taken back to level t (the re-noising of CM Algorithm 1)
+    levels(steps)                the default noise levels of a ``steps``-step sampler, decreasing
+    from_sigma(sigma)            the level whose noise equals EDM's sigma (user-given sigmas, the ts grids)
+    from_edm(x_sigma, t)         an image x0 + sigma z in EDM's scaling, as this parameterisation's x_t
+    t_min, t_max                 the range of levels the model is defined on
 
-    c_skip  = sigma_data^2 / ((sigma - eps)^2 + sigma_data^2)
-    c_out   = (sigma - eps) sigma_data / sqrt(sigma^2 + sigma_data^2)
-    c_in    = 1 / sqrt(sigma^2 + sigma_data^2)
-    c_noise = 1000 * 0.25 * ln(sigma + 1e-44)   (ADM-style embedding, the authors' PyTorch code)
-            | 0.25 * ln(sigma)                 (EDM)
-
-With eps = sigma_min the consistency function satisfies f(x, sigma_min) = x exactly, because
-c_skip = 1 and c_out = 0 there; with eps = 0 it is the EDM denoiser D(x, sigma).
+Each is stored in checkpoints by ``name`` with its fields (``to_meta``) and rebuilt by ``from_meta``.
 """
 
-from dataclasses import dataclass
+import math
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+
+from cm_lightning.diffusion.karras import karras_sigmas
+from cm_lightning.errors import ConfigError
 
 
 def c_noise(sigma: torch.Tensor, kind: str = "adm") -> torch.Tensor:
@@ -25,7 +29,7 @@ def c_noise(sigma: torch.Tensor, kind: str = "adm") -> torch.Tensor:
         return 1000 * 0.25 * torch.log(sigma + 1e-44)
     if kind == "edm":
         return 0.25 * torch.log(sigma)
-    raise ValueError(f"c_noise kind={kind!r} is unknown; use 'adm' or 'edm'")
+    raise ConfigError(f"noise_kind={kind!r} is unknown; use 'adm' or 'edm'")
 
 
 def scalings(sigma: torch.Tensor, sigma_data: float, eps: float):
@@ -36,17 +40,33 @@ def scalings(sigma: torch.Tensor, sigma_data: float, eps: float):
     return c_skip, c_out, c_in
 
 
+def _bcast(v, x: torch.Tensor) -> torch.Tensor:
+    """A per-sample level (B,) or a float, shaped to broadcast against images (B, C, H, W)."""
+    if not torch.is_tensor(v):
+        return float(v)
+    return v.to(torch.float32).reshape(-1, *([1] * (x.ndim - 1)))
+
+
 @dataclass(frozen=True)
 class Precond:
-    """Applies the preconditioning to any backbone ``net(x, noise_labels, class_labels)``.
+    """EDM's preconditioning and the CM consistency function (CM paper, Appendix C; EDM, Table 1 with eps = 0):
 
-    Kept apart from the network so that the student, target, EMA copies and the teacher are
-    plain backbones and one set of formulas serves them all.
+        out(x, sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x, c_noise(sigma))
+        c_skip = sigma_data^2 / ((sigma - eps)^2 + sigma_data^2),  c_out = (sigma - eps) sigma_data / sqrt(sigma^2 + sigma_data^2)
+        c_in = 1 / sqrt(sigma^2 + sigma_data^2),  c_noise = 1000 * 0.25 ln(sigma + 1e-44) (adm) | 0.25 ln(sigma) (edm)
+
+    With eps = sigma_min, f(x, sigma_min) = x exactly (c_skip = 1, c_out = 0): a consistency function. With
+    eps = 0 it is the EDM denoiser D(x, sigma). x_sigma = x0 + sigma z; sigma_min, sigma_max and rho span the
+    Karras grids of the samplers.
     """
 
+    name = "karras"
     sigma_data: float = 0.5
     eps: float = 0.002
     noise_kind: str = "adm"
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0
 
     def __call__(self, net: nn.Module, x: torch.Tensor, sigma: torch.Tensor, labels=None) -> torch.Tensor:
         sigma = sigma.to(torch.float32).reshape(-1, *([1] * (x.ndim - 1)))
@@ -55,12 +75,153 @@ class Precond:
         F = net(c_in * x, c_noise(sigma.flatten(), self.noise_kind), labels)
         return c_skip * x + c_out * F.to(torch.float32)
 
+    @property
+    def few_step(self) -> bool:
+        return self.eps > 0
 
-def edm_denoiser(sigma_data: float = 0.5, noise_kind: str = "adm") -> Precond:
+    @property
+    def t_min(self) -> float:
+        return self.sigma_min
+
+    @property
+    def t_max(self) -> float:
+        return self.sigma_max
+
+    @property
+    def grid(self) -> dict:
+        return dict(sigma_min=self.sigma_min, sigma_max=self.sigma_max, rho=self.rho)
+
+    def add_noise(self, x0, z, t):
+        return x0 + _bcast(t, x0) * z
+
+    def renoise(self, x, t, z):
+        """CM Algorithm 1: x + sqrt(t^2 - eps^2) z."""
+        t = _bcast(t, x)
+        return x + (t**2 - self.sigma_min**2) ** 0.5 * z
+
+    def levels(self, steps: int) -> list[float]:
+        """The first ``steps`` levels of a descending Karras grid of steps + 1 points (1 step: [sigma_max])."""
+        if steps < 1:
+            raise ConfigError(f"steps={steps}: sampling needs at least one step")
+        return karras_sigmas(steps + 1, **self.grid).flip(0)[:steps].tolist()
+
+    def from_sigma(self, sigma: float) -> float:
+        return float(sigma)
+
+    def from_edm(self, x_sigma, t):
+        return x_sigma
+
+    def to_meta(self) -> dict:
+        return {"name": self.name, **asdict(self)}
+
+
+def edm_denoiser(sigma_data: float = 0.5, noise_kind: str = "adm", **grid) -> Precond:
     """D_phi(x, sigma) of EDM: the consistency parameterisation with eps = 0."""
-    return Precond(sigma_data=sigma_data, eps=0.0, noise_kind=noise_kind)
+    return Precond(sigma_data=sigma_data, eps=0.0, noise_kind=noise_kind, **grid)
 
 
-def consistency_function(sigma_data: float = 0.5, sigma_min: float = 0.002, noise_kind: str = "adm") -> Precond:
+def consistency_function(sigma_data: float = 0.5, sigma_min: float = 0.002, noise_kind: str = "adm",
+                         **grid) -> Precond:
     """f_theta(x, sigma) of the CM paper, with f(x, sigma_min) = x by construction."""
-    return Precond(sigma_data=sigma_data, eps=sigma_min, noise_kind=noise_kind)
+    return Precond(sigma_data=sigma_data, eps=sigma_min, noise_kind=noise_kind, sigma_min=sigma_min, **grid)
+
+
+@dataclass(frozen=True)
+class TrigFlow:
+    """TrigFlow (sCM, Lu & Song 2025, Section 3 and eq. 8): x_t = cos(t) x0 + sin(t) z with z ~ N(0, sigma_d^2 I),
+    t in [0, pi/2], and
+
+        f(x_t, t) = cos(t) x_t - sin(t) sigma_d F(x_t / sigma_d, c_noise(t))
+
+    so f(x, 0) = x exactly. The same formula is TrigFlow's denoiser, and sigma_d F is the PF-ODE velocity
+    dx_t/dt. EDM's sigma corresponds to t = arctan(sigma / sigma_d), and x_t = cos(t) (x0 + sigma eps).
+    Sampling starts at t_max = arctan(sigma_max / sigma_d); two steps go through ``t_mid`` (1.1, Section 5).
+
+    ``noise_kind``: ``t`` feeds c_noise(t) = time_scale * t (sCM's identity time transformation). ``adm`` or
+    ``edm`` feed EDM's c_noise(sigma_d tan t) of that kind and negate the output: then F is exactly an EDM
+    network's backbone (EDM's c_in x_sigma equals x_t / sigma_d, c_skip = cos^2 t and c_out = sigma_d sin t), so
+    a student initialised from an EDM teacher starts as that teacher (sCD).
+    """
+
+    name = "trigflow"
+    sigma_data: float = 0.5
+    sigma_max: float = 80.0
+    t_mid: float = 1.1
+    noise_kind: str = "t"
+    time_scale: float = 1.0
+    sigma_min: float = 0.002  # the Karras grids of ts= indices and of k > 2 steps start here
+    rho: float = 7.0
+    few_step = True
+
+    def __post_init__(self):
+        if self.noise_kind not in ("t", "adm", "edm"):
+            raise ConfigError(f"noise_kind={self.noise_kind!r} is unknown for TrigFlow; use t (sCM), adm or edm "
+                              "(an EDM network's conditioning)")
+        if not 0 < self.t_mid < self.t_max:
+            raise ConfigError(f"t_mid={self.t_mid} is outside (0, t_max={self.t_max:.4f}); the published two-step "
+                              "midpoint is 1.1")
+
+    def F(self, net: nn.Module, x: torch.Tensor, t: torch.Tensor, labels=None) -> torch.Tensor:
+        """The backbone's output F(x_t / sigma_d, c_noise(t)) in fp32; sigma_d F is the velocity dx_t/dt."""
+        t = t.to(torch.float32).flatten()
+        x = x.to(torch.float32)
+        if self.noise_kind == "t":
+            return net(x / self.sigma_data, self.time_scale * t, labels).to(torch.float32)
+        return -net(x / self.sigma_data, c_noise(self.sigma_data * torch.tan(t), self.noise_kind), labels).to(
+            torch.float32)
+
+    def __call__(self, net: nn.Module, x: torch.Tensor, t: torch.Tensor, labels=None) -> torch.Tensor:
+        F = self.F(net, x, t, labels)
+        t = _bcast(t.flatten(), x)
+        return torch.cos(t) * x.to(torch.float32) - torch.sin(t) * self.sigma_data * F
+
+    @property
+    def t_min(self) -> float:
+        return 0.0
+
+    @property
+    def t_max(self) -> float:
+        return math.atan(self.sigma_max / self.sigma_data)
+
+    @property
+    def grid(self) -> dict:
+        return dict(sigma_min=self.sigma_min, sigma_max=self.sigma_max, rho=self.rho)
+
+    def add_noise(self, x0, z, t):
+        t = torch.as_tensor(_bcast(t, x0), device=x0.device)
+        return torch.cos(t) * x0 + torch.sin(t) * self.sigma_data * z
+
+    def renoise(self, x, t, z):
+        return self.add_noise(x, z, t)
+
+    def levels(self, steps: int) -> list[float]:
+        """1 step: [t_max]; 2 steps: [t_max, t_mid] (sCM); more: the Karras grid's levels as times."""
+        if steps < 1:
+            raise ConfigError(f"steps={steps}: sampling needs at least one step")
+        if steps == 2:
+            return [self.t_max, self.t_mid]
+        return [self.from_sigma(s) for s in karras_sigmas(steps + 1, **self.grid).flip(0)[:steps].tolist()]
+
+    def from_sigma(self, sigma: float) -> float:
+        return math.atan(float(sigma) / self.sigma_data)
+
+    def from_edm(self, x_sigma, t):
+        return torch.cos(torch.as_tensor(_bcast(t, x_sigma), device=x_sigma.device)) * x_sigma
+
+    def to_meta(self) -> dict:
+        return {"name": self.name, **asdict(self)}
+
+
+PARAMETERISATIONS = {cls.name: cls for cls in (Precond, TrigFlow)}
+
+
+def from_meta(meta: dict):
+    """The parameterisation stored in a checkpoint's metadata: by name since the objective plug-in, and as
+    ``kind`` + ``precond`` + ``grid`` (always the Karras family) in checkpoints written before it."""
+    if "parameterisation" in meta:
+        fields = dict(meta["parameterisation"])
+        name = fields.pop("name", None)
+        if name not in PARAMETERISATIONS:
+            raise ConfigError(f"the checkpoint's parameterisation {name!r} is unknown; known: {sorted(PARAMETERISATIONS)}")
+        return PARAMETERISATIONS[name](**fields)
+    return Precond(**meta["precond"], **meta.get("grid", {}))

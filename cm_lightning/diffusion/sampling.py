@@ -20,13 +20,6 @@ def check_decreasing(sigmas, what: str = "sampling noise levels") -> list[float]
     return sigmas
 
 
-def default_multistep_sigmas(steps: int, sigma_min=0.002, sigma_max=80.0, rho=7.0) -> list[float]:
-    """The first ``steps`` levels of a descending Karras grid with steps + 1 points (1 step: [sigma_max])."""
-    if steps < 1:
-        raise ValueError(f"steps={steps}: sampling needs at least one step")
-    return karras_sigmas(steps + 1, sigma_min, sigma_max, rho).flip(0)[:steps].tolist()
-
-
 def sigmas_from_indices(ts, num_scales: int, sigma_min=0.002, sigma_max=80.0, rho=7.0) -> list[float]:
     """The authors' ``ts`` convention: indices into a grid of ``num_scales`` points where 0 is sigma_max
     and num_scales - 1 is sigma_min; the last index only ends the chain, so (0, 22, 39) of 40 is two steps.
@@ -40,22 +33,28 @@ def sigmas_from_indices(ts, num_scales: int, sigma_min=0.002, sigma_max=80.0, rh
     return [float(grid[t]) for t in ts[:-1]]
 
 
-@torch.no_grad()
-def multistep_sample(f, z: torch.Tensor, sigmas, sigma_min: float = 0.002, generator=None, clip: bool = True):
-    """CM Algorithm 1: x = f(sigma_1 z, sigma_1); then x = f(x + sqrt(s^2 - eps^2) z', s) for each later s."""
-    sigmas = check_decreasing(sigmas)
-    ones = torch.ones(z.shape[0], device=z.device)
-    x = None
-    for i, s in enumerate(sigmas):
-        if i == 0:
-            x_in = s * z
-        else:
-            noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
-            x_in = x + (s**2 - sigma_min**2) ** 0.5 * noise
-        x = f(x_in, s * ones)
+def consistency_chain(f, x, levels, param, generator=None, project=None, clip: bool = True):
+    """CM Algorithm 1 from a state ``x`` already at levels[0]: x = f(x, t_1), then x = f(renoise(x, t_n), t_n)
+    for each later level (``param.renoise``: x + sqrt(t^2 - eps^2) z for EDM/CM, cos(t) x + sin(t) sigma_d z
+    for TrigFlow), with an optional projection after every evaluation (the replacement step of Algorithm 4)."""
+    ones = torch.ones(x.shape[0], device=x.device)
+    for i, t in enumerate(levels):
+        if i:
+            x = param.renoise(x, t, torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype))
+        x = f(x, t * ones)
         if clip:
             x = x.clamp(-1, 1)
+        if project is not None:
+            x = project(x)
     return x
+
+
+@torch.no_grad()
+def multistep_sample(f, z: torch.Tensor, levels, param, generator=None, clip: bool = True):
+    """CM Algorithm 1 from pure noise: x = f(x_T, T) with x_T = ``param.add_noise(0, z, T)``, then re-noise."""
+    levels = check_decreasing(levels)
+    return consistency_chain(f, param.add_noise(torch.zeros_like(z), z, levels[0]), levels, param, generator,
+                             clip=clip)
 
 
 def teacher_sigmas(steps: int, sigma_min=0.002, sigma_max=80.0, rho=7.0) -> list[float]:

@@ -37,7 +37,7 @@ WEIGHTINGS = {"uniform": uniform_weight, "inverse_gap": inverse_gap_weight, "inv
 
 def make_weighting(name: str, sigma_data: float = 0.5):
     if name not in WEIGHTINGS:
-        raise ConfigError(f"model.target.weighting={name!r} is unknown; choose one of {sorted(WEIGHTINGS)}")
+        raise ConfigError(f"model.objective.pair.weighting={name!r} is unknown; choose one of {sorted(WEIGHTINGS)}")
     return functools.partial(WEIGHTINGS[name], sigma_data=sigma_data)
 
 
@@ -47,7 +47,7 @@ def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def _check_p_std(p_std: float) -> None:
     if not p_std > 0:
-        raise ConfigError(f"model.target.p_std={p_std}: the lognormal needs a positive P_std (published: 2.0)")
+        raise ConfigError(f"model.objective.pair.p_std={p_std}: the lognormal needs a positive P_std (published: 2.0)")
 
 
 class DiscreteTarget(nn.Module):
@@ -119,7 +119,7 @@ class ICTTarget(CTTarget):
                  weighting: str = "inverse_gap", **grid):
         super().__init__(schedule, weighting=weighting, **grid)
         if index_sampling not in ("lognormal", "uniform"):
-            raise ConfigError(f"model.target.index_sampling={index_sampling!r}; use 'lognormal' (iCT) or 'uniform'")
+            raise ConfigError(f"model.objective.pair.index_sampling={index_sampling!r}; use 'lognormal' (iCT) or 'uniform'")
         _check_p_std(p_std)
         self.p_mean, self.p_std, self.index_sampling = p_mean, p_std, index_sampling
         self.uses_online_target = getattr(schedule, "mu", None) == 0

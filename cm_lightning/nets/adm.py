@@ -43,6 +43,11 @@ def normalization(channels: int, groups: int) -> GroupNorm32:
     return GroupNorm32(math.gcd(groups, channels), channels)
 
 
+def pixel_norm(v: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """v / RMS over channels (dim 1)."""
+    return v / torch.sqrt(v.float().pow(2).mean(dim=1, keepdim=True) + eps).to(v.dtype)
+
+
 def zero_module(module: nn.Module) -> nn.Module:
     # Residual branches start as the identity, as in the authors' initialisation.
     for p in module.parameters():
@@ -88,9 +93,11 @@ class ResBlock(nn.Module):
         norm_groups: int,
         up: bool = False,
         down: bool = False,
+        double_norm: bool = False,
     ):
         super().__init__()
         self.use_scale_shift_norm = use_scale_shift_norm
+        self.double_norm = double_norm
         self.up, self.down = up, down
         self.in_layers = nn.Sequential(
             normalization(channels, norm_groups), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
@@ -122,7 +129,10 @@ class ResBlock(nn.Module):
         emb_out = self.emb_layers(emb).type(h.dtype)[..., None, None]
         if self.use_scale_shift_norm:
             scale, shift = emb_out.chunk(2, dim=1)
-            h = self.out_layers[0](h) * (1 + scale) + shift
+            if self.double_norm:  # sCM's adaptive double normalisation: norm(h) pnorm(s(t)) + pnorm(b(t))
+                h = self.out_layers[0](h) * pixel_norm(scale) + pixel_norm(shift)
+            else:
+                h = self.out_layers[0](h) * (1 + scale) + shift
             h = self.out_layers[1:](h)
         else:
             h = self.out_layers(h + emb_out)
@@ -167,7 +177,12 @@ class ADMUNet(nn.Module):
         resblock_updown: bool = False,
         norm_groups: int = 32,
         use_checkpoint: bool = False,
+        double_norm: bool = False,
     ):
+        """``double_norm``: the adaptive scale and shift of every residual block pixel-normalised (sCM's "adaptive
+        double normalisation", Section 4.1), which the paper needed for stable continuous-time training; it
+        requires ``use_scale_shift_norm``. The time embedding is positional (sinusoidal) by construction, the
+        other stability choice of sCM, so TrigFlow's c_noise(t) = t feeds it directly."""
         super().__init__()
         channel_mult = tuple(int(m) for m in channel_mult)
         attention_resolutions = tuple(int(r) for r in attention_resolutions)
@@ -187,6 +202,9 @@ class ADMUNet(nn.Module):
                 f"(its resolutions are {resolutions}); use only those values, or () for attention in the "
                 f"middle block only"
             )
+        if double_norm and not use_scale_shift_norm:
+            raise ValueError("net.double_norm=true normalises the adaptive scale and shift; set "
+                             "net.use_scale_shift_norm=true too")
         if num_classes < 0:
             raise ValueError(f"num_classes={num_classes} is negative; use 0 for an unconditional net")
 
@@ -214,7 +232,8 @@ class ADMUNet(nn.Module):
             return ch // num_head_channels
 
         def res_block(ch_in: int, ch_out: int, **updown: bool) -> ResBlock:
-            return ResBlock(ch_in, emb_dim, dropout, ch_out, use_scale_shift_norm, norm_groups, **updown)
+            return ResBlock(ch_in, emb_dim, dropout, ch_out, use_scale_shift_norm, norm_groups, **updown,
+                            double_norm=double_norm)
 
         def attention(ch: int) -> AttentionBlock:
             return AttentionBlock(ch, heads_for(ch), norm_groups)

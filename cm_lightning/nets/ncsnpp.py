@@ -10,7 +10,7 @@ One U-Net, two published settings (``conf/net/ncsnpp_cifar10.yaml``, ``conf/net/
 
 Both use BigGAN-style residual blocks (the up/down-sampling happens inside the block, on the main
 and the skip path) and scale every residual sum by sqrt(1/2). Like the ADM U-Net the network takes
-an already computed noise scalar; EDM feeds these nets c_noise = 0.25 ln(sigma) (``model.noise_kind: edm``).
+an already computed noise scalar; EDM feeds these nets c_noise = 0.25 ln(sigma) (``model.objective.parameterisation.noise_kind: edm``).
 """
 
 from __future__ import annotations

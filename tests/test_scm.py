@@ -1,0 +1,121 @@
+"""sCM (sCT, sCD) and TrigFlow against their formulas: the boundary, the noising, the JVP, the teacher's
+velocity on an analytic Gaussian, and the loss."""
+
+import math
+
+import pytest
+import torch
+
+from cm_lightning.diffusion.jvp import jvp
+from cm_lightning.diffusion.objectives.scm import SCM, tangent, teacher_velocity
+from cm_lightning.diffusion.precond import Precond, TrigFlow, edm_denoiser, from_meta
+from cm_lightning.errors import ConfigError
+from cm_lightning.modules.generative import GenerativeModule
+from helpers import randomise, tiny_net
+
+
+def test_boundary_is_exact_at_t_zero():
+    f = TrigFlow()
+    net = randomise(tiny_net())
+    x = torch.randn(3, 1, 8, 8)
+    assert torch.equal(f(net, x, torch.zeros(3)), x)
+
+
+def test_trigflow_noising_matches_edm_at_sigma_d_tan_t():
+    """x_t / cos t = x0 + sigma_d tan(t) z: EDM's x_sigma at sigma = sigma_d tan t with the same z."""
+    f = TrigFlow(sigma_data=0.5)
+    x0, z = torch.randn(4, 1, 8, 8, dtype=torch.float64), torch.randn(4, 1, 8, 8, dtype=torch.float64)
+    t = torch.tensor([0.1, 0.5, 1.0, 1.5], dtype=torch.float64)
+    sigma = 0.5 * torch.tan(t)
+    x_t = f.add_noise(x0, z, t)
+    torch.testing.assert_close(x_t / torch.cos(t).view(-1, 1, 1, 1), edm_denoiser().add_noise(x0, z, sigma))
+    assert f.from_sigma(80.0) == pytest.approx(f.t_max) == pytest.approx(math.atan(160.0))
+    torch.testing.assert_close(f.from_edm(x0 + sigma.view(-1, 1, 1, 1) * z, t), x_t)
+
+
+def test_trigflow_with_an_edm_conditioning_equals_the_edm_denoiser():
+    """F_trig = -F_edm with EDM's c_noise(sigma_d tan t): the same backbone is the same denoiser."""
+    net = randomise(tiny_net()).double()
+    x0, z = torch.randn(2, 1, 8, 8, dtype=torch.float64), torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    t = torch.tensor([0.3, 1.2], dtype=torch.float64)
+    trig, edm = TrigFlow(noise_kind="adm"), edm_denoiser()
+    sigma = 0.5 * torch.tan(t)
+    ours = trig(net.float(), trig.add_noise(x0, z, t).float(), t.float())
+    theirs = edm(net.float(), (x0 + sigma.view(-1, 1, 1, 1) * z).float(), sigma.float())
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_jvp_equals_a_central_finite_difference_in_float64():
+    torch.manual_seed(0)
+    net = randomise(tiny_net(), std=0.2).double().eval()  # attention at 4x4 inside
+    f = TrigFlow()
+    x = torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    t = torch.tensor([0.4, 1.1], dtype=torch.float64)
+    dx, dt = torch.randn_like(x), torch.ones_like(t)
+    F = lambda x, t: f.F(net, x, t).double()  # noqa: E731
+    _, tangent_out = jvp(F, (x, t), (dx, dt))
+    h = 1e-6
+    with torch.no_grad():
+        fd = (F(x + h * dx, t + h * dt) - F(x - h * dx, t - h * dt)) / (2 * h)
+    assert tangent_out.requires_grad is False
+    rel = (tangent_out - fd).norm() / fd.norm()
+    assert rel < 1e-6
+
+
+def test_teacher_velocity_of_an_exact_gaussian_teacher_is_the_analytic_derivative():
+    """Data N(0, s^2 I): EDM's denoiser is s^2 / (s^2 + sigma^2) x, and along TrigFlow's PF-ODE x_t scales with
+    std(t) = sqrt(cos^2 t s^2 + sin^2 t sigma_d^2), so dx_t/dt = x_t d ln std(t) / dt."""
+    s, sd = 0.7, 0.5
+    teacher = lambda x, sigma, labels: s**2 / (s**2 + sigma.view(-1, 1, 1, 1) ** 2) * x  # noqa: E731
+    x_t = torch.randn(3, 1, 4, 4, dtype=torch.float64)
+    t = torch.tensor([0.2, 0.8, 1.4], dtype=torch.float64)
+    ours = teacher_velocity(teacher, x_t, t, None, sd)
+    var = torch.cos(t) ** 2 * s**2 + torch.sin(t) ** 2 * sd**2
+    analytic = x_t * (torch.sin(t) * torch.cos(t) * (sd**2 - s**2) / var).view(-1, 1, 1, 1)
+    torch.testing.assert_close(ours, analytic)
+
+
+def test_tangent_is_the_published_formula_normalised_per_sample():
+    F, dF, x_t, dx = (torch.randn(2, 1, 4, 4, dtype=torch.float64) for _ in range(4))
+    t = torch.tensor([0.3, 1.0], dtype=torch.float64)
+    out = tangent(F, dF, x_t, dx, t, sigma_data=0.5, r=0.5, c=0.1)
+    for i in range(2):
+        c, s = math.cos(t[i]), math.sin(t[i])
+        g = -(c**2) * (0.5 * F[i] - dx[i]) - 0.5 * c * s * (x_t[i] + 0.5 * dF[i])
+        torch.testing.assert_close(out[i], g / (g.norm() + 0.1))
+
+
+def test_loss_at_initialisation_is_the_tangent_term_and_gradients_reach_the_weighting():
+    torch.manual_seed(0)
+    module = GenerativeModule(randomise(tiny_net()), SCM(TrigFlow(), warmup_steps=0),
+                              optimizer=lambda params: torch.optim.Adam(params))
+    x0 = torch.randn(4, 1, 8, 8).clamp(-1, 1)
+    losses, extra = module.losses(x0, None, 0)
+    # w = 0 at initialisation and F_theta = F^-, so the loss is ||g||^2 / D with ||g|| < 1.
+    assert losses.shape == (4,) and (losses > 0).all() and (losses < 1 / 64).all()
+    losses.mean().backward()
+    assert module.objective.weighting.linear.weight.grad.abs().sum() > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.net.parameters())
+    assert extra["weight"] == pytest.approx(1.0)
+
+
+def test_trigflow_survives_the_checkpoint_metadata():
+    f = TrigFlow(t_mid=0.9, noise_kind="adm")
+    assert from_meta({"parameterisation": f.to_meta()}) == f
+    old = {"kind": "consistency", "precond": {"sigma_data": 0.5, "eps": 0.002, "noise_kind": "adm"},
+           "grid": {"sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0}}
+    assert from_meta(old) == Precond()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(t_mid=1.6), "t_mid=1.6"), (dict(t_mid=0.0), "t_mid=0.0"), (dict(noise_kind="fourier"), "'fourier'")])
+def test_bad_trigflow_settings_stop_with_one_line(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        TrigFlow(**kwargs)
+
+
+def test_bad_scm_settings_stop_with_one_line():
+    with pytest.raises(ConfigError, match="p_std=0"):
+        SCM(TrigFlow(), p_std=0)
+    with pytest.raises(ConfigError, match="TrigFlow"):
+        SCM(edm_denoiser())
