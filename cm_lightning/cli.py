@@ -33,6 +33,8 @@ def wandb_mode() -> str:
     return os.environ.get("WANDB_MODE") or ("offline" if wandb_offline() else "online")
 
 
+# Optional dependencies (pyproject.toml's extras) and the extra that installs each.
+EXTRAS = {"lmdb": "lsun", "tensorboard": "tensorboard", "wandb_workspaces": "report"}
 RESOLVERS = {"wandb_mode": wandb_mode, "auto_precision": auto_precision, "wandb_name": wandb_runs.run_name,
              "wandb_group": wandb_runs.group, "wandb_tags": wandb_runs.tags}
 
@@ -49,6 +51,15 @@ def _root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
+def missing_extra(exc: BaseException) -> str | None:
+    """The one-line fix when ``exc`` comes from an optional dependency that is not installed."""
+    while exc is not None:
+        if isinstance(exc, ModuleNotFoundError) and exc.name in EXTRAS:
+            return f"{exc.name} is not installed; pip install 'cm-lightning[{EXTRAS[exc.name]}]'"
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def user_errors(fn):
     """Prints a user's configuration mistake as one line and exits 2, instead of a traceback."""
 
@@ -56,11 +67,13 @@ def user_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (ConfigError, InstantiationException, MissingMandatoryValue) as exc:
+        except (ConfigError, InstantiationException, MissingMandatoryValue, ImportError) as exc:
             cause = _root_cause(exc)
-            if not isinstance(cause, (ConfigError, MissingMandatoryValue, FileNotFoundError, ValueError)):
+            message = missing_extra(exc) or cause
+            if not isinstance(message, str) and not isinstance(
+                    cause, (ConfigError, MissingMandatoryValue, FileNotFoundError, ValueError)):
                 raise
-            print(f"error: {cause}", file=sys.stderr)
+            print(f"error: {message}", file=sys.stderr)
             sys.exit(2)
         except TrainingError as exc:
             print(f"error: {exc}", file=sys.stderr)

@@ -2,8 +2,8 @@
 overrides, one group per sweep, tags from the config, summaries with the right goal per metric, and
 evaluation runs that declare the checkpoint they read and keep what they wrote as artifacts.
 
-The name, group and tags are Hydra resolvers (``conf/logger/wandb.yaml``, ``conf/evaluate.yaml``), so that
-the composed config shows them and a user can override any of them.
+A training run's name, group and tags are Hydra resolvers (``conf/logger/wandb.yaml``), so that the composed
+config shows them and a user can override any of them; an evaluation run takes them from the checkpoint's.
 """
 
 from pathlib import Path

@@ -41,3 +41,16 @@ def test_installed_commands_train_and_evaluate_elsewhere(tmp_path):
     assert ckpt.is_file() and (work / "run/train.log").is_file()
     _run(bin_dir / "cm-evaluate", f"ckpt={ckpt}", "num=4", "hydra.run.dir=eval", cwd=work)
     assert (work / "eval/samples_1step.png").is_file() and (work / "eval/samples_2step.npz").is_file()
+
+
+def test_missing_optional_dependency_names_its_extra(monkeypatch, capsys):
+    from cm_lightning.cli import user_errors
+
+    def train_on_lsun():
+        import lmdb  # noqa: F401
+
+    monkeypatch.setitem(sys.modules, "lmdb", None)  # as if the lsun extra were not installed
+    with pytest.raises(SystemExit) as stop:
+        user_errors(train_on_lsun)()
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == "error: lmdb is not installed; pip install 'cm-lightning[lsun]'\n"
