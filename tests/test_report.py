@@ -15,7 +15,7 @@ def measured(run_dir) -> dict:
 
 
 def test_report_of_a_sweep_plots_the_runs_metrics(sweep, tmp_path):
-    run_script("evaluate.py", "task=report", f"runs=[{sweep}]", f"hydra.run.dir={tmp_path}")
+    run_script("evaluate.py", "task=report", f"runs={sweep}", f"hydra.run.dir={tmp_path}")
     for name in ("report.html", "fid_vs_nfe.png", "is_vs_nfe.png", "fid_vs_step.png", "samples.png"):
         assert (tmp_path / name).stat().st_size > 0, name
     page = (tmp_path / "report.html").read_text()

@@ -196,10 +196,11 @@ def wandb_report(runs: list[Run], samplings: list[str], settings: DictConfig):
 
 def report_task(cfg: DictConfig) -> list[Path]:
     check_wandb(cfg)
-    paths = find_runs(cfg.runs or [])
+    given = [cfg.runs] if isinstance(cfg.runs, str) else list(cfg.runs or [])  # runs=<dir> or runs=[<dir>,...]
+    paths = find_runs(given)
     if not paths:
-        raise ConfigError(f"runs={list(cfg.runs or [])} holds no training run with a metrics.json; pass a sweep "
-                          "directory or run directories whose metrics callback measured at least once")
+        raise ConfigError(f"runs={given} holds no training run with a metrics.json; pass a sweep directory or run "
+                          "directories whose metrics callback measured at least once")
     runs = [load(p) for p in paths]
     check_comparable(runs)
     names = labels(runs)
