@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from omegaconf import DictConfig
 from PIL import Image
 
@@ -85,6 +86,7 @@ def metric_vs_nfe(runs: list[Run], names: list[str], metric: str) -> Figure:
         points = sorted((r["nfe"], r[metric]) for r in run.last.values() if metric in r)
         ax.plot(*zip(*points), marker="o", label=name)
     ax.set(xlabel="NFE", ylabel=metric.upper(), title=f"{metric.upper()} at each run's last measurement")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # NFE counts network evaluations
     ax.legend(fontsize="small")
     return fig
 
@@ -145,15 +147,16 @@ def plots(runs: list[Run], names: list[str]) -> dict[str, Figure]:
     return figures
 
 
-def write_html(out: Path, runs: list[Run], pngs: list[Path], table: list[dict]) -> Path:
+def write_html(out: Path, title: str, runs: list[Run], pngs: list[Path], table: list[dict]) -> Path:
     head = "".join(f"<th>{k}</th>" for k in ("run", "sampling", "NFE", "best FID", "at step"))
     body = "".join(f"<tr><td>{html.escape(r['run'])}</td><td>{r['sampling']}</td><td>{r['nfe']}</td>"
                    f"<td>{r['fid']:.3f}</td><td>{r['step']}</td></tr>" for r in table)
     listed = "".join(f"<li>{html.escape(str(run.path))}</li>" for run in runs)
     images = "".join(f'<p><img src="{p.name}" alt="{p.stem}"></p>' for p in pngs)
     m = runs[0].measured
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>cm-lightning report</title></head><body>"
-            f"<h1>cm-lightning report</h1><p>{len(runs)} runs; reference {html.escape(m['reference'])}, "
+    title = html.escape(title)
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title></head><body>"
+            f"<h1>{title}</h1><p>{len(runs)} runs; reference {html.escape(m['reference'])}, "
             f"{html.escape(m['feature_extractor'])} features of {m['num']} samples.</p><ul>{listed}</ul>"
             f"<h2>Best FID per run and NFE</h2><table border='1'><tr>{head}</tr>{body}</table>{images}"
             f"</body></html>")
@@ -212,7 +215,7 @@ def report_task(cfg: DictConfig) -> list[Path]:
     for name, fig in plots(runs, names).items():
         fig.savefig(out / f"{name}.png", dpi=100)
         pngs.append(out / f"{name}.png")
-    written = [write_html(out, runs, pngs, best_fids(runs, names)), *pngs]
+    written = [write_html(out, cfg.report.title, runs, pngs, best_fids(runs, names)), *pngs]
     if report is not None:
         report.save()
         log.info("W&B report: %s", report.url)
