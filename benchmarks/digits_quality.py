@@ -1,9 +1,10 @@
-"""Sample quality on the embedded digits for a fixed CPU budget: the EDM teacher, CD and CT.
+"""Sample quality on the embedded digits for a fixed CPU budget: the EDM teacher, CD, CT, iCT, ECT, sCT and sCD.
 
-Trains ``digits_edm``, then ``digits_cd`` from its checkpoint, and ``digits_ct`` through train.py
-(each for the steps its experiment sets, unless overridden), samples 1,797 images from each (as
+Trains ``digits_edm``, then ``digits_cd``, ``digits_ect`` and ``digits_scd`` from its checkpoint, and ``digits_ct``,
+``digits_ict`` and ``digits_sct`` through train.py (each for the steps its experiment sets, unless overridden; sCM's
+step budgets match iCT's and CD's wall-clock time, since a JVP step costs more than a discrete one), samples 1,797 images from each (as
 many as the dataset holds) and prints one JSON line per row and a table. Consistency models are scored
-at one step, at two steps with the default midpoint (the middle of a 3-point Karras grid, sigma = 2.5),
+at one step, at two steps with the default midpoint (the middle of a 3-point Karras grid, sigma = 2.5; sCM: t = 1.1),
 and at two steps with the midpoint the authors' ternary search picks (ts = (0, p, 39) of 40):
 
     FID in the features of a small digits classifier (torch-fidelity, extractor "digits-classifier",
@@ -31,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from cm_lightning.data.digits import digits_tensor  # noqa: E402
 from cm_lightning.checkpoints import sampler_from_checkpoint  # noqa: E402
-from cm_lightning.evaluation import sample_batched  # noqa: E402
+from cm_lightning.evaluation import levels, sample_batched  # noqa: E402
 from cm_lightning.diffusion.sampling import sigmas_from_indices  # noqa: E402
 from cm_lightning.metrics.digits_fidelity import digits_metrics  # noqa: E402
 from cm_lightning.metrics.midpoint_search import ternary_search  # noqa: E402
@@ -42,7 +43,10 @@ ROWS = {  # row -> (experiment, which samplings to score)
     "ct": ("digits_ct", [("CT 1-step", dict(steps=1)), ("CT 2-step", dict(steps=2))]),
     "ict": ("digits_ict", [("iCT 1-step", dict(steps=1)), ("iCT 2-step", dict(steps=2))]),
     "ect": ("digits_ect", [("ECT 1-step", dict(steps=1)), ("ECT 2-step", dict(steps=2))]),
+    "sct": ("digits_sct", [("sCT 1-step", dict(steps=1)), ("sCT 2-step", dict(steps=2))]),
+    "scd": ("digits_scd", [("sCD 1-step", dict(steps=1)), ("sCD 2-step", dict(steps=2))]),
 }
+DISTILLED = ("cd", "ect", "scd")  # rows that read the teacher
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -57,8 +61,10 @@ def train(experiment: str, out: Path, extra: list[str]) -> tuple[Path, float]:
     return out / "checkpoints/last.ckpt", time.time() - start
 
 
-def score(ckpt: Path, how: dict, reference: torch.Tensor, seed: int = 1) -> dict:
+def score(ckpt: Path, how, reference: torch.Tensor, seed: int = 1) -> dict:
+    """``how``: sampler options, or a function of the sampler giving them (levels in its parameterisation)."""
     sampler = sampler_from_checkpoint(ckpt)
+    how = how(sampler) if callable(how) else how
     images, _ = sample_batched(sampler, reference.shape[0], 512, seed=seed, device="cpu", **how)
     m = digits_metrics(to_uint8(images), reference, isc=True, fid=True)
     return {"fid": round(m["frechet_inception_distance"], 2), "is": round(m["inception_score_mean"], 2)}
@@ -68,9 +74,10 @@ def searched_two_step(ckpt: Path, reference: torch.Tensor) -> tuple[dict, dict]:
     """The authors' way to pick a two-step sampler: ternary search of the midpoint p in ts = (0, p, 39) of
     40 on FID. The search samples with seed 2 and the reported score with seed 1, so that the number is
     not the minimum of noisy draws."""
-    how = lambda p: {"sigmas": sigmas_from_indices([0, p, 39], 40)}  # noqa: E731
+    sigmas = lambda p: sigmas_from_indices([0, p, 39], 40)  # noqa: E731
+    how = lambda p: lambda sampler: levels(sampler, sigmas(p))  # noqa: E731
     best, _ = ternary_search(lambda p: score(ckpt, how(p), reference, seed=2)["fid"], 1, 38)
-    return how(best), {"ts": [0, best, 39], "sigma_mid": round(how(best)["sigmas"][1], 3)}
+    return how(best), {"ts": [0, best, 39], "sigma_mid": round(sigmas(best)[1], 3)}
 
 
 def main() -> None:
@@ -86,7 +93,7 @@ def main() -> None:
     for row in args.rows.split(","):
         experiment, samplings = ROWS[row]
         extra = [s.split(":", 1)[1] for s in args.set if s.startswith(f"{row}:")]
-        if row in ("cd", "ect"):
+        if row in DISTILLED:
             extra.append(f"model.teacher_ckpt={teacher}")
         if args.score_only:
             ckpt, seconds = args.out / row / "checkpoints/last.ckpt", None

@@ -25,7 +25,7 @@ from cm_lightning.data.digits import digits_tensor  # noqa: E402
 from cm_lightning.diffusion import editing  # noqa: E402
 from cm_lightning.diffusion.linear_transforms import Identity  # noqa: E402
 from cm_lightning.editing_inputs import box_mask, left_half_mask, random_stroke_mask  # noqa: E402
-from cm_lightning.editing_tasks import run_method  # noqa: E402
+from cm_lightning.editing_tasks import edit_levels  # noqa: E402
 from cm_lightning.metrics.digits_classifier import load_pretrained_digits_classifier  # noqa: E402
 
 
@@ -56,8 +56,7 @@ def main() -> None:
     if sampler.image_shape != (1, 16, 16):
         sys.exit(f"--ckpt {args.ckpt} makes {sampler.image_shape} images; this benchmark needs a 1x16x16 digits "
                  "model such as the default `python train.py`")
-    grid = dict(sigma_min=sampler.sigma_min, sigma_max=sampler.sigma_max, rho=sampler.rho)
-    sigmas = args.edit_sigmas or editing.published_edit_sigmas(*run_method(args.ckpt), **grid)
+    levels = edit_levels(args.edit_sigmas, args.ckpt, sampler.param)
     x, y = digits_tensor(16)
     mean_digit = x.mean(0, keepdim=True)
     pick = torch.randperm(len(y), generator=torch.Generator().manual_seed(args.seed))[: args.num]
@@ -68,8 +67,8 @@ def main() -> None:
     for name in args.masks.split(","):
         omega = masks(name, len(y), 16, args.seed)
         background, mean_fill = x * (1 - omega) - omega, x * (1 - omega) + mean_digit * omega
-        out = editing.edit(f, x, Identity(), omega, sigmas, sampler.sigma_min, torch.Generator().manual_seed(args.seed))
-        row = {"mask": name, "hidden": round(omega.mean().item(), 3), "sigmas": [round(s, 3) for s in sigmas],
+        out = editing.edit(f, x, Identity(), omega, levels, sampler.param, torch.Generator().manual_seed(args.seed))
+        row = {"mask": name, "hidden": round(omega.mean().item(), 3), "levels": [round(s, 3) for s in levels],
                "original": rate(classifier, x, y), "hole at -1": rate(classifier, background, y),
                "hole at mean digit": rate(classifier, mean_fill, y),
                "inpainted": rate(classifier, out, y), "chance": 0.1, "num": len(y)}

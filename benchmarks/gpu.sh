@@ -2,7 +2,7 @@
 # The throughput suite of benchmarks/README.md on one GPU, most important first, each run under its own time
 # limit so that one that hangs or runs out of memory does not take the rest with it.
 #
-#   bash benchmarks/gpu.sh                  # cd ct lsun max fp32
+#   bash benchmarks/gpu.sh                  # cd ct lsun max fp32 sct
 #   bash benchmarks/gpu.sh cd ct lsun       # a subset, in this order
 #   DIR=/scratch/me/tp LIMIT=300 bash benchmarks/gpu.sh max
 #   EXTRA="model.speed.compile=false" bash benchmarks/gpu.sh cd    # EXTRA: overrides added to every run
@@ -28,10 +28,11 @@ declare -A RUNS=(
   [max]="experiment=imagenet64_cd model/objective/distance=l2 bench.batch=64 bench.find_max_batch=true bench.sample_steps=[]"
   [fp32]="experiment=imagenet64_cd model/objective/distance=l2 bench.batch=64 trainer.precision=32-true
           model.speed.channels_last=false model.speed.compile=false"
+  [sct]="experiment=imagenet64_sct bench.batch=64"
 )
 
 runs=("$@")
-[[ $# -eq 0 ]] && runs=(cd ct lsun max fp32)
+[[ $# -eq 0 ]] && runs=(cd ct lsun max fp32 sct)
 failed=0
 for run in "${runs[@]}"; do
   if [[ -z "${RUNS[$run]:-}" ]]; then

@@ -223,7 +223,9 @@ def main(cfg: DictConfig) -> None:
         "compile_mode": speed.compile_mode, "sample_compile_mode": speed.sample_compile_mode,
         "fused_optimizer": speed.fused_optimizer, "frozen_dtype": speed.frozen_dtype,
         "activation_checkpointing": bool(cfg.net.get("use_checkpoint", False)),
-        "distance": cfg.model.objective.distance._target_.rsplit(".", 1)[-1], "optimizer": cfg.model.optimizer._target_,
+        "objective": cfg.model.objective._target_.rsplit(".", 1)[-1],
+        "distance": (cfg.model.objective.get("distance") or {}).get("_target_", "").rsplit(".", 1)[-1] or None,
+        "optimizer": cfg.model.optimizer._target_,
         "torch": torch.__version__, "steps_timed": bench.steps, "warmup": bench.warmup,
     }
     line = json.dumps(result)

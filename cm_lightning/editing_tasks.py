@@ -77,6 +77,18 @@ def run_method(ckpt) -> tuple[str, int] | None:
     return method, (int(final[0]) if isinstance(final, tuple) else 0)
 
 
+def edit_levels(edit_sigmas, ckpt, param) -> list[float]:
+    """Algorithm 4's levels in the parameterisation's own terms: ``edit_sigmas`` (EDM sigmas) if given, else the
+    published two-step setting of the run's method, else the parameterisation's two-step levels (sCM)."""
+    if edit_sigmas is not None:
+        sigmas = editing.check_levels(edit_sigmas, param.grid["sigma_min"], param.grid["sigma_max"])
+        return [param.from_sigma(s) for s in sigmas]
+    method = run_method(ckpt)
+    if method is None:
+        return param.levels(2)
+    return [param.from_sigma(s) for s in editing.published_edit_sigmas(*method, **param.grid)]
+
+
 def load_editor(cfg: DictConfig, task: str) -> Editor:
     from cm_lightning.evaluation import pick_device, speed_up  # evaluation imports this module
 
@@ -85,14 +97,7 @@ def load_editor(cfg: DictConfig, task: str) -> Editor:
     param = sampler.param
     if not param.few_step:
         raise ConfigError(f"task={task} needs a consistency model (CD, CT, sCM, ...); ckpt={cfg.ckpt} is an EDM teacher")
-    method = run_method(cfg.ckpt) if cfg.edit_sigmas is None else None
-    if cfg.edit_sigmas is not None:
-        sigmas = editing.check_levels(cfg.edit_sigmas, param.grid["sigma_min"], param.grid["sigma_max"])
-        levels = [param.from_sigma(s) for s in sigmas]
-    elif method is not None:
-        levels = [param.from_sigma(s) for s in editing.published_edit_sigmas(*method, **param.grid)]
-    else:
-        levels = param.levels(2)
+    levels = edit_levels(cfg.edit_sigmas, cfg.ckpt, param)
     if cfg.label is not None and not 0 <= cfg.label < max(sampler.num_classes, 1):
         raise ConfigError(f"label={cfg.label} is not a class of this model ({sampler.num_classes} classes); "
                           "leave label=null for an unconditional model")

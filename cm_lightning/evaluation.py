@@ -49,12 +49,19 @@ def levels(sampler: Sampler, sigmas) -> dict:
 
 def schedules(cfg: DictConfig, sampler: Sampler) -> dict:
     """Named sampling plans: explicit sigmas, the authors' ts indices, or step counts."""
+    few_step = sampler.param.few_step
+    if not few_step and (cfg.sigmas is not None or cfg.ts is not None):
+        raise ConfigError(f"sigmas= and ts= set the levels of consistency sampling, but ckpt={cfg.ckpt} is a diffusion "
+                          "denoiser; drop them and use steps= and solver=")
+    if few_step and cfg.solver != "heun":
+        raise ConfigError(f"solver={cfg.solver} applies to diffusion teachers, but ckpt={cfg.ckpt} is a consistency "
+                          "model sampled by CM Algorithm 1; drop solver=")
     if cfg.sigmas is not None:
         return {"sigmas": levels(sampler, check_decreasing(cfg.sigmas, "sigmas"))}
     if cfg.ts is not None:
         sigmas = sigmas_from_indices(cfg.ts, cfg.ts_num_scales, **sampler.param.grid)
         return {"ts" + "-".join(str(t) for t in cfg.ts): levels(sampler, sigmas)}
-    if not sampler.param.few_step:
+    if not few_step:
         steps = [18] if list(cfg.steps) == [1, 2] else list(cfg.steps)
         return {f"{k}step": dict(steps=int(k), solver=cfg.solver) for k in steps}
     return sampler.default_plans(cfg.steps)

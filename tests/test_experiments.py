@@ -49,6 +49,27 @@ def test_published_settings(name):
     assert cfg.model.objective.parameterisation.noise_kind == ("edm" if net.startswith("ncsnpp") else "adm")
 
 
+# sCM (Lu & Song 2025, Appendix G and Table 4): (batch, lr, betas, P_mean, P_std, dropout, net, distill, lr t_ref).
+SCM_PUBLISHED = {
+    "cifar10_sct": (512, 1e-4, [0.9, 0.99], -1.0, 1.4, 0.2, "ddpmpp_cifar10", False, None),
+    "cifar10_scd": (512, 1e-4, [0.9, 0.99], -1.0, 1.4, 0.0, "ddpmpp_cifar10", True, None),
+    "imagenet64_sct": (2048, 1e-4, [0.9, 0.99], -1.0, 1.6, 0.45, "adm_imagenet64", False, 35000),
+    "imagenet64_scd": (2048, 1e-4, [0.9, 0.99], -1.0, 1.6, 0.0, "adm_imagenet64", True, 35000),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCM_PUBLISHED))
+def test_published_scm_settings(name):
+    batch, lr, betas, p_mean, p_std, dropout, net, distill, t_ref = SCM_PUBLISHED[name]
+    cfg = composed(f"experiment={name}")
+    objective = cfg.model.objective
+    assert (cfg.data.batch_size, cfg.model.optimizer.lr, list(cfg.model.optimizer.betas)) == (batch, lr, betas)
+    assert (objective.p_mean, objective.p_std, objective.distill) == (p_mean, p_std, distill)
+    assert (objective.tangent_c, objective.warmup_steps, objective.parameterisation.t_mid) == (0.1, 10000, 1.1)
+    assert cfg.net.dropout == dropout and cfg.hydra.runtime.choices.net == net and cfg.model.lr_decay_ref == t_ref
+    assert cfg.model.init_from_teacher and cfg.model.teacher_noise_kind == objective.parameterisation.noise_kind
+
+
 def test_published_teachers_and_lsun_cat():
     cfg = composed("experiment=imagenet64_edm")
     assert (cfg.data.batch_size, cfg.model.optimizer.lr, cfg.net.dropout) == (4096, 1e-4, 0.1)

@@ -119,3 +119,41 @@ def test_bad_scm_settings_stop_with_one_line():
         SCM(TrigFlow(), p_std=0)
     with pytest.raises(ConfigError, match="TrigFlow"):
         SCM(edm_denoiser())
+
+
+def test_a_layer_without_forward_mode_ad_stops_with_one_line():
+    x = torch.randn(1, 1, 4, 8)
+    attention = lambda x: torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(x, x, x)[0]  # noqa: E731
+    with pytest.raises(ConfigError, match="_scaled_dot_product_flash_attention_for_cpu, which has no forward-mode AD"):
+        jvp(attention, (x,), (x,))
+
+
+def test_sampling_levels_are_the_published_ones():
+    f = TrigFlow()
+    assert f.levels(1) == [pytest.approx(math.atan(80.0 / 0.5))]
+    assert f.levels(2) == [pytest.approx(math.atan(160.0)), 1.1]
+    three = f.levels(3)
+    assert three[0] == pytest.approx(f.t_max) and three[0] > three[1] > three[2] > 0
+
+
+def test_double_normalisation_keeps_the_state_dict_and_pixel_normalises_scale_and_shift():
+    from cm_lightning.nets.adm import ADMUNet
+
+    torch.manual_seed(0)
+    shape = dict(image_size=8, in_channels=1, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                 attention_resolutions=(4,), num_head_channels=16)
+    plain = randomise(ADMUNet(**shape))
+    double = ADMUNet(**shape, double_norm=True)
+    double.load_state_dict(plain.state_dict())  # the same keys: checkpoints move between the two
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([0.3, 1.2])
+    before = double(x, t)
+    assert not torch.allclose(plain(x, t), before)
+    # pnorm(s(t)) and pnorm(b(t)) do not change when the embedding's projection is scaled.
+    with torch.no_grad():
+        for block in double.modules():
+            if hasattr(block, "emb_layers"):
+                block.emb_layers[1].weight.mul_(3.0)
+                block.emb_layers[1].bias.mul_(3.0)
+    torch.testing.assert_close(double(x, t), before, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="use_scale_shift_norm=true"):
+        ADMUNet(**shape, use_scale_shift_norm=False, double_norm=True)

@@ -119,12 +119,14 @@ def test_gpu_suite_script_appends_one_line_per_run(tmp_path):
                      "bench.flop_batch=1", "bench.sample_batch=2", "bench.sample_repeats=1"])
     env = {**os.environ, "DIR": str(tmp_path), "EXTRA": tiny, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
            "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
-    proc = subprocess.run(["bash", str(ROOT / "benchmarks/gpu.sh"), "cd", "ct"], env=env, capture_output=True,
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks/gpu.sh"), "cd", "ct", "sct"], env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, (tmp_path / "log.txt").read_text()[-3000:]
     lines = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
-    assert [line["experiment"] for line in lines] == ["imagenet64_cd", "imagenet64_ct"]
-    assert all(line["batch_per_device"] == 2 and line["settings"]["distance"] == "L2" for line in lines)
+    assert [line["experiment"] for line in lines] == ["imagenet64_cd", "imagenet64_ct", "imagenet64_sct"]
+    assert all(line["batch_per_device"] == 2 for line in lines)
+    assert [line["settings"]["distance"] for line in lines] == ["L2", "L2", None]
+    assert lines[2]["settings"]["objective"] == "SCM" and lines[2]["train_gflop_per_image"] > 0
 
     unknown = subprocess.run(["bash", str(ROOT / "benchmarks/gpu.sh"), "imagenet"], env=env, capture_output=True,
                              text=True)

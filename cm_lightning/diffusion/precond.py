@@ -44,7 +44,12 @@ def _bcast(v, x: torch.Tensor) -> torch.Tensor:
     """A per-sample level (B,) or a float, shaped to broadcast against images (B, C, H, W)."""
     if not torch.is_tensor(v):
         return float(v)
-    return v.to(torch.float32).reshape(-1, *([1] * (x.ndim - 1)))
+    return v.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def _working(x: torch.Tensor) -> torch.Tensor:
+    """fp32 for half-precision inputs (the preconditioning's arithmetic stays in fp32 under autocast), float64 kept."""
+    return x if x.dtype == torch.float64 else x.to(torch.float32)
 
 
 @dataclass(frozen=True)
@@ -163,17 +168,17 @@ class TrigFlow:
 
     def F(self, net: nn.Module, x: torch.Tensor, t: torch.Tensor, labels=None) -> torch.Tensor:
         """The backbone's output F(x_t / sigma_d, c_noise(t)) in fp32; sigma_d F is the velocity dx_t/dt."""
-        t = t.to(torch.float32).flatten()
-        x = x.to(torch.float32)
+        x = _working(x)
+        t = t.to(x.dtype).flatten()
         if self.noise_kind == "t":
-            return net(x / self.sigma_data, self.time_scale * t, labels).to(torch.float32)
-        return -net(x / self.sigma_data, c_noise(self.sigma_data * torch.tan(t), self.noise_kind), labels).to(
-            torch.float32)
+            return net(x / self.sigma_data, self.time_scale * t, labels).to(x.dtype)
+        return -net(x / self.sigma_data, c_noise(self.sigma_data * torch.tan(t), self.noise_kind), labels).to(x.dtype)
 
     def __call__(self, net: nn.Module, x: torch.Tensor, t: torch.Tensor, labels=None) -> torch.Tensor:
         F = self.F(net, x, t, labels)
+        x = _working(x)
         t = _bcast(t.flatten(), x)
-        return torch.cos(t) * x.to(torch.float32) - torch.sin(t) * self.sigma_data * F
+        return torch.cos(t) * x - torch.sin(t) * self.sigma_data * F
 
     @property
     def t_min(self) -> float:

@@ -28,6 +28,7 @@ class GenerativeModule(L.LightningModule):
         ema_rates=(0.9999,),
         sample_ema: int = 0,
         warmup_steps: int = 0,
+        lr_decay_ref: int | None = None,
         seed: int = 0,
         ema_warmup: bool = False,
         speed: Speed | None = None,
@@ -47,6 +48,9 @@ class GenerativeModule(L.LightningModule):
         self.sample_ema = sample_ema
         self.ema_warmup = ema_warmup
         self.warmup_steps = warmup_steps
+        if lr_decay_ref is not None and lr_decay_ref < 1:
+            raise ConfigError(f"model.lr_decay_ref={lr_decay_ref}: a positive step count (EDM2's t_ref), or null")
+        self.lr_decay_ref = lr_decay_ref
         self.seed = seed
         self.speed = speed or Speed()
         self.run_config = None  # set by the entry point; stored in checkpoints for evaluate.py
@@ -148,10 +152,18 @@ class GenerativeModule(L.LightningModule):
         """The student's weights and the objective's own (sCM's learned weighting), in one optimiser."""
         params = list(self.net.parameters()) + [p for p in self.objective.parameters() if p.requires_grad]
         opt = self.speed.optimizer(self.optimizer_factory, params, self.trainer.strategy.root_device)
-        if not self.warmup_steps:
+        if not self.warmup_steps and not self.lr_decay_ref:
             return opt
-        warm = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / self.warmup_steps))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": warm, "interval": "step"}}
+        schedule = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def lr_factor(self, step: int) -> float:
+        """Linear warm-up over ``warmup_steps``, then, with ``lr_decay_ref``, EDM2's inverse square root decay
+        1 / sqrt(max(step / t_ref, 1)) (Karras et al. 2024, eq. 17; sCM's ImageNet runs)."""
+        factor = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
+        if self.lr_decay_ref:
+            factor /= max(step / self.lr_decay_ref, 1.0) ** 0.5
+        return factor
 
     def optimizer_step(self, *args, **kwargs):
         super().optimizer_step(*args, **kwargs)

@@ -19,10 +19,9 @@ from torch.utils.checkpoint import checkpoint
 def timestep_embedding(noise_labels: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding laid out as ADM's: all cosines first, then all sines."""
     half = dim // 2
-    freqs = torch.exp(
-        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=noise_labels.device) / half
-    )
-    args = noise_labels.float()[:, None] * freqs[None]
+    dtype = torch.float64 if noise_labels.dtype == torch.float64 else torch.float32
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=dtype, device=noise_labels.device) / half)
+    args = noise_labels.to(dtype)[:, None] * freqs[None]
     embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
         embedding = F.pad(embedding, (0, 1))
@@ -30,12 +29,13 @@ def timestep_embedding(noise_labels: torch.Tensor, dim: int, max_period: float =
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm evaluated in float32 so that half-precision activations keep accurate statistics."""
+    """GroupNorm evaluated in at least float32 so that half-precision activations keep accurate statistics."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The weights too: a teacher stored in bf16 (model.speed.frozen_dtype) still normalises in fp32.
-        weight, bias = (None if p is None else p.float() for p in (self.weight, self.bias))
-        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type(x.dtype)
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        weight, bias = (None if p is None else p.to(dtype) for p in (self.weight, self.bias))
+        return F.group_norm(x.to(dtype), self.num_groups, weight, bias, self.eps).type(x.dtype)
 
 
 def normalization(channels: int, groups: int) -> GroupNorm32:

@@ -39,7 +39,6 @@ class Objective(nn.Module, abc.ABC):
 
     has_target_network = False
     requires_teacher = False
-    teacher = None
     frozen: tuple[str, ...] = ()
 
     def __init__(self, parameterisation):
@@ -50,8 +49,12 @@ class Objective(nn.Module, abc.ABC):
         """Scalars that depend on the step alone (logged each step; ``mu`` drives the target network)."""
         return {}
 
+    @property
+    def teacher(self) -> nn.Module | None:
+        return self._modules.get("teacher")
+
     def attach_teacher(self, teacher: nn.Module) -> None:
-        self.teacher = teacher
+        self._modules["teacher"] = teacher  # a submodule behind the read-only ``teacher`` property
 
     def check(self, net: nn.Module) -> None:
         """Stops before the first step when ``net`` cannot serve this objective."""

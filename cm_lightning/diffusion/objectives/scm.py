@@ -120,4 +120,4 @@ class SCM(Objective):
         F_theta = param.F(student, x_t, t, labels)
         w = self.weighting(t)
         distance = (F_theta - F_minus - target_step).pow(2).flatten(1).mean(dim=1)
-        return torch.exp(w) * distance - w, {"weight": torch.exp(w).mean()}
+        return torch.exp(w) * distance - w, {"weight": torch.exp(w).mean().detach()}
