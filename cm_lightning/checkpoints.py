@@ -24,6 +24,7 @@ from torch import nn
 from cm_lightning.diffusion.precond import Precond, consistency_function, edm_denoiser, from_meta
 from cm_lightning.errors import ConfigError
 from cm_lightning.sampler import Sampler
+from cm_lightning.untrusted import instantiate_trusted, load_file
 
 META_KEY = "cm_lightning"
 
@@ -38,10 +39,11 @@ def is_plain(ckpt: dict) -> bool:
 
 
 def read_checkpoint(path, what: str = "checkpoint") -> dict:
-    """A cm-lightning checkpoint, or a plain state dict of tensors (the authors' .pt files) as it is."""
+    """A cm-lightning checkpoint, or a plain state dict of tensors (the authors' .pt files) as it is; read
+    with ``weights_only=True`` (``untrusted.py``)."""
     if path is None or not Path(str(path)).expanduser().is_file():
         raise ConfigError(f"{what}={path} does not exist; pass the path of a run's checkpoints/last.ckpt")
-    ckpt = torch.load(Path(str(path)).expanduser(), map_location="cpu", weights_only=False)
+    ckpt = load_file(path, what)
     plain = isinstance(ckpt, dict) and ckpt and all(isinstance(k, str) and torch.is_tensor(v) for k, v in ckpt.items())
     if not isinstance(ckpt, dict) or not (plain or META_KEY in ckpt):
         raise ConfigError(f"{what}={path} is neither a cm-lightning checkpoint (no '{META_KEY}' entry) nor a plain "
@@ -91,7 +93,7 @@ def load_matching(net: nn.Module, state: dict, source: str, fix: str) -> None:
 def network_from_checkpoint(ckpt: dict, which: str = "ema") -> nn.Module:
     """The backbone of a checkpoint with its EMA weights (``which='ema'``) or raw weights (``'net'``)."""
     meta = ckpt[META_KEY]
-    net = instantiate(meta["config"]["model"]["net"])
+    net = instantiate_trusted(meta["config"]["model"]["net"], "the checkpoint's model.net")
     prefix = f"ema.{meta['sample_ema']}." if which == "ema" else "net."
     net.load_state_dict({k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)})
     return net.eval().requires_grad_(False)

@@ -1,5 +1,5 @@
 """Several processes on one machine under Hydra, without SLURM: how Lightning starts ranks 1..n-1, and
-the clean-up between the jobs of a local ``--multirun``.
+the clean-up between the jobs of a local ``--multirun``, and ranks that exit with the process that started them.
 
 Lightning starts each further rank by re-running the command line with ``hydra.run.dir`` pinned. Under
 ``--multirun`` that command line is the whole sweep: every rank would launch a sweep of its own, in
@@ -10,8 +10,12 @@ own ranks rather than waiting for the old ones.
 """
 
 import contextlib
+import ctypes
 import os
+import signal
 import sys
+import threading
+import time
 
 import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
@@ -24,6 +28,7 @@ CONFIG_FLAGS = ("--config-path", "-cp", "--config-name", "-cn", "--config-dir", 
 SWEEP_KEYS = ("hydra.mode", "hydra.run.", "hydra.sweep", "hydra.launcher", "hydra/launcher", "hydra.sweeper",
               "hydra/sweeper", "hydra.job.name", "hydra.output_subdir", "hydra.job.num", "hydra.job.id")
 LAUNCH_VARS = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+LAUNCHER_VAR = "CM_LIGHTNING_LAUNCHER_PID"  # set by the process that starts ranks, inherited by them
 
 
 def config_flags(argv: list[str]) -> list[str]:
@@ -61,7 +66,7 @@ def use_rank_command() -> None:
 @contextlib.contextmanager
 def job_scope():
     """Leaves no process group and no rank variables behind when the job ends (see the module docstring)."""
-    saved = {k: os.environ.get(k) for k in LAUNCH_VARS}
+    saved = {k: os.environ.get(k) for k in (*LAUNCH_VARS, LAUNCHER_VAR)}
     try:
         yield
     finally:
@@ -72,3 +77,43 @@ def job_scope():
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def exit_with_launcher() -> None:
+    """A rank started by this process's launcher (Lightning re-running the command) exits when the launcher
+    dies, instead of waiting forever in a collective for a rank 0 that is gone. Then this process becomes the
+    launcher its own ranks watch."""
+    launcher = int(os.environ.get(LAUNCHER_VAR) or 0)
+    if launcher and launcher != os.getpid():
+        if os.getppid() == launcher:
+            watch_parent(launcher)
+        elif not alive(launcher):  # it died while this rank was starting
+            os._exit(1)
+    os.environ[LAUNCHER_VAR] = str(os.getpid())
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def watch_parent(parent: int) -> None:
+    """On Linux the kernel sends SIGKILL when the parent exits (``PR_SET_PDEATHSIG``; no thread to starve
+    while the main one is blocked in C++); elsewhere a daemon thread polls for the parent."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    else:
+        threading.Thread(target=poll_parent, args=(parent,), daemon=True).start()
+    if os.getppid() != parent:  # it died before the request was made
+        os._exit(1)
+
+
+def poll_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(1)

@@ -8,7 +8,7 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image, ImageDraw
 
-from cm_lightning.data.transforms import center_crop_resize, to_model_range
+from cm_lightning.data.transforms import center_crop_resize, header_problem, to_model_range
 from cm_lightning.errors import ConfigError
 from cm_lightning.sampler import Sampler
 
@@ -27,12 +27,16 @@ def read_images(cfg: DictConfig, task: str) -> list[tuple[str, Image.Image]]:
     files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")) if path.is_dir() else [path]
     images = []
     for file in files:
-        try:
-            with Image.open(file) as img:
-                img.load()
-                images.append((file.stem, img.copy()))
-        except (OSError, ValueError) as exc:
-            log.warning("skipping %s: not a readable image (%s)", file, exc)
+        problem = header_problem(file)
+        if problem is None:
+            try:
+                with Image.open(file) as img:
+                    img.load()
+                    images.append((file.stem, img.copy()))
+            except (OSError, ValueError) as exc:  # a header that promises pixels the file does not hold
+                problem = f"not a readable image ({exc})"
+        if problem:
+            log.warning("skipping %s: %s", file, problem)
     if not images:
         raise ConfigError(f"input={cfg.input} holds no readable image (tried {len(files)} file(s))")
     return images
@@ -91,9 +95,13 @@ def build_masks(cfg: DictConfig, images: list[tuple[str, Image.Image]], size: in
     path = Path(str(cfg.mask)).expanduser()
     if not path.is_file():
         raise ConfigError(f"mask={cfg.mask} is neither box, left_half, random_strokes nor an image file")
+    problem = header_problem(path)
     try:
-        with Image.open(path) as m:
-            mask = m.convert("L")
+        if problem is None:
+            with Image.open(path) as m:
+                mask = m.convert("L")
     except OSError as exc:
-        raise ConfigError(f"mask={cfg.mask} is not a readable image ({exc})") from None
+        problem = f"not a readable image ({exc})"
+    if problem:
+        raise ConfigError(f"mask={cfg.mask} is {problem}; use box, left_half, random_strokes or another image")
     return torch.stack([fit_mask(mask, path, img, name, size) for name, img in images])

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torchvision.utils import make_grid, save_image
 
@@ -26,6 +25,7 @@ from cm_lightning.diffusion.linear_transforms import LUMINANCE, ChannelBasis, Id
 from cm_lightning.editing_inputs import build_masks, read_images, to_tensor
 from cm_lightning.errors import ConfigError
 from cm_lightning.sampler import Sampler
+from cm_lightning.untrusted import instantiate_trusted, load_file
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +65,15 @@ def run_method(ckpt) -> tuple[str, int] | None:
     """('cd' or 'ct', the grid size N at the end of training; 0 without a discrete grid) of the run that
     wrote ``ckpt``, from its stored config; every consistency-training variant counts as 'ct'. None for
     a method without a pair rule (sCM)."""
-    config = torch.load(Path(str(ckpt)).expanduser(), map_location="cpu", weights_only=False, mmap=True)
-    config = config["cm_lightning"]["config"]
+    config = load_file(ckpt, "ckpt", mmap=True)["cm_lightning"]["config"]
     model = config["model"]
-    target = model["target"] if "target" in model else model.get("objective", {}).get("pair")
+    key = "target" if "target" in model else "objective.pair"  # the layout before and since objectives
+    target = model["target"] if "target" in model else (model.get("objective") or {}).get("pair")
     if target is None:
         return None
-    schedule = instantiate(target["schedule"]) if "schedule" in target else None
+    schedule = None
+    if "schedule" in target:
+        schedule = instantiate_trusted(target["schedule"], f"the checkpoint's model.{key}.schedule")
     final = schedule(config["trainer"]["max_steps"]) if callable(schedule) else None
     method = "cd" if target["_target_"].endswith("CDTarget") else "ct"
     return method, (int(final[0]) if isinstance(final, tuple) else 0)

@@ -6,27 +6,30 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
 from lightning.fabric import Fabric
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import save_image
 
-from cm_lightning import wandb_runs
+from cm_lightning import ddp, wandb_runs
 from cm_lightning.callbacks.metrics import log_results
 from cm_lightning.callbacks.sample_grid import image_grid
 from cm_lightning.checkpoints import export_state_dict, sampler_from_checkpoint
 from cm_lightning.checkpoints import META_KEY, is_plain, read_checkpoint
-from cm_lightning.diffusion.sampling import check_decreasing, sigmas_from_indices
+from cm_lightning.diffusion.editing import check_levels
+from cm_lightning.diffusion.sampling import sigmas_from_indices
 from cm_lightning.editing_tasks import EDIT_TASKS
 from cm_lightning.errors import ConfigError
+from cm_lightning.inputs import check_evaluation
 from cm_lightning.metrics.fidelity import Fidelity
 from cm_lightning.metrics.midpoint_search import ternary_search
 from cm_lightning.metrics.reference import ReferenceSource
 from cm_lightning.metrics.sharding import progress, share, sharded_features
+from cm_lightning.run_dir import check_output_dir, refuse_existing, write_hydra_files
 from cm_lightning.sampler import Sampler
 from cm_lightning.speed import Speed, auto_precision
 from cm_lightning.tasks.report import report_task
+from cm_lightning.untrusted import instantiate_trusted
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +60,8 @@ def schedules(cfg: DictConfig, sampler: Sampler) -> dict:
         raise ConfigError(f"solver={cfg.solver} applies to diffusion teachers, but ckpt={cfg.ckpt} is a consistency "
                           "model sampled by CM Algorithm 1; drop solver=")
     if cfg.sigmas is not None:
-        return {"sigmas": levels(sampler, check_decreasing(cfg.sigmas, "sigmas"))}
+        grid = sampler.param.grid
+        return {"sigmas": levels(sampler, check_levels(cfg.sigmas, grid["sigma_min"], grid["sigma_max"], "sigmas"))}
     if cfg.ts is not None:
         sigmas = sigmas_from_indices(cfg.ts, cfg.ts_num_scales, **sampler.param.grid)
         return {"ts" + "-".join(str(t) for t in cfg.ts): levels(sampler, sigmas)}
@@ -125,7 +129,9 @@ def sample_task(cfg: DictConfig) -> list[Path]:
 
 def export_task(cfg: DictConfig) -> list[Path]:
     """``task=export``: the run's EMA network as a plain state dict, the format of the authors' files."""
-    out = export_state_dict(cfg.ckpt, cfg.get("export_to") or Path(cfg.out_dir) / "model_ema.pt", cfg.ema)
+    out = cfg.get("export_to") or Path(cfg.out_dir) / "model_ema.pt"
+    refuse_existing(out, "export_to", cfg.get("overwrite", False), "choose another export_to=...")
+    out = export_state_dict(cfg.ckpt, out, cfg.ema)
     log.info("wrote %s", out)
     return [out]
 
@@ -133,6 +139,7 @@ def export_task(cfg: DictConfig) -> list[Path]:
 def launch(cfg: DictConfig) -> Fabric:
     """``trainer.devices`` processes, one per device (Lightning Fabric: the others re-run this command)."""
     accelerator = "auto" if cfg.device == "auto" else torch.device(cfg.device).type
+    ddp.exit_with_launcher()
     fabric = Fabric(accelerator=accelerator, devices=cfg.trainer.devices, num_nodes=cfg.trainer.num_nodes,
                     strategy=cfg.trainer.strategy)
     fabric.launch()
@@ -145,7 +152,7 @@ def training_data(cfg: DictConfig):
     if is_plain(ckpt):
         raise ConfigError(f"ckpt={cfg.ckpt} is a plain state dict without its training config; pass "
                           "metrics.reference=<.npz of real images in the authors' format>")
-    return instantiate(ckpt[META_KEY]["config"]["data"])
+    return instantiate_trusted(ckpt[META_KEY]["config"]["data"], "the checkpoint's data")
 
 
 class Scorer:
@@ -258,6 +265,10 @@ TASKS.update(EDIT_TASKS)
 def evaluate(cfg: DictConfig) -> list[Path]:
     if cfg.task not in TASKS:
         raise ConfigError(f"task={cfg.task!r} is unknown; choose one of {sorted(TASKS)}")
+    check_evaluation(cfg)
+    overwrite = bool(cfg.get("overwrite", False))
+    check_output_dir(cfg.out_dir, overwrite)
     written = TASKS[cfg.task](cfg)
+    write_hydra_files(cfg, cfg.out_dir, overwrite)  # after the task's own checks: a refused command writes nothing
     wandb_runs.record_evaluation(cfg, written)
     return written

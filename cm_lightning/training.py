@@ -15,6 +15,9 @@ from cm_lightning import ddp, slurm, wandb_runs
 from cm_lightning.callbacks.checkpoint import AtomicCheckpointIO, check_writable, checkpoint_dir, resume_path
 from cm_lightning.callbacks.telemetry import usable
 from cm_lightning.errors import ConfigError
+from cm_lightning.inputs import check_training
+from cm_lightning.run_dir import OptimizerSettings, check_fresh_start, check_resume, write_hydra_files
+from cm_lightning.untrusted import fit_options
 
 
 def check_data_matches_net(data, net) -> None:
@@ -63,6 +66,7 @@ def build_logger(c: DictConfig):
 def build(cfg: DictConfig):
     """Data, model, callbacks, loggers and trainer, each with ``hydra.utils.instantiate``; the checks that
     need them run here, before any process is started or any step is taken."""
+    check_training(cfg)
     slurm.check_allocation(cfg.trainer.get("devices", 1), cfg.trainer.get("num_nodes", 1),
                            cfg.trainer.get("accelerator", "auto"))
     data = instantiate(cfg.data, seed=cfg.seed)
@@ -80,15 +84,28 @@ def build(cfg: DictConfig):
     return data, model, trainer
 
 
+def prepare_run_dir(cfg: DictConfig, model, trainer, ckpt) -> None:
+    """The run directory's rules (``run_dir.py``): a fresh start writes over no other run's checkpoints or
+    config without ``overwrite=true``; a resume keeps the method and applies the optimiser settings."""
+    overwrite = bool(cfg.get("overwrite", False))
+    check_fresh_start(ckpt, checkpoint_dir(trainer), overwrite)
+    if ckpt is not None:
+        check_resume(ckpt, model.run_config)
+        trainer.callbacks.append(OptimizerSettings(model.optimizer_factory))
+    write_hydra_files(cfg, trainer.default_root_dir, overwrite, resuming=ckpt is not None)
+
+
 def train(cfg: DictConfig) -> Path:
     L.seed_everything(cfg.seed, workers=True)
     ddp.use_rank_command()
     with ddp.job_scope(), warnings.catch_warnings():
+        ddp.exit_with_launcher()
         # The target network, the teacher and the EMAs are frozen in eval mode by design; Lightning's warning
         # about modules in eval mode at the start of training would greet every run and say nothing.
         warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
         data, model, trainer = build(cfg)
         ckpt = resume_path(cfg.get("ckpt_path"), checkpoint_dir(trainer))
-        trainer.fit(model, datamodule=data, ckpt_path=ckpt)
+        prepare_run_dir(cfg, model, trainer, ckpt)
+        trainer.fit(model, datamodule=data, ckpt_path=ckpt, **fit_options(trainer))
         wandb_runs.finish(trainer.loggers)
     return Path(trainer.default_root_dir)

@@ -155,7 +155,7 @@ def test_cd_from_a_plain_teacher_file(tmp_path):
     torch.save(randomise(instantiate(cfg.net)).state_dict(), tmp_path / "edm_digits_ema.pt")
     train_here(["experiment=digits_cd", f"model.teacher_ckpt={tmp_path / 'edm_digits_ema.pt'}", *TINY,
                 "trainer.max_steps=2", "logger=none"], tmp_path / "cd")
-    ckpt = torch.load(tmp_path / "cd" / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt = torch.load(tmp_path / "cd" / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 2 and ckpt[META_KEY]["config"]["model"]["teacher_ckpt"].endswith("edm_digits_ema.pt")
 
 

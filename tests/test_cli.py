@@ -15,7 +15,7 @@ def test_edm_then_cd_then_evaluate(edm_run, cd_run, tmp_path):
         assert (run / "samples").is_dir() and list((run / "samples").glob("final_*.png"))
     assert (cd_run / "samples/final_1step.png").is_file() and (cd_run / "samples/final_2step.png").is_file()
     assert (edm_run / "samples/final_18step.png").is_file()
-    ckpt = torch.load(cd_run / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(cd_run / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
     keys = ckpt["state_dict"].keys()
     assert any(k.startswith("target_net.") for k in keys) and any(k.startswith("ema.0.") for k in keys)
     assert not any(k.startswith("target.teacher.") for k in keys)  # the teacher is re-read, not copied
@@ -41,7 +41,7 @@ def test_resume_continues_from_the_checkpoint(edm_run, tmp_path):
     tiny = [o for o in TINY if not o.startswith("trainer.max_steps")]
     run_script("train.py", "experiment=digits_edm", *tiny, "trainer.max_steps=6", f"ckpt_path={ckpt}",
                "logger=csv", f"hydra.run.dir={tmp_path}")
-    resumed = torch.load(tmp_path / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    resumed = torch.load(tmp_path / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
     assert resumed["global_step"] == 6
 
 

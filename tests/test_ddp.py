@@ -18,7 +18,7 @@ ONE_STEP = [*TINY, "trainer.max_steps=1", "trainer.accelerator=cpu", "trainer.de
 
 
 def weights(run_dir):
-    state = torch.load(run_dir / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    state = torch.load(run_dir / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
     return {k: v for k, v in state.items() if k.startswith(("net.", "ema.", "target_net."))}
 
 

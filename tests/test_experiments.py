@@ -153,7 +153,7 @@ def test_experiment_trains_two_steps(name, disk, tmp_path):
     if needs_teacher(cfg.model):
         overrides.append(f"model.teacher_ckpt={teacher_for(name, cfg, disk)}")
     train_here(overrides, tmp_path)
-    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 2
     assert all(torch.isfinite(v).all() for k, v in ckpt["state_dict"].items() if k.startswith("net."))
     assert list((tmp_path / "samples").glob("final_*.png"))
@@ -164,6 +164,6 @@ def test_two_processes_split_the_global_batch(disk, tmp_path):
     cfg = composed("experiment=imagenet64_ct")
     proc = run_script("train.py", "experiment=imagenet64_ct", *shrink(cfg, disk), "trainer.devices=2",
                       "callbacks.sample_grid.num=1", f"hydra.run.dir={tmp_path}")
-    ckpt = torch.load(Path(tmp_path) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(Path(tmp_path) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 2
     assert "Starting with 2 processes" in proc.stdout + proc.stderr

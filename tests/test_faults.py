@@ -4,6 +4,7 @@ ranks, an unwritable checkpoint directory, an unreadable checkpoint, a NaN or in
 in the middle of writing a checkpoint. (The fallback from a truncated last.ckpt: test_resume.py.)"""
 
 import math
+import os
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -56,8 +57,8 @@ def test_more_gpus_than_visible():
 
 
 def test_batch_that_does_not_split_over_the_ranks(tmp_path):
-    err = fails("trainer.devices=3", "data.batch_size=16", "logger=none", f"hydra.run.dir={tmp_path}")
-    assert "data.batch_size=16 (the global batch) is not divisible by devices x nodes x" in err
+    err = fails("trainer.devices=2", "data.batch_size=15", "logger=none", f"hydra.run.dir={tmp_path}")
+    assert "data.batch_size=15 (the global batch) is not divisible by devices x nodes x" in err
     assert not (tmp_path / "train_ddp_process_1.log").exists() and not list(tmp_path.rglob("*.ckpt"))
 
 
@@ -92,12 +93,29 @@ def test_non_finite_loss_names_the_step(value, tmp_path):
         FiniteLoss().on_before_backward(trainer, None, torch.tensor(value))
 
 
+def test_nan_loss_names_the_checkpoint_from_before_the_divergence(tmp_path):
+    """The loss climbed before it became NaN: last.ckpt (smoothed loss 50) is finite but already diverged,
+    so the message names step 4 (1.1, within 10x of the median 1.1) and resuming from it."""
+    for i, (name, smoothed) in enumerate([("step0000002.ckpt", 1.0), ("step0000004.ckpt", 1.1), ("last.ckpt", 50.0)]):
+        torch.save({"state_dict": {}, "global_step": 2 * i + 2,
+                    "callbacks": {"FiniteLoss": {"smoothed": smoothed}}}, tmp_path / name)
+        os.utime(tmp_path / name, (1000 + i, 1000 + i))
+    trainer = SimpleNamespace(strategy=SimpleNamespace(reduce_boolean_decision=lambda d, all: d), global_step=7,
+                              current_epoch=0, checkpoint_callback=SimpleNamespace(dirpath=str(tmp_path)))
+    with pytest.raises(NonFiniteLoss) as info:
+        FiniteLoss().on_before_backward(trainer, None, torch.tensor(math.nan))
+    message = str(info.value)
+    good = tmp_path / "step0000004.ckpt"
+    assert f"the last good checkpoint is {good} (newer checkpoints were already diverging" in message
+    assert "last.ckpt: 50" in message and f"resume with ckpt_path={good}" in message and "\n" not in message
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     err = fails("callbacks.checkpoint.every_n_train_steps=2", "+callbacks.poison._target_=probes.PoisonAt",
                 "+callbacks.poison.step=3", "logger=none", f"hydra.run.dir={tmp_path}", code=1)
     last = tmp_path / "checkpoints/last.ckpt"
     assert "error: the training loss is nan at step 3 (epoch 0)" in err and f"last good checkpoint is {last}" in err
-    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
 
 

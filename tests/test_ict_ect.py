@@ -150,7 +150,7 @@ def test_ect_starts_from_the_teacher(edm_run):
     cfg = compose_cfg("experiment=digits_ect", f"model.teacher_ckpt={edm_run / 'checkpoints/last.ckpt'}",
                       *[o for o in TINY if o.startswith("net.")])
     module = instantiate(cfg.model)
-    teacher = torch.load(edm_run / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    teacher = torch.load(edm_run / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
     for key, value in module.net.state_dict().items():
         assert torch.equal(value, teacher[f"ema.0.{key}"])
     assert module.target_net is None
@@ -209,7 +209,7 @@ def test_ict_curriculum_survives_resume(tmp_path):
                f"hydra.run.dir={resumed}")
     assert logged_num_scales(first) == [11, 11, 21, 21]
     assert logged_num_scales(resumed) == [41, 41, 81, 81]  # steps 4 to 7
-    ckpt = torch.load(resumed / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(resumed / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 8
     assert not any(k.startswith("target_net.") for k in ckpt["state_dict"])  # no EMA target to save
 

@@ -53,7 +53,7 @@ def free_port() -> int:
 
 def test_two_processes_draw_exactly_the_samples_of_one(tmp_path):
     mp.spawn(worker, args=(2, free_port(), str(tmp_path / "gathered.pt")), nprocs=2)
-    gathered = torch.load(tmp_path / "gathered.pt", weights_only=False)
+    gathered = torch.load(tmp_path / "gathered.pt", weights_only=True)
     sampler, fid = random_sampler(), fidelity()
     reference = ReferenceSource.from_datamodule(DigitsDataModule(image_size=8)).load(fid, tmp_path, "cpu")
     for num, batch in CASES:

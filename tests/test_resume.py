@@ -18,7 +18,7 @@ RUN = [*TINY, "trainer.max_steps=7", "+trainer.limit_train_batches=3", "callback
 
 
 def load(run_dir, name="last.ckpt"):
-    return torch.load(run_dir / "checkpoints" / name, map_location="cpu", weights_only=False)
+    return torch.load(run_dir / "checkpoints" / name, map_location="cpu", weights_only=True)
 
 
 def assert_same_training_state(a, b):

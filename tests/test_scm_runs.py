@@ -14,7 +14,7 @@ SCT = ["experiment=digits_sct", *TINY, "trainer.accelerator=cpu", "trainer.deter
 
 
 def trained(run_dir) -> dict:
-    return torch.load(run_dir / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    return torch.load(run_dir / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
 
 
 def test_two_ranks_take_the_single_process_sct_step(tmp_path):

@@ -10,12 +10,12 @@ import logging
 import os
 from pathlib import Path
 
-import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from cm_lightning.errors import ConfigError
+from cm_lightning.untrusted import UnloadableFile, load_file
 
 log = logging.getLogger(__name__)
 
@@ -64,24 +64,30 @@ def check_writable(dirpath, what: str = "callbacks.checkpoint.dirpath") -> None:
 
 
 def unreadable(path: Path) -> str | None:
-    """Why a checkpoint cannot be resumed from (truncated, not a checkpoint), or None. Memory-mapped, so
-    only the archive's index and the pickled structure are read, not the tensors."""
+    """Why a checkpoint cannot be resumed from (truncated, not a checkpoint, holding code), or None. Read
+    with ``weights_only=True`` and memory-mapped, so only the archive's index and the pickled structure are
+    read, not the tensors, and nothing in the file is executed (``untrusted.py``)."""
     try:
-        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for a damaged file
-        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'empty'}"
+        ckpt = load_file(path, "checkpoint", mmap=True)
+    except UnloadableFile as exc:
+        return exc.reason
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "global_step" not in ckpt:
         return "not a Lightning training checkpoint"
     return None
 
 
+def newest_first(dirpath) -> list[Path]:
+    """The ``*.ckpt`` files of ``dirpath``, newest first (last.ckpt first among equally new files)."""
+    dirpath = Path(str(dirpath))
+    if not dirpath.is_dir():
+        return []
+    return sorted(dirpath.glob("*.ckpt"), key=lambda p: (p.stat().st_mtime, p.name == "last.ckpt"), reverse=True)
+
+
 def latest_readable(dirpath) -> Path | None:
     """The newest ``*.ckpt`` in ``dirpath`` that loads (last.ckpt first among equally new files); a newer
     one that does not is reported and skipped. None when the directory holds no checkpoint."""
-    dirpath = Path(str(dirpath))
-    if not dirpath.is_dir():
-        return None
-    files = sorted(dirpath.glob("*.ckpt"), key=lambda p: (p.stat().st_mtime, p.name == "last.ckpt"), reverse=True)
+    files = newest_first(dirpath)
     skipped = []
     for path in files:
         problem = unreadable(path)

@@ -1,5 +1,6 @@
 """Any folder of images; class sub-folders, when present, become labels."""
 
+import logging
 from pathlib import Path
 
 import torch
@@ -7,9 +8,10 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from cm_lightning.data.base import ImageDataModule
-from cm_lightning.data.transforms import center_crop_resize, to_model_range
+from cm_lightning.data.transforms import center_crop_resize, header_problem, to_model_range
 from cm_lightning.errors import ConfigError
 
+log = logging.getLogger(__name__)
 EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 
 
@@ -36,6 +38,17 @@ def scan(root: Path, class_folders: bool) -> tuple[list[Path], list[int], int]:
     return files, [index[p.relative_to(root).parts[0]] for p in files], len(classes)
 
 
+def usable(files: list[Path], labels: list[int]) -> tuple[list[Path], list[int]]:
+    """The files whose header shows a readable image within the decompression-bomb limit; the others are
+    skipped with a warning naming them, before training rather than in a data-loader worker mid-run."""
+    problems = [header_problem(f) for f in files]
+    for file, problem in zip(files, problems):
+        if problem:
+            log.warning("skipping %s: %s", file, problem)
+    kept = [i for i, problem in enumerate(problems) if problem is None]
+    return [files[i] for i in kept], [labels[i] for i in kept]
+
+
 class ImageFolderDataModule(ImageDataModule):
     def __init__(self, root: str, image_size: int, channels: int = 3, class_folders: bool = False, **kwargs):
         super().__init__(image_size=image_size, channels=channels, **kwargs)
@@ -43,6 +56,7 @@ class ImageFolderDataModule(ImageDataModule):
         if not self.root.is_dir():
             raise ConfigError(f"data.root={self.root} is not a directory; point data.root at a folder of images")
         self.files, self.labels, self.num_classes = scan(self.root, class_folders)
+        self.files, self.labels = usable(self.files, self.labels)
         if not self.files:
             raise ConfigError(f"data.root={self.root} holds no images ({', '.join(sorted(EXTENSIONS))})")
 

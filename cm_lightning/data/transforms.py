@@ -1,5 +1,7 @@
 """Image loading shared by the file-based datasets: resize the short side, centre-crop, map to [-1, 1]."""
 
+import warnings
+
 import torch
 from PIL import Image
 from torchvision.transforms import functional as TF
@@ -16,3 +18,18 @@ def center_crop_resize(img: Image.Image, size: int) -> Image.Image:
 def to_model_range(img: Image.Image, channels: int) -> torch.Tensor:
     img = img.convert("L" if channels == 1 else "RGB")
     return TF.to_tensor(img) * 2 - 1
+
+
+def header_problem(file) -> str | None:
+    """Why an image file cannot be used, from its header alone (no pixel is decoded): not an image, or more
+    pixels than PIL's decompression-bomb limit ``Image.MAX_IMAGE_PIXELS`` (89,478,485 by default)."""
+    try:
+        with warnings.catch_warnings():  # PIL warns between 1x and 2x the limit: refused below instead
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(file) as img:
+                width, height = img.size
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        return f"not a readable image ({exc})"
+    if width * height > Image.MAX_IMAGE_PIXELS:
+        return f"{width} x {height} pixels, more than the decompression-bomb limit of {Image.MAX_IMAGE_PIXELS}"
+    return None

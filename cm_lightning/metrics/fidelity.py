@@ -7,7 +7,8 @@ training set) arrives as cached features and FID statistics (``reference.py``), 
 
 Extractors: ``inception-v3-compat`` (torch-fidelity's port of the TF-slim Inception, comparable to
 published FIDs) and ``digits-classifier`` (``digits_fidelity.py``, meaningful on 16x16 digits).
-Nothing is downloaded: weights come from a path or an existing file in torch's cache.
+Nothing is downloaded: weights come from a path or an existing file in torch's cache, and are read with
+``weights_only=True`` (``untrusted.py``).
 """
 
 import hashlib
@@ -24,6 +25,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from cm_lightning.errors import ConfigError
 from cm_lightning.metrics import digits_fidelity
 from cm_lightning.metrics.digits_classifier import WEIGHTS_PATH as DIGITS_WEIGHTS
+from cm_lightning.untrusted import load_weights, weights_stream
 
 INCEPTION = "inception-v3-compat"
 EXTRACTORS = (INCEPTION, digits_fidelity.FEATURE_EXTRACTOR_NAME)
@@ -81,6 +83,7 @@ class Fidelity:
                  prc: bool = False, kid_subset_size: int = 1000, batch_size: int = 256):
         self.extractor_name = feature_extractor
         self.weights = resolve_weights(feature_extractor, feature_extractor_weights_path)
+        load_weights(self.weights, "feature_extractor_weights_path", mmap=True)  # refused now, not after sampling
         if not (fid or isc or kid or prc):
             raise ConfigError("fid, isc, kid and prc are all false; enable at least one metric")
         self.fid, self.isc, self.kid, self.prc = fid, isc, kid, prc
@@ -117,7 +120,12 @@ class Fidelity:
     def extractor(self, device) -> torch.nn.Module:
         if self._extractor is None:
             cls = FEATURE_EXTRACTORS_REGISTRY[self.extractor_name]
-            self._extractor = cls(self.extractor_name, self.layers, feature_extractor_weights_path=str(self.weights))
+            # torch-fidelity's Inception unpickles its weights with weights_only=False: it gets what load_file
+            # accepted instead. The digits extractor is ours and loads with weights_only=True.
+            weights = str(self.weights)
+            if self.extractor_name == INCEPTION:
+                weights = weights_stream(self.weights, "feature_extractor_weights_path")
+            self._extractor = cls(self.extractor_name, self.layers, feature_extractor_weights_path=weights)
         return self._extractor.to(device)
 
     @torch.no_grad()

@@ -60,7 +60,7 @@ def wait(job: str, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_
 
 
 def weights(run_dir: Path) -> dict:
-    state = torch.load(run_dir / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    state = torch.load(run_dir / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
     return {k: v for k, v in state["state_dict"].items() if k.startswith(("net.", "ema.", "target_net."))}
 
 
@@ -120,7 +120,7 @@ def test_sweep_through_the_slurm_launcher(tmp_path):
         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for num, lr in (("0", 1e-4), ("1", 2e-4)):
-        ckpt = torch.load(tmp_path / num / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+        ckpt = torch.load(tmp_path / num / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
         assert ckpt["global_step"] == 4 and ckpt["cm_lightning"]["config"]["model"]["optimizer"]["lr"] == lr
     logs = "".join(p.read_text() for p in tmp_path.glob(".submitit/*/*_log.*"))
     assert logs.count("Starting with 2 processes") == 2, logs[-3000:]

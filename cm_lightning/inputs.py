@@ -1,0 +1,77 @@
+"""Types and ranges of the numbers a user sets on the command line, checked before anything is built, so
+that ``data.batch_size=abc`` or ``num=0`` stops with one line naming the value instead of a traceback
+(or, worse, a run that silently does something else)."""
+
+import os
+
+import torch
+
+from cm_lightning.errors import ConfigError
+
+
+def whole(value, key: str, minimum: int = 1, example: str = "") -> int:
+    """``value`` as an integer of at least ``minimum``; one line naming it otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{key}={value} must be a whole number >= {minimum}, e.g. {key}={example}")
+    return value
+
+
+def positive(value, key: str, example: str) -> float:
+    """``value`` as a finite number above zero; one line naming it otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ConfigError(f"{key}={value} must be a number above 0, e.g. {key}={example}")
+    return float(value)
+
+
+def cores() -> int:
+    """CPU cores this process may run on (its affinity mask, which containers and SLURM set)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def on_cpu(accelerator) -> bool:
+    return str(accelerator) == "cpu" or (str(accelerator) == "auto" and not torch.cuda.is_available())
+
+
+def check_cpu_devices(devices, accelerator, key: str = "trainer.devices") -> None:
+    """One process per CPU device: more processes than cores only thrash and exhaust memory."""
+    if not on_cpu(accelerator) or isinstance(devices, str) and not devices.strip().isdigit():
+        return  # auto, -1, "0,1" and GPU counts are Lightning's and SLURM's to check
+    count = whole(int(devices) if isinstance(devices, str) else devices, key, example=1)
+    if count > cores():
+        raise ConfigError(f"{key}={devices} processes on the CPU, but this machine has {cores()} core(s); "
+                          f"use {key}=1 (or at most {cores()}), or run on GPUs")
+
+
+def check_training(cfg) -> None:
+    """train.py's numbers: batch size, learning rate, step budget and CPU processes."""
+    whole(cfg.data.batch_size, "data.batch_size", example="64")
+    positive(cfg.model.optimizer.lr, "model.optimizer.lr", example="1e-4")
+    if cfg.trainer.max_steps != -1:
+        whole(cfg.trainer.max_steps, "trainer.max_steps", example="2000 (or -1 for no limit)")
+    check_cpu_devices(cfg.trainer.get("devices", 1), cfg.trainer.get("accelerator", "auto"))
+
+
+def check_evaluation(cfg) -> None:
+    """evaluate.py's numbers: sample count, batch size, step counts, the device and CPU processes."""
+    whole(cfg.num, "num", example="64")
+    whole(cfg.batch_size, "batch_size", example="256")
+    bad = [s for s in cfg.steps if isinstance(s, bool) or not isinstance(s, int) or s < 1]
+    if bad or not cfg.steps:
+        raise ConfigError(f"steps={list(cfg.steps)}: each entry is a number of sampling steps >= 1 (a 0-step "
+                          "sample does not exist), e.g. steps=[1,2]")
+    check_device(cfg.device)
+    check_cpu_devices(cfg.trainer.devices, "cpu" if str(cfg.device) == "cpu" else "auto")
+
+
+def check_device(name) -> None:
+    """``device=``: auto, cpu, or a CUDA device that exists."""
+    try:
+        device = torch.device("cpu" if name == "auto" else str(name))
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"device={name} is not a device; use device=auto, device=cpu or device=cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} but no CUDA GPU is visible to this process; use device=cpu or device=auto")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"device={name} but this machine has {torch.cuda.device_count()} GPU(s); use device=cuda:0")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device={name}: sampling runs on device=cpu or device=cuda")

@@ -1,0 +1,129 @@
+"""Files a user names (checkpoints, the authors' state dicts, a teacher, feature-extractor weights) are data
+from elsewhere: loading one must never run code.
+
+* ``load_file`` reads every such file with ``torch.load(weights_only=True)``: PyTorch's restricted unpickler,
+  which builds tensors, numbers, strings, lists and dicts and refuses any other Python object (a pickle
+  payload such as ``os.system``) before creating it. A file that is not a PyTorch checkpoint at all stops
+  with one line naming it.
+* ``instantiate_trusted`` is ``hydra.utils.instantiate`` for the run config a checkpoint carries: that config
+  came with the file, so a ``_target_`` in it is code the file's author chose. Every ``_target_``, at any
+  depth, must be a class of this package (named by its own module path, so that ``cm_lightning.x.torch.load``
+  cannot reach ``torch.load`` through a module attribute) or one of the optimisers the configs use.
+  Functions are refused even from this package: ``evaluate`` or ``train`` called with arguments of the
+  file's choosing would write wherever it says.
+"""
+
+import inspect
+import io
+import re
+import zipfile
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, ListConfig
+
+from cm_lightning.errors import ConfigError
+
+PACKAGE = "cm_lightning."
+# The optimisers conf/model/ uses, named as the configs name them.
+OPTIMISERS = frozenset({"torch.optim.RAdam", "torch.optim.Adam", "torch.optim.AdamW", "torch.optim.SGD"})
+
+
+class UnloadableFile(ConfigError):
+    """``load_file`` refused a file; ``reason`` says why without the ``what=path`` prefix."""
+
+    def __init__(self, what: str, path, reason: str):
+        super().__init__(f"{what}={path} {reason}")
+        self.reason = reason
+
+
+def refusal(exc: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` failed, as a clause: a refused object, or not a checkpoint."""
+    text = str(exc)
+    if "Weights only load failed" in text:
+        found = re.search(r"GLOBAL (\S+)|Unsupported (?:operand|class) (\S+)", text)
+        name = next((g for g in found.groups() if g), "") if found else ""
+        return (f"holds a Python object{f' ({name})' if name else ''} besides tensors and plain data; it is "
+                "refused because loading it could run code. Use a checkpoint written by train.py or a plain "
+                "state dict of tensors")
+    first = text.splitlines()[0] if text.strip() else "empty or cut short"
+    return f"is not a PyTorch checkpoint file ({type(exc).__name__}: {first})"
+
+
+def load_file(path, what: str, mmap: bool = False):
+    """``torch.load(path, weights_only=True)`` on the CPU, or ``UnloadableFile`` in one line. ``mmap`` reads
+    only the index and structure of a zip-format file, not its tensors (the readability check of resume)."""
+    path = Path(str(path)).expanduser()
+    if not path.is_file():
+        raise UnloadableFile(what, path, "does not exist")
+    if path.stat().st_size == 0:
+        raise UnloadableFile(what, path, "is not a PyTorch checkpoint file (it is empty)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
+    except Exception as exc:  # torch raises UnpicklingError, EOFError, KeyError, RuntimeError, ... by file
+        raise UnloadableFile(what, path, refusal(exc)) from None
+
+
+def load_weights(path, what: str, mmap: bool = False) -> dict:
+    """A state dict of tensors (a network's weights file) by ``load_file``; one line for anything else."""
+    state = load_file(path, what, mmap=mmap)
+    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
+        raise UnloadableFile(what, path, "is not a state dict of tensors (a weights file)")
+    return state
+
+
+def weights_stream(path, what: str) -> io.BytesIO:
+    """A weights file loaded by ``load_weights`` and written again as an in-memory file, for a library that
+    calls ``torch.load(weights_only=False)`` on what it is given (torch-fidelity's Inception): what it then
+    unpickles is only what ``load_weights`` accepted."""
+    stream = io.BytesIO()
+    torch.save(load_weights(path, what), stream)
+    stream.seek(0)
+    return stream
+
+
+def fit_options(trainer) -> dict:
+    """``trainer.fit``'s keyword that makes Lightning read the checkpoint it resumes from with
+    ``weights_only=True``, in the Lightning versions that have it (2.6 on)."""
+    return {"weights_only": True} if "weights_only" in inspect.signature(trainer.fit).parameters else {}
+
+
+def refused_target(target) -> bool:
+    """True unless ``target`` names an allowed optimiser or a class of this package by its own path."""
+    if target in OPTIMISERS:
+        return False
+    if not isinstance(target, str) or not target.startswith(PACKAGE):
+        return True
+    from hydra._internal.utils import _locate  # Hydra's own resolution of a _target_, so both agree
+
+    try:
+        obj = _locate(target)
+    except Exception:  # an ImportError or AttributeError of the file's making: just not allowed
+        return True
+    return not isinstance(obj, type) or f"{obj.__module__}.{obj.__qualname__}" != target
+
+
+def check_targets(node, where: str) -> None:
+    """Every ``_target_`` in ``node``, at any depth, must pass ``refused_target``; one line otherwise."""
+    if isinstance(node, (dict, DictConfig)):
+        items = node.items()
+        target = node.get("_target_")
+        if "_target_" in node and refused_target(target):
+            raise ConfigError(
+                f"{where}._target_={target} is refused: a config stored in a checkpoint may only name classes of "
+                f"cm_lightning and the optimisers {sorted(OPTIMISERS)}. The checkpoint is not one train.py wrote; "
+                "do not use it"
+            )
+    elif isinstance(node, (list, tuple, ListConfig)):
+        items = enumerate(node)
+    else:
+        return
+    for key, value in items:
+        check_targets(value, f"{where}.{key}")
+
+
+def instantiate_trusted(node, where: str, **kwargs):
+    """``hydra.utils.instantiate(node)`` for a config read from a file, after ``check_targets``."""
+    check_targets(node, where)
+    return instantiate(node, **kwargs)

@@ -1,0 +1,240 @@
+"""A checkpoint a user downloads never runs code: on every path that loads a file (evaluate.py's tasks, the
+teacher, ``ckpt_path=``, auto-resume, export, the feature-extractor weights) a pickle payload and a stored
+config naming a function to call are refused with one line, and the marker file either would create stays
+absent. Our own checkpoints and the authors' plain state dicts still load."""
+
+import copy
+import io
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.errors import InstantiationException
+
+from cm_lightning.checkpoints import sampler_from_checkpoint
+from cm_lightning.cli import _root_cause
+from cm_lightning.errors import ConfigError
+from cm_lightning.metrics.fidelity import Fidelity
+from cm_lightning.untrusted import instantiate_trusted, load_file, refused_target, weights_stream
+from conftest import TINY, run_script
+from helpers import randomise, tiny_net
+from inprocess import evaluate_here, train_here
+
+TASKS = ["sample", "export", "fid", "search_midpoint", "inpaint", "colorize", "superres", "stroke", "denoise",
+         "interpolate"]
+
+
+class Payload:
+    """What an attacker pickles: unpickling it would create ``marker``."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.fixture
+def marker(tmp_path):
+    path = tmp_path / "PWNED"
+    yield path
+    assert not path.exists(), "the file's code ran"
+
+
+def pickle_payload(tmp_path, marker) -> Path:
+    """A Lightning-shaped checkpoint with a payload inside its state dict."""
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"w": Payload(marker)}, "global_step": 1, "cm_lightning": {}}, path)
+    return path
+
+
+def gadgets(marker: Path) -> dict:
+    """Configs made only of strings, numbers, bytes and dicts, which ``weights_only=True`` loads, each naming
+    code for Hydra to call: directly, nested inside an allowed class (``torch.load`` of an in-memory pickle
+    with weights_only false: what passes Hydra's own block list), through a module attribute of this package,
+    and one of this package's functions."""
+    nested_load = {"_target_": "torch.load", "weights_only": False,
+                   "f": {"_target_": "io.BytesIO", "initial_bytes": pickle.dumps(Payload(marker))}}
+    return {
+        "os.system": {"_target_": "os.system", "command": f"touch {marker}"},
+        "nested torch.load": {"_target_": "cm_lightning.nets.adm.ADMUNet", "image_size": nested_load},
+        "attribute path": {**nested_load, "_target_": "cm_lightning.checkpoints.torch.load"},
+        "package function": {"_target_": "cm_lightning.evaluation.evaluate", "cfg": {}},
+        "in a list": {"_target_": "cm_lightning.nets.adm.ADMUNet", "channel_mult": [1, nested_load]},
+    }
+
+
+def with_gadget(real: Path, dest: Path, where: str, gadget: dict) -> Path:
+    """Our own checkpoint with the gadget put into its stored config at ``where`` (net, data or schedule)."""
+    ckpt = torch.load(real, map_location="cpu", weights_only=True)
+    config = copy.deepcopy(ckpt["cm_lightning"]["config"])
+    parent = {"net": lambda: config["model"], "data": lambda: config, "schedule": lambda: config["model"]["target"]}
+    parent[where]()[where] = gadget
+    ckpt["cm_lightning"]["config"] = config
+    torch.save(ckpt, dest)
+    return dest
+
+
+def refuses(fn, *words):
+    """``fn`` stops with a ConfigError (as the entry points print it: Hydra's wrapper removed), one line
+    containing ``words``."""
+    with pytest.raises((ConfigError, InstantiationException)) as info:
+        fn()
+    cause = _root_cause(info.value)
+    assert isinstance(cause, ConfigError), repr(cause)
+    message = str(cause)
+    assert "\n" not in message and all(w in message for w in words), message
+    return message
+
+
+# --- the allow-list ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("target", ["torch.load", "os.system", "builtins.eval", "builtins.exec", "subprocess.run",
+                                    "hydra.utils.instantiate", "hydra.utils.call", "functools.partial",
+                                    "cm_lightning.checkpoints.torch.load", "cm_lightning.untrusted.instantiate",
+                                    "cm_lightning.evaluation.evaluate", "cm_lightning.training.train",
+                                    "cm_lightning.nets.adm.nn.Module", "cm_lightning.nope.Class",
+                                    "torch.optim.LBFGS", None, 3])
+def test_targets_outside_the_allow_list_are_refused(target):
+    assert refused_target(target)
+
+
+@pytest.mark.parametrize("target", ["cm_lightning.nets.adm.ADMUNet", "cm_lightning.data.digits.DigitsDataModule",
+                                    "cm_lightning.diffusion.karras.ECTSchedule", "torch.optim.RAdam",
+                                    "torch.optim.Adam", "torch.optim.AdamW", "torch.optim.SGD"])
+def test_the_package_classes_and_optimisers_are_allowed(target):
+    assert not refused_target(target)
+
+
+@pytest.mark.parametrize("name", list(gadgets(Path("x"))))
+def test_every_gadget_is_refused_naming_key_and_target(name, marker):
+    message = refuses(lambda: instantiate_trusted(gadgets(marker)[name], "the checkpoint's model.net"),
+                      "the checkpoint's model.net", "_target_=", "is refused")
+    assert name.split()[0] in message or "torch.load" in message or "evaluate" in message
+
+
+# --- every loading path, a pickle payload ---------------------------------------------------------
+@pytest.mark.parametrize("task", TASKS)
+def test_evaluate_refuses_a_pickle_payload_in_every_task(task, tmp_path, marker):
+    evil = pickle_payload(tmp_path, marker)
+    refuses(lambda: evaluate_here([f"ckpt={evil}", f"task={task}", f"input={tmp_path}"], tmp_path / "out"),
+            f"ckpt={evil}", "posix.system", "could run code")
+
+
+def test_teacher_refuses_a_pickle_payload(tmp_path, marker):
+    evil = pickle_payload(tmp_path, marker)
+    refuses(lambda: train_here(["experiment=digits_cd", f"model.teacher_ckpt={evil}", *TINY, "logger=none"],
+                               tmp_path / "run"), f"model.teacher_ckpt={evil}", "could run code")
+
+
+def test_ckpt_path_refuses_a_pickle_payload(tmp_path, marker):
+    evil = pickle_payload(tmp_path, marker)
+    refuses(lambda: train_here([*TINY, "logger=none", f"ckpt_path={evil}"], tmp_path / "run"),
+            f"ckpt_path={evil}", "could run code")
+
+
+def test_auto_resume_refuses_a_pickle_payload_in_the_run_directory(tmp_path, marker):
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    shutil.copy(pickle_payload(tmp_path, marker), tmp_path / "run" / "checkpoints" / "last.ckpt")
+    refuses(lambda: train_here([*TINY, "logger=none"], tmp_path / "run"), "last.ckpt", "could run code")
+
+
+@pytest.mark.parametrize("extractor", ["digits-classifier", "inception-v3-compat"])
+def test_feature_extractor_weights_refuse_a_pickle_payload(extractor, tmp_path, marker):
+    evil = tmp_path / "weights.pt"
+    torch.save({"w": Payload(marker)}, evil)
+    refuses(lambda: Fidelity(extractor, evil), f"feature_extractor_weights_path={evil}", "could run code")
+
+
+def test_the_command_line_prints_one_line_and_exits_2(tmp_path, marker):
+    evil = pickle_payload(tmp_path, marker)
+    proc = run_script("evaluate.py", f"ckpt={evil}", f"hydra.run.dir={tmp_path / 'out'}", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and f"ckpt={evil}" in lines[0], proc.stderr[-3000:]
+
+
+# --- every loading path, a stored-config gadget -----------------------------------------------------
+def gadget_cases():
+    """Every gadget form through task=sample, and the nested torch.load form through every task."""
+    return [("sample", name) for name in gadgets(Path("x"))] + [(task, "nested torch.load") for task in TASKS[1:]]
+
+
+@pytest.mark.parametrize("task,name", gadget_cases())
+def test_evaluate_refuses_a_gadget_in_the_stored_net(task, name, cd_run, tmp_path, marker):
+    evil = with_gadget(cd_run / "checkpoints/last.ckpt", tmp_path / "evil.ckpt", "net", gadgets(marker)[name])
+    run = lambda: evaluate_here([f"ckpt={evil}", f"task={task}", f"input={tmp_path}", "num=10"], tmp_path / "out")
+    if task == "export":  # export copies tensors and never builds the network: nothing to refuse, nothing runs
+        run()
+    else:
+        refuses(run, "the checkpoint's model.net", "is refused")
+
+
+@pytest.mark.parametrize("how", ["ckpt_path", "auto"])
+def test_resume_refuses_a_gadget_in_the_stored_config(how, cd_run, edm_run, tmp_path, marker):
+    """Lightning never instantiates the stored config; the resume check compares it, as data, with the
+    run's own and stops at the foreign target."""
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    evil = with_gadget(cd_run / "checkpoints/last.ckpt", run_dir / "checkpoints/last.ckpt", "net",
+                       gadgets(marker)["os.system"])
+    overrides = [f"ckpt_path={evil}"] if how == "ckpt_path" else []
+    cd = ["experiment=digits_cd", f"model.teacher_ckpt={edm_run / 'checkpoints/last.ckpt'}"]
+    refuses(lambda: train_here([*cd, *TINY, "logger=none", *overrides], run_dir),
+            "model.net._target_: os.system -> cm_lightning.nets.adm.ADMUNet")
+
+
+def test_feature_extractor_weights_refuse_plain_data(tmp_path):
+    weights = tmp_path / "weights.pt"
+    torch.save({"_target_": "os.system", "command": "true"}, weights)
+    refuses(lambda: Fidelity("digits-classifier", weights), "is not a state dict of tensors")
+
+
+def test_fid_refuses_a_gadget_in_the_stored_data(cd_run, tmp_path, marker):
+    evil = with_gadget(cd_run / "checkpoints/last.ckpt", tmp_path / "evil.ckpt", "data",
+                       gadgets(marker)["nested torch.load"])
+    refuses(lambda: evaluate_here([f"ckpt={evil}", "task=fid", "num=10"], tmp_path / "out"),
+            "the checkpoint's data.image_size._target_=torch.load", "is refused")
+
+
+def test_editing_refuses_a_gadget_in_the_stored_schedule(cd_run, tmp_path, marker):
+    from cm_lightning.editing_tasks import run_method
+
+    evil = with_gadget(cd_run / "checkpoints/last.ckpt", tmp_path / "evil.ckpt", "schedule",
+                       gadgets(marker)["os.system"])
+    refuses(lambda: run_method(evil), "the checkpoint's model.target.schedule._target_=os.system")
+
+
+def test_teacher_refuses_a_gadget_in_the_stored_net(edm_run, tmp_path, marker):
+    evil = with_gadget(edm_run / "checkpoints/last.ckpt", tmp_path / "evil.ckpt", "net",
+                       gadgets(marker)["nested torch.load"])
+    refuses(lambda: train_here(["experiment=digits_cd", f"model.teacher_ckpt={evil}", *TINY, "logger=none"],
+                               tmp_path / "run"), "the checkpoint's model.net", "torch.load")
+
+
+# --- what must still load ---------------------------------------------------------------------------
+def test_our_checkpoints_load_with_weights_only(cd_run, edm_run):
+    for run in (cd_run, edm_run):
+        sampler = sampler_from_checkpoint(run / "checkpoints/last.ckpt")
+        assert sampler.net is not None
+
+
+@pytest.mark.parametrize("zipped", [True, False])
+def test_the_authors_plain_state_dicts_load(zipped, tmp_path):
+    state = randomise(tiny_net()).state_dict()
+    path = tmp_path / "cd_tiny.pt"
+    torch.save(state, path, _use_new_zipfile_serialization=zipped)
+    loaded = load_file(path, "ckpt")
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
+    stream = weights_stream(path, "feature_extractor_weights_path")
+    assert isinstance(stream, io.BytesIO) and torch.load(stream, weights_only=True).keys() == state.keys()
+
+
+@pytest.mark.parametrize("content,words", [(b"", "is empty"), (b"hello\n", "is not a PyTorch checkpoint"),
+                                           (b"PK\x03\x04broken", "is not a PyTorch checkpoint")])
+def test_a_file_that_is_not_a_checkpoint_names_itself(content, words, tmp_path):
+    path = tmp_path / "file.ckpt"
+    path.write_bytes(content)
+    refuses(lambda: load_file(path, "ckpt"), f"ckpt={path}", words)
