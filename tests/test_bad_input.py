@@ -198,7 +198,8 @@ def test_evaluate_into_a_directory_that_holds_work(into, finished_run, tmp_path)
 
 @pytest.mark.parametrize("change,names", [
     (["experiment=digits_edm", "net.model_channels=32"], "model.net.model_channels: 16 -> 32"),
-    (["experiment=digits_ct", "net.model_channels=16"], "model._target_: cm_lightning.modules.edm.EDMModule -> "),
+    (["experiment=digits_ct", "net.model_channels=16"],
+     "model.objective._target_: cm_lightning.diffusion.objectives.denoising.Denoising -> "),
 ])
 def test_resume_with_another_network_or_method(change, names, finished_run):
     before = snapshot_run(finished_run)
