@@ -4,12 +4,15 @@ import functools
 import netrc
 import os
 import sys
+from importlib.resources import files
 from pathlib import Path
 
+import hydra
 from hydra.errors import InstantiationException
 from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from cm_lightning import wandb_runs
 from cm_lightning.errors import ConfigError, TrainingError
 from cm_lightning.speed import auto_precision
 
@@ -30,17 +33,31 @@ def wandb_mode() -> str:
     return os.environ.get("WANDB_MODE") or ("offline" if wandb_offline() else "online")
 
 
+# Optional dependencies (pyproject.toml's extras) and the extra that installs each.
+EXTRAS = {"lmdb": "lsun", "tensorboard": "tensorboard", "wandb_workspaces": "report"}
+RESOLVERS = {"wandb_mode": wandb_mode, "auto_precision": auto_precision, "wandb_name": wandb_runs.run_name,
+             "wandb_group": wandb_runs.group, "wandb_tags": wandb_runs.tags}
+
+
 def register_resolvers() -> None:
-    if not OmegaConf.has_resolver("wandb_mode"):
-        OmegaConf.register_new_resolver("wandb_mode", wandb_mode)
-    if not OmegaConf.has_resolver("auto_precision"):
-        OmegaConf.register_new_resolver("auto_precision", auto_precision)
+    for name, fn in RESOLVERS.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
 
 
 def _root_cause(exc: BaseException) -> BaseException:
     while exc.__cause__ is not None and isinstance(exc, InstantiationException):
         exc = exc.__cause__
     return exc
+
+
+def missing_extra(exc: BaseException) -> str | None:
+    """The one-line fix when ``exc`` comes from an optional dependency that is not installed."""
+    while exc is not None:
+        if isinstance(exc, ModuleNotFoundError) and exc.name in EXTRAS:
+            return f"{exc.name} is not installed; pip install 'cm-lightning[{EXTRAS[exc.name]}]'"
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def user_errors(fn):
@@ -50,14 +67,44 @@ def user_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (ConfigError, InstantiationException, MissingMandatoryValue) as exc:
+        except (ConfigError, InstantiationException, MissingMandatoryValue, ImportError) as exc:
             cause = _root_cause(exc)
-            if not isinstance(cause, (ConfigError, MissingMandatoryValue, FileNotFoundError, ValueError)):
+            message = missing_extra(exc) or cause
+            if not isinstance(message, str) and not isinstance(
+                    cause, (ConfigError, MissingMandatoryValue, FileNotFoundError, ValueError)):
                 raise
-            print(f"error: {cause}", file=sys.stderr)
+            print(f"error: {message}", file=sys.stderr)
             sys.exit(2)
         except TrainingError as exc:
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(1)
 
     return wrapper
+
+
+def config_dir() -> Path:
+    """The configs: conf/ beside the package in a source checkout (editable installs included), else the copy
+    installed inside the package as cm_lightning/conf (pyproject.toml maps it there)."""
+    checkout = Path(__file__).resolve().parents[1] / "conf"
+    if (checkout / "train.yaml").is_file():
+        return checkout
+    return Path(str(files("cm_lightning") / "conf"))
+
+
+def _run_hydra(config_name: str, task) -> None:
+    register_resolvers()
+    hydra.main(config_path=str(config_dir()), config_name=config_name, version_base="1.3")(user_errors(task))()
+
+
+def train_main() -> None:
+    """``cm-train`` and ``python train.py``: conf/train.yaml with the command line's overrides."""
+    from cm_lightning.training import train  # imported here: training and evaluation import this module
+
+    _run_hydra("train", train)
+
+
+def evaluate_main() -> None:
+    """``cm-evaluate`` and ``python evaluate.py``: conf/evaluate.yaml with the command line's overrides."""
+    from cm_lightning.evaluation import evaluate
+
+    _run_hydra("evaluate", evaluate)

@@ -11,7 +11,7 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import save_image
 
-from cm_lightning import ddp
+from cm_lightning import ddp, wandb_runs
 from cm_lightning.callbacks.metrics import log_results
 from cm_lightning.callbacks.sample_grid import image_grid
 from cm_lightning.checkpoints import export_state_dict, sampler_from_checkpoint
@@ -24,10 +24,11 @@ from cm_lightning.inputs import check_evaluation
 from cm_lightning.metrics.fidelity import Fidelity
 from cm_lightning.metrics.midpoint_search import ternary_search
 from cm_lightning.metrics.reference import ReferenceSource
-from cm_lightning.metrics.sharding import share, sharded_features
+from cm_lightning.metrics.sharding import progress, share, sharded_features
 from cm_lightning.run_dir import check_output_dir, refuse_existing, write_hydra_files
 from cm_lightning.sampler import Sampler
 from cm_lightning.speed import Speed, auto_precision
+from cm_lightning.tasks.report import report_task
 from cm_lightning.untrusted import instantiate_trusted
 
 log = logging.getLogger(__name__)
@@ -95,11 +96,13 @@ def speed_up(sampler: Sampler, cfg: DictConfig, device) -> Sampler:
 
 def sample_batched(sampler: Sampler, num: int, batch_size: int, seed: int, device, labels=None, **how):
     images, out_labels = [], []
-    for i, start in enumerate(range(0, num, batch_size)):
-        given = None if labels is None else labels[start : start + batch_size]
-        x, y = sampler(min(batch_size, num - start), seed=seed + i, device=device, labels=given, **how)
-        images.append(x.cpu())
-        out_labels.append(None if y is None else y.cpu())
+    with progress(num, batch_size, 0, 1, "sampling") as bar:
+        for i, start in enumerate(range(0, num, batch_size)):
+            given = None if labels is None else labels[start : start + batch_size]
+            x, y = sampler(min(batch_size, num - start), seed=seed + i, device=device, labels=given, **how)
+            images.append(x.cpu())
+            out_labels.append(None if y is None else y.cpu())
+            bar.update(len(x))
     return torch.cat(images), (None if out_labels[0] is None else torch.cat(out_labels))
 
 
@@ -198,11 +201,7 @@ class Scorer:
         return path
 
     def wandb(self) -> WandbLogger | None:
-        """The W&B run ``wandb.id`` (e.g. the training run's, to put the numbers next to its curves), if given."""
-        if self.cfg.wandb.id is None:
-            return None
-        w = self.cfg.wandb
-        return WandbLogger(id=w.id, project=w.project, save_dir=self.cfg.out_dir, mode=w.mode)
+        return wandb_runs.evaluation_logger(self.cfg)
 
 
 def fid_task(cfg: DictConfig) -> list[Path]:
@@ -216,7 +215,6 @@ def fid_task(cfg: DictConfig) -> list[Path]:
     logger = scorer.wandb()
     if logger is not None:
         log_results([logger], results, read_checkpoint(cfg.ckpt, "ckpt").get("global_step", 0), [])
-        logger.experiment.finish()
     return [scorer.report("metrics", {"results": results})]
 
 
@@ -255,12 +253,12 @@ def search_midpoint_task(cfg: DictConfig) -> list[Path]:
         logger.log_table("search/fid_vs_midpoint", ["midpoint", "sigma", *columns],
                          [[r["ts"][1], r["sigmas"][1], *(r[c] for c in columns)] for r in rows])
         logger.log_metrics({"search/best_midpoint": best, "search/best_fid": candidates[best]["fid"]})
-        logger.experiment.finish()
     payload = {"best": candidates[best], "samples_used": cfg.num * len(rows), "candidates": rows}
     return [scorer.report("search_midpoint", payload)]
 
 
-TASKS = {"sample": sample_task, "export": export_task, "fid": fid_task, "search_midpoint": search_midpoint_task}
+TASKS = {"sample": sample_task, "export": export_task, "fid": fid_task, "search_midpoint": search_midpoint_task,
+         "report": report_task}
 TASKS.update(EDIT_TASKS)
 
 
@@ -272,4 +270,5 @@ def evaluate(cfg: DictConfig) -> list[Path]:
     check_output_dir(cfg.out_dir, overwrite)
     written = TASKS[cfg.task](cfg)
     write_hydra_files(cfg, cfg.out_dir, overwrite)  # after the task's own checks: a refused command writes nothing
+    wandb_runs.record_evaluation(cfg, written)
     return written

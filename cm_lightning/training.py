@@ -11,8 +11,9 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from cm_lightning import ddp, slurm
+from cm_lightning import ddp, slurm, wandb_runs
 from cm_lightning.callbacks.checkpoint import AtomicCheckpointIO, check_writable, checkpoint_dir, resume_path
+from cm_lightning.callbacks.telemetry import usable
 from cm_lightning.errors import ConfigError
 from cm_lightning.inputs import check_training
 from cm_lightning.run_dir import OptimizerSettings, check_fresh_start, check_resume, write_hydra_files
@@ -74,6 +75,7 @@ def build(cfg: DictConfig):
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [build_logger(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    callbacks = usable(callbacks, loggers, cfg.trainer.get("enable_progress_bar", True))
     # One preemption mechanism (callbacks/preemption.py): Lightning's SLURM auto-requeue is switched off.
     plugins = [AtomicCheckpointIO()] + ([SLURMEnvironment(auto_requeue=False)] if slurm.managed() else [])
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins)
@@ -105,4 +107,5 @@ def train(cfg: DictConfig) -> Path:
         ckpt = resume_path(cfg.get("ckpt_path"), checkpoint_dir(trainer))
         prepare_run_dir(cfg, model, trainer, ckpt)
         trainer.fit(model, datamodule=data, ckpt_path=ckpt, **fit_options(trainer))
+        wandb_runs.finish(trainer.loggers)
     return Path(trainer.default_root_dir)

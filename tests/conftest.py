@@ -39,3 +39,14 @@ def cd_run(tmp_path_factory, edm_run) -> Path:
     run_script("train.py", "experiment=digits_cd", f"model.teacher_ckpt={edm_run / 'checkpoints/last.ckpt'}",
                *TINY, "logger=csv", f"hydra.run.dir={out}")
     return out
+
+
+@pytest.fixture(scope="session")
+def sweep(tmp_path_factory) -> Path:
+    """A 2-job Hydra sweep (two learning rates) of tiny digits CT runs, measured (FID, IS) at steps 2 and 4,
+    logging to W&B (offline) and CSV."""
+    out = tmp_path_factory.mktemp("sweep")
+    run_script("train.py", "--multirun", *TINY, "model.optimizer.lr=0.001,0.002", "callbacks.metrics.every_n_steps=2",
+               "callbacks.metrics.num=50", "callbacks.metrics.batch_size=50", "callbacks.throughput.window_size=2",
+               "logger=default", f"hydra.sweep.dir={out}")
+    return out

@@ -75,6 +75,13 @@ def test_evaluate_missing_checkpoint(tmp_path):
     assert "ckpt=/no/such.ckpt does not exist" in err
 
 
+def test_unknown_mu_divisor(tmp_path):
+    err = fails("train.py", "experiment=digits_ct", "model.objective.pair.schedule.mu_divisor=authors", *TINY,
+                "logger=none", f"hydra.run.dir={tmp_path}")
+    assert [line for line in err.splitlines() if "mu_divisor" in line] == [err.strip().splitlines()[-1]]
+    assert "mu_divisor='authors'" in err and "'code'" in err
+
+
 # --- each bad value: exit code 2, one line naming it, no file that existed changed --------------------
 def snapshot(*roots) -> dict:
     return {p: hashlib.sha256(p.read_bytes()).hexdigest() for r in roots for p in Path(r).rglob("*") if p.is_file()}
@@ -191,7 +198,8 @@ def test_evaluate_into_a_directory_that_holds_work(into, finished_run, tmp_path)
 
 @pytest.mark.parametrize("change,names", [
     (["experiment=digits_edm", "net.model_channels=32"], "model.net.model_channels: 16 -> 32"),
-    (["experiment=digits_ct", "net.model_channels=16"], "model._target_: cm_lightning.modules.edm.EDMModule -> "),
+    (["experiment=digits_ct", "net.model_channels=16"],
+     "model.objective._target_: cm_lightning.diffusion.objectives.denoising.Denoising -> "),
 ])
 def test_resume_with_another_network_or_method(change, names, finished_run):
     before = snapshot_run(finished_run)

@@ -5,6 +5,7 @@ import torch
 from torchvision.models.vgg import cfgs, make_layers
 
 from cm_lightning.diffusion.distances import L1, L2, LPIPS, PseudoHuber
+from cm_lightning.errors import ConfigError
 
 
 def test_l2_l1_per_image():
@@ -59,3 +60,42 @@ def test_lpips_missing_weights_say_where(lpips_files, tmp_path):
         LPIPS(lin_weights=tmp_path / "nope.pth", vgg_weights=lpips_files / "vgg16.pth")
     with pytest.raises(FileNotFoundError, match="vgg_weights"):
         LPIPS(lin_weights=lpips_files / "vgg.pth", vgg_weights=tmp_path / "nope.pth")
+
+
+def test_lpips_avg_pooling_matches_the_authors_piq(lpips_files, monkeypatch):
+    """The CM authors' loss: piq.LPIPS(replace_pooling=True) on (x + 1) / 2 upsampled to 224 (cm/karras_diffusion.py),
+    with piq's downloads replaced by the same VGG and linear-layer state dicts."""
+    piq = pytest.importorskip("piq")
+    from types import SimpleNamespace
+
+    from cm_lightning.diffusion.lpips import torchmetrics_lin_weights
+
+    vgg = torch.load(lpips_files / "vgg16.pth", weights_only=True)
+    lin = torch.load(torchmetrics_lin_weights(), map_location="cpu", weights_only=True)
+
+    def vgg16(**_):
+        features = make_layers(cfgs["D"])
+        features.load_state_dict({k[len("features."):]: v for k, v in vgg.items()})
+        return SimpleNamespace(features=features)
+
+    monkeypatch.setattr(piq.perceptual, "vgg16", vgg16)
+    monkeypatch.setattr(piq.perceptual.torch.hub, "load_state_dict_from_url", lambda *a, **k: list(lin.values()))
+    theirs = piq.LPIPS(replace_pooling=True, reduction="none")
+    ours = LPIPS(vgg_weights=lpips_files / "vgg16.pth", pooling="avg")
+
+    torch.manual_seed(1)
+    x, y = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    up = lambda im: torch.nn.functional.interpolate(im, size=224, mode="bilinear")  # noqa: E731
+    torch.testing.assert_close(ours(x, y), theirs((up(x) + 1) / 2, (up(y) + 1) / 2), rtol=0, atol=1e-5)
+    # Unresized noise, where the two poolings differ by far more than the tolerance.
+    x, y = torch.rand(2, 3, 64, 64) * 2 - 1, torch.rand(2, 3, 64, 64) * 2 - 1
+    expected = theirs((x + 1) / 2, (y + 1) / 2)
+    torch.testing.assert_close(LPIPS(vgg_weights=lpips_files / "vgg16.pth", pooling="avg", resize_to=64)(x, y),
+                               expected, rtol=0, atol=1e-5)
+    max_pooled = LPIPS(vgg_weights=lpips_files / "vgg16.pth", pooling="max", resize_to=64)(x, y)
+    assert (max_pooled - expected).abs().min() > 1e-3
+
+
+def test_lpips_unknown_pooling_says_which(lpips_files):
+    with pytest.raises(ConfigError, match="pooling='mean'.*'avg'.*'max'"):
+        LPIPS(vgg_weights=lpips_files / "vgg16.pth", pooling="mean")

@@ -45,6 +45,7 @@ def test_published_settings(name):
     assert list(cfg.model.ema_rates) == ema and cfg.hydra.runtime.choices.net == net
     assert cfg.net.num_classes == classes and cfg.net.dropout == 0.0  # students train without dropout
     assert cfg.model.objective.distance._target_.endswith("LPIPS") and cfg.model.objective.pair.weighting == "uniform"
+    assert cfg.model.objective.distance.pooling == "avg"  # the authors' piq LPIPS(replace_pooling=True)
     assert cfg.model.objective.parameterisation.noise_kind == ("edm" if net.startswith("ncsnpp") else "adm")
 
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from cm_lightning.diffusion.karras import CMAdaptiveSchedule, FixedSchedule, karras_sigmas
+from cm_lightning.errors import ConfigError
 
 
 def test_karras_endpoints_and_spacing():
@@ -48,3 +49,44 @@ def test_fixed_schedule_and_validation():
         FixedSchedule(18, 1.0)
     with pytest.raises(ValueError, match="s0=5, s1=2"):
         CMAdaptiveSchedule(s0=5, s1=2)
+
+
+def _published_ct_schedule(experiment: str) -> CMAdaptiveSchedule:
+    """The experiment's CT schedule as composed (searched for, so it is found wherever the model nests it)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+    from omegaconf import DictConfig, OmegaConf
+
+    from conftest import ROOT
+
+    def find(node):
+        if isinstance(node, DictConfig):
+            if str(node.get("_target_", "")).endswith("CMAdaptiveSchedule"):
+                return node
+            return next((hit for hit in map(find, node.values()) if hit is not None), None)
+        return None
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment={experiment}"])
+    return instantiate(OmegaConf.to_container(find(cfg.model), resolve=True))
+
+
+@pytest.mark.parametrize("experiment, expected", [
+    ("cifar10_ct", (0.81, 0.9, 0.9587)), ("imagenet64_ct", (0.9025, 0.95, 0.9855)), ("lsun_ct", (0.9025, 0.95, None)),
+])
+def test_published_ct_mu_follows_the_authors_code(experiment, expected):
+    # The authors' create_ema_and_scales_fn: exp(s0 ln mu0 / (N(k) - 1)), values at k = 0, 1, 1000.
+    sched = _published_ct_schedule(experiment)
+    assert sched.mu_divisor == "code"
+    for k, mu in zip((0, 1, 1000), expected):
+        if mu is not None:
+            assert sched(k)[1] == pytest.approx(mu, abs=5e-5)
+
+
+def test_mu_divisor_paper_is_the_default_and_names_are_checked():
+    assert _published_ct_schedule("digits_ct").mu_divisor == "paper"
+    assert CMAdaptiveSchedule(mu0=0.9, total_steps=800_000)(0)[1] == pytest.approx(0.9)
+    with pytest.raises(ConfigError, match="mu_divisor='authors'.*'paper'.*'code'"):
+        CMAdaptiveSchedule(mu_divisor="authors")
+    with pytest.raises(ConfigError, match="s0=1 with mu_divisor=code"):
+        CMAdaptiveSchedule(s0=1, mu_divisor="code")

@@ -4,11 +4,14 @@ Every ``every_n_steps`` optimiser steps and, with ``at_end``, after the last one
 shorter than one interval) the callback draws ``num`` samples at each of ``steps`` (the EDM teacher:
 ``teacher_steps`` Heun steps), split over the DDP ranks (``metrics/sharding.py``), and rank 0 scores
 them against the cached reference statistics of the training set (``metrics/reference.py``). Keys carry the step count (``metrics/fid_1step``);
-W&B also gets a table of every score against the number of function evaluations (NFE).
+W&B also gets a table of every score against the number of function evaluations (NFE), and the run directory
+a ``metrics.json`` of every measurement (``evaluate.py task=report``).
 """
 
+import json
 import logging
 import time
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -18,6 +21,7 @@ from cm_lightning.errors import ConfigError
 from cm_lightning.metrics.fidelity import NAMES, Fidelity
 from cm_lightning.metrics.reference import ReferenceSource
 from cm_lightning.metrics.sharding import sharded_features
+from cm_lightning.wandb_runs import define_summaries, wandb_identity
 
 log = logging.getLogger(__name__)
 TABLE_KEY = "metrics/fid_vs_nfe"
@@ -29,6 +33,8 @@ def log_results(loggers, results: dict[str, dict], step: int, rows: list) -> Non
     rows += [[step, name, r["nfe"], *(r.get(m) for m in metrics)] for name, r in results.items()]
     flat = {f"metrics/{m}_{name}": r[m] for name, r in results.items() for m in metrics if m in r}
     for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            define_summaries(logger.experiment, flat)  # before the first values, which W&B summarises as defined
         logger.log_metrics(flat, step=step)
         if isinstance(logger, WandbLogger):
             logger.log_table(key=TABLE_KEY, columns=["step", "sampling", "nfe", *metrics], data=rows, step=step)
@@ -76,8 +82,20 @@ class Metrics(L.Callback):
                 results[name] = {"nfe": sampler.nfe(how), **self.fidelity.compute(features, self.reference)}
         if trainer.is_global_zero:
             log_results(trainer.loggers, results, trainer.global_step, self.rows)
+            self.write_json(trainer, results)
             log.info("metrics at step %d (%.1f s): %s", trainer.global_step, time.time() - start, results)
         return results
+
+    def write_json(self, trainer, results: dict[str, dict]) -> None:
+        """``<run dir>/metrics.json``: every measurement so far and what makes them comparable across runs
+        (reference, feature extractor, sample count), which ``evaluate.py task=report`` reads offline."""
+        path = Path(trainer.default_root_dir) / "metrics.json"
+        history = json.loads(path.read_text())["history"] if path.is_file() else []
+        step = trainer.global_step
+        history = [h for h in history if h["step"] < step] + [{"step": step, "results": results}]  # resumed runs
+        payload = dict(reference=self.source.name, feature_extractor=self.fidelity.extractor_name, num=self.num,
+                       wandb=wandb_identity(trainer.loggers), history=history)
+        path.write_text(json.dumps(payload, indent=2))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step

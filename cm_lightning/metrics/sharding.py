@@ -9,6 +9,8 @@ share; rank 0 gathers them in chunk order.
 
 import torch
 import torch.distributed as dist
+from torchmetrics.utilities.distributed import gather_all_tensors
+from tqdm import tqdm
 
 from cm_lightning.metrics.fidelity import Fidelity, to_uint8
 
@@ -32,6 +34,14 @@ def shard_batches(sampler, num: int, batch_size: int, seed: int, device, rank: i
         yield to_uint8(images)
 
 
+def progress(num: int, batch_size: int, rank: int, world: int, what: str) -> tqdm:
+    """A bar in images/s over rank 0's share of the ``num`` images (the other ranks go at its pace); hidden on
+    the other ranks."""
+    share = sum(min(batch_size, num - c * batch_size) for c in shard_chunks(num, batch_size, 0, world))
+    suffix = f" (rank 0 of {world})" if world > 1 else ""
+    return tqdm(total=share, unit="img", desc=what + suffix, disable=rank != 0, dynamic_ncols=True)
+
+
 def sample_shard(sampler, num: int, batch_size: int, seed: int, device, rank: int = 0, world: int = 1, **how):
     """All of this rank's samples at once."""
     empty = torch.empty((0, *sampler.image_shape), dtype=torch.uint8, device=device)
@@ -41,22 +51,14 @@ def sample_shard(sampler, num: int, batch_size: int, seed: int, device, rank: in
 def gather_rows(x: torch.Tensor) -> torch.Tensor | None:
     """Rows of every rank's ``x`` concatenated in rank order on rank 0 (None elsewhere).
 
-    Ranks may hold different numbers of rows, none at all included (then any trailing shape).
+    Ranks may hold different numbers of rows, none at all included (then any trailing shape): torchmetrics'
+    ``gather_all_tensors`` pads to the largest shape and trims back.
     """
     rank, world = rank_and_world()
     if world == 1:
         return x
-    shape = torch.tensor(x.shape, device=x.device)
-    shapes = [torch.zeros_like(shape) for _ in range(world)]
-    dist.all_gather(shapes, shape)
-    shapes = [s.tolist() for s in shapes]
-    rows = [s[0] for s in shapes]
-    trailing = next((s[1:] for s in shapes if s[0] > 0), list(x.shape[1:]))
-    padded = torch.zeros((max(rows), *trailing), dtype=x.dtype, device=x.device)
-    padded[: x.shape[0]] = x.reshape(x.shape[0], *trailing)
-    parts = [torch.empty_like(padded) for _ in range(world)] if rank == 0 else None
-    dist.gather(padded, parts, dst=0)
-    return torch.cat([p[:n] for p, n in zip(parts, rows)]) if rank == 0 else None
+    parts = [p for p in gather_all_tensors(x) if p.shape[0]]
+    return torch.cat(parts) if rank == 0 else None
 
 
 def share(value):
@@ -74,9 +76,12 @@ def sharded_features(sampler, fidelity: Fidelity, num: int, batch_size: int, see
                      **how) -> dict[str, torch.Tensor] | None:
     """Features of ``num`` samples drawn over all ranks, on rank 0 (None on the others)."""
     rank, world = rank_and_world()
-    # Features chunk by chunk: only they are kept, never all the images (50,000 at 256x256 are 10 GB).
-    parts = [fidelity.features(x, device) for x in shard_batches(sampler, num, batch_size, seed, device, rank,
-                                                                   world, **how)]
+    parts = []
+    with progress(num, batch_size, rank, world, "sampling + features") as bar:
+        # Features chunk by chunk: only they are kept, never all the images (50,000 at 256x256 are 10 GB).
+        for x in shard_batches(sampler, num, batch_size, seed, device, rank, world, **how):
+            parts.append(fidelity.features(x, device))
+            bar.update(len(x))
     gathered = {}
     for layer in fidelity.layers:
         # A rank without chunks has no features but still takes part in the gather, with no rows.
