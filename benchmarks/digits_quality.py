@@ -45,6 +45,7 @@ ROWS = {  # row -> (experiment, which samplings to score)
     "ect": ("digits_ect", [("ECT 1-step", dict(steps=1)), ("ECT 2-step", dict(steps=2))]),
     "sct": ("digits_sct", [("sCT 1-step", dict(steps=1)), ("sCT 2-step", dict(steps=2))]),
     "scd": ("digits_scd", [("sCD 1-step", dict(steps=1)), ("sCD 2-step", dict(steps=2))]),
+    "meanflow": ("digits_meanflow", [("MeanFlow 1-step", dict(steps=1)), ("MeanFlow 2-step", dict(steps=2))]),
 }
 DISTILLED = ("cd", "ect", "scd")  # rows that read the teacher
 
