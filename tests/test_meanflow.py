@@ -28,8 +28,6 @@ def context(seed: int = 0) -> StepContext:
 class LinearU(nn.Module):
     """u(z, r, t) = a z + b t + c (t - r): the net sees (t, t - r)."""
 
-    num_times, in_channels, image_size = 2, 1, 4
-
     def __init__(self, a: float, b: float, c: float):
         super().__init__()
         self.a, self.b, self.c = a, b, c
