@@ -219,10 +219,10 @@ class TrigFlow:
 
 @dataclass(frozen=True)
 class MeanFlowParam:
-    """MeanFlow (Geng et al. 2025, Section 3): z_t = (1 - t) x + t e, e ~ N(0, I), t in [0, 1], and a network
-    u(z_t, r, t) of the average velocity over [r, t] (eq. 3), fed the two times (t, t - r) scaled by
-    ``time_scale`` (the official code feeds them as they are). The clean-image estimate is the one-step jump to
-    r = 0 (eq. 4 and Algorithm 2):
+    """MeanFlow (Geng et al. 2025, Sections 3-4): z_t = (1 - t) x + t e, e ~ N(0, I), t in [0, 1], and a network
+    u(z_t, r, t) of the average velocity over [r, t], fed the two times (t, t - r) scaled by ``time_scale``
+    (the official code feeds them as they are). The clean-image estimate is the jump to r = 0 of the paper's
+    one-step sampler, z_r = z_t - (t - r) u(z_t, r, t) at r = 0:
 
         f(z_t, t) = z_t - t u(z_t, 0, t)
 

@@ -1,18 +1,19 @@
-"""MeanFlow (Geng et al. 2025, "Mean Flows for One-step Generative Modeling", Section 4, eqs. 6-10, 13-21 and
-Algorithm 1), trained from scratch without a teacher, curriculum or target network:
+"""MeanFlow (Geng et al. 2025, "Mean Flows for One-step Generative Modeling", Section 4: the MeanFlow identity,
+eq. 6, and the loss and target, eqs. 9-10), trained from scratch without a teacher, curriculum or target
+network:
 
-    z_t = (1 - t) x + t e,  e ~ N(0, I);  v = e - x                               (eq. 1-2)
-    u_tgt = v - (t - r) (v . d_z u + d_t u)                                        (eq. 8, 10)
-    delta = u_theta(z_t, r, t) - sg(u_tgt);  loss = ||delta||^2 / sg(||delta||^2 + c)^p   (eq. 9, Section 4.3)
+    z_t = (1 - t) x + t e,  e ~ N(0, I);  v = e - x
+    u_tgt = v - (t - r) (v . d_z u + d_t u)                                        (eq. 10)
+    delta = u_theta(z_t, r, t) - sg(u_tgt);  loss = ||delta||^2 / sg(||delta||^2 + c)^p   (eq. 9, adaptive weight)
 
 The total derivative du/dt is a forward-mode JVP of u along (v, 0, 1) in (z, r, t), taken without a graph
 (``diffusion/jvp.py``) in fp32 with autocast off, as the official PyTorch code does; the gradient comes from a
 separate ordinary forward of the student under the same dropout masks, which Lightning runs inside the DDP
 wrapper. (t, r): two logit-normal draws sorted so that t >= r, and r = t except for ``fraction`` of the samples
-(Section 4.3, Table 1a/c). With r = t the target is v: flow matching.
+(the official code's sampler). With r = t the target is v: flow matching.
 
-Classifier-free guidance folded into the target (Section 4.2, eqs. 19-21), for class-conditional nets with a
-"no class" label (``net.null_class``): v is replaced by
+Classifier-free guidance folded into the target (Section 4.2; the official JAX code's guidance_fn), for
+class-conditional nets with a "no class" label (``net.null_class``): v is replaced by
 
     v_g = omega v + kappa u(z_t, t, t | c) + (1 - omega - kappa) u(z_t, t, t | none)
 
@@ -30,7 +31,7 @@ from cm_lightning.errors import ConfigError
 
 def mean_flow_target(u_fn, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor, v: torch.Tensor):
     """(u(z, r, t), u_tgt = v - (t - r) du/dt) with du/dt = v . d_z u + d_t u, the JVP along (v, 0, 1) in
-    (z, r, t) (MeanFlow eqs. 8 and 10); both without a graph."""
+    (z, r, t) (MeanFlow eq. 10); both without a graph."""
     u, du_dt = jvp(u_fn, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))
     return u, v - _bcast(t - r, v) * du_dt
 
@@ -104,8 +105,9 @@ class MeanFlow(Objective):
         return ctx.draw(shape[0], draw)
 
     def guided_velocity(self, student, z, t, v, labels, dropped):
-        """v_g of eqs. 19-21 from the student's instantaneous velocities u(z_t, t, t) (no dropout, no graph), and
-        the labels the loss conditions on: "none" (index num_classes) where dropped, with v as the target."""
+        """The folded guidance's v_g from the student's instantaneous velocities u(z_t, t, t) (no dropout, no
+        graph), and the labels the loss conditions on: "none" (index num_classes) where dropped, with v as the
+        target."""
         none = torch.full_like(labels, student.num_classes)
         was_training = student.training
         student.eval()
