@@ -1,8 +1,10 @@
-"""Sample quality on the embedded digits for a fixed CPU budget: the EDM teacher, CD, CT, iCT, ECT, sCT and sCD.
+"""Sample quality on the embedded digits for a fixed CPU budget: the EDM teacher, CD, CT, iCT, ECT, sCT, sCD and
+MeanFlow.
 
 Trains ``digits_edm``, then ``digits_cd``, ``digits_ect`` and ``digits_scd`` from its checkpoint, and ``digits_ct``,
-``digits_ict`` and ``digits_sct`` through train.py (each for the steps its experiment sets, unless overridden; sCM's
-step budgets match iCT's and CD's wall-clock time, since a JVP step costs more than a discrete one), samples 1,797 images from each (as
+``digits_ict``, ``digits_sct`` and ``digits_meanflow`` through train.py (each for the steps its experiment sets, unless
+overridden; sCM's and MeanFlow's step budgets match iCT's and CD's wall-clock time, since a JVP step costs more than a
+discrete one), samples 1,797 images from each (as
 many as the dataset holds) and prints one JSON line per row and a table. Consistency models are scored
 at one step, at two steps with the default midpoint (the middle of a 3-point Karras grid, sigma = 2.5; sCM: t = 1.1),
 and at two steps with the midpoint the authors' ternary search picks (ts = (0, p, 39) of 40):
@@ -46,6 +48,7 @@ ROWS = {  # row -> (experiment, which samplings to score)
     "ect": ("digits_ect", [("ECT 1-step", dict(steps=1)), ("ECT 2-step", dict(steps=2))]),
     "sct": ("digits_sct", [("sCT 1-step", dict(steps=1)), ("sCT 2-step", dict(steps=2))]),
     "scd": ("digits_scd", [("sCD 1-step", dict(steps=1)), ("sCD 2-step", dict(steps=2))]),
+    "meanflow": ("digits_meanflow", [("MeanFlow 1-step", dict(steps=1)), ("MeanFlow 2-step", dict(steps=2))]),
 }
 DISTILLED = ("cd", "ect", "scd")  # rows that read the teacher
 

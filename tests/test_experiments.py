@@ -70,6 +70,19 @@ def test_published_scm_settings(name):
     assert cfg.model.init_from_teacher and cfg.model.teacher_noise_kind == objective.parameterisation.noise_kind
 
 
+def test_published_meanflow_settings():
+    """MeanFlow on CIFAR-10: the paper's configuration in the official PyTorch code (scripts/cifar10_v0.sh)."""
+    cfg = composed("experiment=cifar10_meanflow")
+    objective = cfg.model.objective
+    assert (cfg.data.batch_size, cfg.model.optimizer.lr, list(cfg.model.optimizer.betas)) == (1024, 6e-4, [0.9, 0.999])
+    assert cfg.model.optimizer._target_ == "torch.optim.Adam" and cfg.trainer.max_steps == 800_000
+    assert (objective.p_mean, objective.p_std, objective.fraction) == (-2.0, 2.0, 0.75)
+    assert (objective.norm_p, objective.norm_c) == (0.75, 1e-3)
+    assert (objective.omega, objective.kappa, objective.label_dropout) == (1.0, 0.0, 0.0)  # unconditional
+    assert (cfg.net.dropout, cfg.net.num_times, cfg.hydra.runtime.choices.net) == (0.2, 2, "ddpmpp_cifar10")
+    assert cfg.model.ema_rates[0] == 0.9999 and cfg.model.warmup_steps == 9800
+
+
 def test_published_teachers_and_lsun_cat():
     cfg = composed("experiment=imagenet64_edm")
     assert (cfg.data.batch_size, cfg.model.optimizer.lr, cfg.net.dropout) == (4096, 1e-4, 0.1)

@@ -178,11 +178,18 @@ class ADMUNet(nn.Module):
         norm_groups: int = 32,
         use_checkpoint: bool = False,
         double_norm: bool = False,
+        num_times: int = 1,
+        null_class: bool = False,
     ):
         """``double_norm``: the adaptive scale and shift of every residual block pixel-normalised (sCM's "adaptive
         double normalisation", Section 4.1), which the paper needed for stable continuous-time training; it
         requires ``use_scale_shift_norm``. The time embedding is positional (sinusoidal) by construction, the
-        other stability choice of sCM, so TrigFlow's c_noise(t) = t feeds it directly."""
+        other stability choice of sCM, so TrigFlow's c_noise(t) = t feeds it directly.
+
+        ``num_times=2``: the net is conditioned on two times, ``noise_labels`` of shape (B, 2), each through its own
+        embedding MLP and the two embeddings summed (MeanFlow's (t, t - r), as the official DiT's t- and
+        h-embedders). ``null_class``: one more label embedding, index ``num_classes``, for "no class"
+        (classifier-free guidance). Both off keep the module names and shapes of the authors' checkpoints."""
         super().__init__()
         channel_mult = tuple(int(m) for m in channel_mult)
         attention_resolutions = tuple(int(r) for r in attention_resolutions)
@@ -207,6 +214,10 @@ class ADMUNet(nn.Module):
                              "net.use_scale_shift_norm=true too")
         if num_classes < 0:
             raise ValueError(f"num_classes={num_classes} is negative; use 0 for an unconditional net")
+        if num_times not in (1, 2):
+            raise ValueError(f"num_times={num_times}; use 1 (one noise level) or 2 (MeanFlow's t and t - r)")
+        if null_class and not num_classes:
+            raise ValueError("null_class=true adds a 'no class' label to a class-conditional net; set num_classes")
 
         self.image_size = image_size
         self.in_channels = in_channels
@@ -215,6 +226,8 @@ class ADMUNet(nn.Module):
         self.num_classes = num_classes
         self.num_levels = len(channel_mult)
         self.use_checkpoint = use_checkpoint
+        self.num_times = num_times
+        self.null_class = null_class
 
         def heads_for(ch: int) -> int:
             if num_head_channels == -1:
@@ -239,11 +252,15 @@ class ADMUNet(nn.Module):
             return AttentionBlock(ch, heads_for(ch), norm_groups)
 
         emb_dim = 4 * model_channels
-        self.time_embed = nn.Sequential(
-            nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
-        )
+
+        def time_mlp() -> nn.Sequential:
+            return nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+
+        self.time_embed = time_mlp()
+        if num_times == 2:
+            self.time_embed2 = time_mlp()
         if num_classes > 0:
-            self.label_emb = nn.Embedding(num_classes, emb_dim)
+            self.label_emb = nn.Embedding(num_classes + int(null_class), emb_dim)
 
         ch = model_channels * channel_mult[0]
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(in_channels, ch, 3, padding=1))])
@@ -288,7 +305,8 @@ class ADMUNet(nn.Module):
     def forward(
         self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Predict from ``x`` (B, C, H, W) given the noise scalar ``noise_labels`` (B,) and optional labels (B,)."""
+        """Predict from ``x`` (B, C, H, W) given the noise scalar ``noise_labels`` (B,) (or (B, 2) with
+        ``num_times=2``) and optional labels (B,)."""
         batch = x.shape[0]
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
@@ -301,9 +319,11 @@ class ADMUNet(nn.Module):
                 f"input spatial size {tuple(x.shape[-2:])} does not match image_size={self.image_size}; "
                 f"resize the images or rebuild the net with that image_size"
             )
-        if noise_labels.shape != (batch,):
+        expected = (batch,) if self.num_times == 1 else (batch, self.num_times)
+        if noise_labels.shape != expected:
             raise ValueError(
-                f"noise_labels has shape {tuple(noise_labels.shape)}; expected ({batch},), one scalar per image"
+                f"noise_labels has shape {tuple(noise_labels.shape)}; expected {expected}, {self.num_times} "
+                "scalar(s) per image (net.num_times)"
             )
         if self.num_classes > 0:
             if class_labels is None:
@@ -315,8 +335,12 @@ class ADMUNet(nn.Module):
         elif class_labels is not None:
             raise ValueError("this net is unconditional (num_classes=0); pass class_labels=None")
 
-        t_emb = timestep_embedding(noise_labels, self.model_channels).to(self.time_embed[0].weight.dtype)
-        emb = self.time_embed(t_emb)
+        dtype = self.time_embed[0].weight.dtype
+        if self.num_times == 1:
+            emb = self.time_embed(timestep_embedding(noise_labels, self.model_channels).to(dtype))
+        else:
+            emb = sum(mlp(timestep_embedding(noise_labels[:, i], self.model_channels).to(dtype))
+                      for i, mlp in enumerate((self.time_embed, self.time_embed2)))
         if self.num_classes > 0:
             emb = emb + self.label_emb(class_labels)
 

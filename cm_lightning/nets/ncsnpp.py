@@ -132,6 +132,8 @@ class NCSNpp(nn.Module):
     ``embedding`` is ``fourier`` or ``positional`` (``embedding_scale`` multiplies the Fourier frequencies'
     standard deviation, or the positional embedding's argument); ``encoder`` is ``standard`` or
     ``residual`` (NCSN++'s progressive input); ``resample_filter`` is [1, 1] or [1, 3, 3, 1].
+    ``num_times=2``: conditioned on two times, ``noise_labels`` (B, 2), their embeddings concatenated before the
+    mapping MLP (MeanFlow's (t, t - r), as the official PyTorch MeanFlow's DDPM++); 1 keeps the EDM layout.
     """
 
     def __init__(
@@ -151,6 +153,7 @@ class NCSNpp(nn.Module):
         emb_channel_mult: int = 4,
         encoder: str = "residual",
         resample_filter: Sequence[float] = (1, 3, 3, 1),
+        num_times: int = 1,
     ):
         super().__init__()
         channel_mult = tuple(int(m) for m in channel_mult)
@@ -169,13 +172,17 @@ class NCSNpp(nn.Module):
                              f"{resolutions}")
         if num_classes < 0:
             raise ValueError(f"num_classes={num_classes} is negative; use 0 for an unconditional net")
+        if num_times not in (1, 2):
+            raise ValueError(f"num_times={num_times}; use 1 (one noise level) or 2 (MeanFlow's t and t - r)")
         self.image_size, self.in_channels, self.num_classes = image_size, in_channels, num_classes
+        self.num_times = num_times
         out_channels = in_channels if out_channels is None else out_channels
         noise_channels, emb_channels = model_channels * noise_channel_mult, model_channels * emb_channel_mult
 
         self.map_noise = embeddings[embedding](noise_channels, embedding_scale)
-        self.map_label = nn.Embedding(num_classes, noise_channels) if num_classes else None
-        self.map_layer0, self.map_layer1 = linear(noise_channels, emb_channels), linear(emb_channels, emb_channels)
+        self.map_label = nn.Embedding(num_classes, noise_channels * num_times) if num_classes else None
+        self.map_layer0 = linear(noise_channels * num_times, emb_channels)
+        self.map_layer1 = linear(emb_channels, emb_channels)
 
         def block(cin, cout, **kwargs):
             return ResBlock(cin, cout, emb_channels, dropout, resample_filter, **kwargs)
@@ -219,12 +226,17 @@ class NCSNpp(nn.Module):
         if x.ndim != 4 or x.shape[1:] != (self.in_channels, self.image_size, self.image_size):
             raise ValueError(f"input of shape {tuple(x.shape)}; this net takes (B, {self.in_channels}, "
                              f"{self.image_size}, {self.image_size})")
-        if noise_labels.shape != (x.shape[0],):
-            raise ValueError(f"noise_labels has shape {tuple(noise_labels.shape)}; expected ({x.shape[0]},)")
+        expected = (x.shape[0],) if self.num_times == 1 else (x.shape[0], self.num_times)
+        if noise_labels.shape != expected:
+            raise ValueError(f"noise_labels has shape {tuple(noise_labels.shape)}; expected {expected} "
+                             "(net.num_times)")
         if (class_labels is None) != (self.map_label is None):
             raise ValueError(f"num_classes={self.num_classes}: pass class_labels exactly when the net is "
                              "class-conditional")
-        emb = self.map_noise(noise_labels)
+        if self.num_times == 1:
+            emb = self.map_noise(noise_labels)
+        else:
+            emb = torch.cat([self.map_noise(noise_labels[:, i]) for i in range(self.num_times)], dim=1)
         if self.map_label is not None:
             emb = emb + self.map_label(class_labels)
         emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
