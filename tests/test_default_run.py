@@ -24,6 +24,6 @@ def test_default_training_run_makes_recognisable_digits(tmp_path):
             probs = classifier(x).softmax(dim=1)
         confident = (probs.max(dim=1).values > 0.9).float().mean().item()
         classes = probs.argmax(dim=1).unique().numel()
-        # Measured after the default run: about half the samples are classified with > 90 % confidence
-        # (noise: about 0 %) and all ten digits appear; the thresholds leave room for run-to-run spread.
-        assert confident > 0.3 and classes >= 8, (k, confident, classes)
+        # The README's rates for the default run (iCT): 65 % of the one-step and 74 % of the two-step samples
+        # classified with > 90 % confidence (noise: about 0 %), all ten digits; a margin for run-to-run spread.
+        assert confident > {1: 0.5, 2: 0.6}[k] and classes == 10, (k, confident, classes)
