@@ -60,6 +60,7 @@ class GenerativeModule(L.LightningModule):
             self._check_teacher(teacher, init_from_teacher)
             if objective.requires_teacher:
                 objective.attach_teacher(teacher)
+        objective.check(self.net)  # here, not in setup: a run that cannot train stops before its directory is made
         # The target network theta^- and the EMAs start equal to theta (after any initialisation from the teacher).
         self.target_net = copy.deepcopy(self.net).requires_grad_(False) if objective.has_target_network else None
         self.ema = nn.ModuleList(copy.deepcopy(self.net).requires_grad_(False) for _ in self.ema_rates)
@@ -137,7 +138,6 @@ class GenerativeModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         """Memory format and compilation, before the strategy moves the module and wraps it for DDP (so that
         DDP's gradient buckets are laid out like the final parameters)."""
-        self.objective.check(self.net)
         self.speed = self.speed.resolved(self.trainer.strategy.root_device)
         self.speed.prepare(self.net)
         if self.speed.channels_last:  # the EMAs only sample now and then: their memory format, not compiled
