@@ -71,7 +71,7 @@ def with_gadget(real: Path, dest: Path, where: str, gadget: dict) -> Path:
     """Our own checkpoint with the gadget put into its stored config at ``where`` (net, data or schedule)."""
     ckpt = torch.load(real, map_location="cpu", weights_only=True)
     config = copy.deepcopy(ckpt["cm_lightning"]["config"])
-    parent = {"net": lambda: config["model"], "data": lambda: config, "schedule": lambda: config["model"]["target"]}
+    parent = {"net": lambda: config["model"], "data": lambda: config, "schedule": lambda: config["model"]["objective"]["pair"]}
     parent[where]()[where] = gadget
     ckpt["cm_lightning"]["config"] = config
     torch.save(ckpt, dest)
@@ -204,7 +204,7 @@ def test_editing_refuses_a_gadget_in_the_stored_schedule(cd_run, tmp_path, marke
 
     evil = with_gadget(cd_run / "checkpoints/last.ckpt", tmp_path / "evil.ckpt", "schedule",
                        gadgets(marker)["os.system"])
-    refuses(lambda: run_method(evil), "the checkpoint's model.target.schedule._target_=os.system")
+    refuses(lambda: run_method(evil), "the checkpoint's model.objective.pair.schedule._target_=os.system")
 
 
 def test_teacher_refuses_a_gadget_in_the_stored_net(edm_run, tmp_path, marker):

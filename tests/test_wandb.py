@@ -13,13 +13,13 @@ def offline_run(run_dir) -> OfflineRun:
 
 def test_sweep_runs_share_a_group_with_distinct_names_and_tags(sweep):
     runs = [offline_run(sweep / str(i)) for i in (0, 1)]
-    assert runs[0].run.run_group == runs[1].run.run_group == f"digits_ct/{sweep.name}"
+    assert runs[0].run.run_group == runs[1].run.run_group == f"digits_ict/{sweep.name}"
     assert {r.run.job_type for r in runs} == {"train"}
     names = [r.run.display_name for r in runs]
-    assert names[0] != names[1] and all(n.startswith("digits_ct ") for n in names)
+    assert names[0] != names[1] and all(n.startswith("digits_ict ") for n in names)
     assert "model.optimizer.lr=0.001" in names[0] and "model.optimizer.lr=0.002" in names[1]
     tags = [set(r.run.tags) for r in runs]
-    assert {"digits_ct", "ct", "digits", "adm_tiny"} <= tags[0] & tags[1]
+    assert {"digits_ict", "ict", "digits", "adm_tiny"} <= tags[0] & tags[1]
     assert "model.optimizer.lr=0.001" in tags[0] - tags[1] and "model.optimizer.lr=0.002" in tags[1] - tags[0]
 
 
