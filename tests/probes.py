@@ -108,3 +108,31 @@ def write_then_kill(checkpoint, filepath) -> None:
 
 def kill_during_writes() -> None:
     torch_io._atomic_save = write_then_kill
+
+
+EDIT_TASKS = ["inpaint", "colorize", "superres", "stroke", "denoise", "interpolate"]
+
+
+def every_evaluate_task(train_overrides, tmp_path: Path) -> None:
+    """Trains two steps on the colour digits with ``train_overrides``, then runs sample, fid, the midpoint search
+    (through the ts grid) and every editing task on the checkpoint, checking each wrote its output: the samplers,
+    the metrics and Algorithm 4 take the parameterisation from the checkpoint."""
+    from torchvision.utils import save_image
+
+    from cm_lightning.data.digits import colour_digits_tensor
+
+    run("train.py", *train_overrides, "data=digits_colour", "trainer.max_steps=2", f"hydra.run.dir={tmp_path / 'run'}")
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    for i, image in enumerate(colour_digits_tensor(16)[0][:2]):
+        save_image((image + 1) / 2, folder / f"d{i}.png")
+    common = [f"ckpt={tmp_path / 'run/checkpoints/last.ckpt'}", "num=20", "batch_size=10", f"input={folder}",
+              f"hydra.sweep.dir={tmp_path / 'eval'}", "hydra.sweep.subdir=${task}", "metrics.reference_num=40",
+              "search_budget=40", "ts_num_scales=5"]
+    run("evaluate.py", "-m", f"task={','.join(['sample', 'fid', 'search_midpoint', *EDIT_TASKS])}", *common,
+        timeout=600)
+    out = tmp_path / "eval"
+    assert (out / "sample/samples_2step.npz").exists() and (out / "fid/metrics.json").exists()
+    assert (out / "search_midpoint/search_midpoint.json").exists()
+    assert all((out / task / f"{task}.png").exists() for task in EDIT_TASKS if task != "interpolate")
+    assert list((out / "interpolate").glob("*.png"))

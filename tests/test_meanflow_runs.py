@@ -8,7 +8,7 @@ import signal
 import torch
 
 from conftest import TINY
-from probes import run
+from probes import every_evaluate_task, run
 
 MEANFLOW = ["experiment=digits_meanflow", *TINY, "trainer.accelerator=cpu", "trainer.deterministic=true",
             "logger=csv", "callbacks.metrics.every_n_steps=null", "callbacks.metrics.at_end=false"]
@@ -45,31 +45,9 @@ def test_meanflow_resumes_bit_for_bit(tmp_path):
         assert all(torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])) for k in a)
 
 
-EDIT_TASKS = ["inpaint", "colorize", "superres", "stroke", "denoise", "interpolate"]
-
-
 def test_every_evaluate_task_runs_on_a_meanflow_checkpoint(tmp_path):
-    """sample, fid, the midpoint search (over t = sigma / (1 + sigma), through the ts grid) and every editing
-    task: the samplers, the metrics and Algorithm 4 take the MeanFlow parameterisation from the checkpoint."""
-    run("train.py", *MEANFLOW, "data=digits_colour", "trainer.max_steps=2", f"hydra.run.dir={tmp_path / 'run'}")
-    ckpt = tmp_path / "run/checkpoints/last.ckpt"
-    folder = tmp_path / "inputs"
-    folder.mkdir()
-    from torchvision.utils import save_image
-
-    from cm_lightning.data.digits import colour_digits_tensor
-
-    for i, image in enumerate(colour_digits_tensor(16)[0][:2]):
-        save_image((image + 1) / 2, folder / f"d{i}.png")
-    common = [f"ckpt={ckpt}", "num=20", "batch_size=10", f"input={folder}", f"hydra.sweep.dir={tmp_path / 'eval'}",
-              "hydra.sweep.subdir=${task}", "metrics.reference_num=40", "search_budget=40", "ts_num_scales=5"]
-    tasks = ["sample", "fid", "search_midpoint", *EDIT_TASKS]
-    run("evaluate.py", "-m", f"task={','.join(tasks)}", *common, timeout=600)
-    out = tmp_path / "eval"
-    assert (out / "sample/samples_2step.npz").exists() and (out / "fid/metrics.json").exists()
-    assert (out / "search_midpoint/search_midpoint.json").exists()
-    assert all((out / task / f"{task}.png").exists() for task in EDIT_TASKS if task != "interpolate")
-    assert list((out / "interpolate").glob("*.png"))
+    """sample, fid, the midpoint search and every editing task run on a checkpoint of the MeanFlow parameterisation."""
+    every_evaluate_task(MEANFLOW, tmp_path)
 
 
 def test_bad_meanflow_settings_stop_before_any_step_with_one_line(tmp_path):

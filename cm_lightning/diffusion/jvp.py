@@ -29,3 +29,17 @@ def eager(net: torch.nn.Module):
     """The network's forward without ``torch.compile``'s wrapper (``Module.compile`` compiles ``__call__``):
     compiled graphs do not take forward-mode tangents."""
     return net.forward
+
+
+def probe(net: torch.nn.Module, fn) -> None:
+    """Calls ``fn(eager_net, x, labels, t)`` once, in eval mode, on a single zero image (with class 0 for a
+    conditional net) at t = 1: an objective's ``check`` runs its JVP there, so that a layer without forward-mode
+    AD stops when the run is built rather than at its first step."""
+    x = torch.zeros(1, net.in_channels, net.image_size, net.image_size, device=next(net.parameters()).device)
+    labels = torch.zeros(1, dtype=torch.long, device=x.device) if getattr(net, "num_classes", 0) else None
+    was_training = net.training
+    net.eval()
+    try:
+        fn(eager(net), x, labels, torch.ones(1, device=x.device))
+    finally:
+        net.train(was_training)

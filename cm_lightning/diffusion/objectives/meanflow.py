@@ -23,7 +23,7 @@ class-conditional nets with a "no class" label (``net.null_class``): v is replac
 
 import torch
 
-from cm_lightning.diffusion.jvp import eager, jvp
+from cm_lightning.diffusion.jvp import eager, jvp, probe
 from cm_lightning.diffusion.objectives.base import Objective, StepContext
 from cm_lightning.diffusion.precond import MeanFlowParam, _bcast
 from cm_lightning.errors import ConfigError
@@ -80,13 +80,8 @@ class MeanFlow(Objective):
             raise ConfigError("model.objective: guidance (omega != 1, kappa != 0 or label_dropout > 0) needs a "
                               "class-conditional net with a 'no class' label; set net.num_classes and "
                               "net.null_class=true, or omega=1, kappa=0, label_dropout=0")
-        x = torch.zeros(1, net.in_channels, net.image_size, net.image_size, device=next(net.parameters()).device)
-        labels = torch.zeros(1, dtype=torch.long, device=x.device) if getattr(net, "num_classes", 0) else None
-        t = torch.ones(1, device=x.device)
-        was_training = net.training
-        net.eval()
-        mean_flow_target(lambda z, r, t: self.parameterisation.u(eager(net), z, r, t, labels), x, 0 * t, t, x)
-        net.train(was_training)
+        probe(net, lambda f, x, labels, t: mean_flow_target(
+            lambda z, r, t: self.parameterisation.u(f, z, r, t, labels), x, 0 * t, t, x))
 
     def draws(self, x0: torch.Tensor, ctx: StepContext):
         """(t, r, e, dropped) for the batch: t >= r from two logit-normals, r = t outside ``fraction``, and which

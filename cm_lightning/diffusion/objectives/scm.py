@@ -16,7 +16,7 @@ wrapper, so it is synchronised like any other step. w is a small learned network
 import torch
 from torch import nn
 
-from cm_lightning.diffusion.jvp import eager, jvp
+from cm_lightning.diffusion.jvp import eager, jvp, probe
 from cm_lightning.diffusion.objectives.base import Objective, StepContext
 from cm_lightning.diffusion.precond import TrigFlow
 from cm_lightning.errors import ConfigError
@@ -91,13 +91,7 @@ class SCM(Objective):
     def check(self, net) -> None:
         """One JVP through the network on a single image, so a layer without forward-mode AD stops before the
         first step rather than at it."""
-        x = torch.zeros(1, net.in_channels, net.image_size, net.image_size, device=next(net.parameters()).device)
-        labels = torch.zeros(1, dtype=torch.long, device=x.device) if getattr(net, "num_classes", 0) else None
-        t = torch.ones(1, device=x.device)
-        was_training = net.training
-        net.eval()
-        jvp(lambda x, t: self.parameterisation.F(eager(net), x, t, labels), (x, t), (x, t))
-        net.train(was_training)
+        probe(net, lambda f, x, labels, t: jvp(lambda x, t: self.parameterisation.F(f, x, t, labels), (x, t), (x, t)))
 
     def loss(self, student, target_net, x0, labels, ctx: StepContext):
         g, shape, param = ctx.generator, x0.shape, self.parameterisation
