@@ -66,9 +66,10 @@ def build_logger(c: DictConfig):
 def build(cfg: DictConfig):
     """Data, model, callbacks, loggers and trainer, each with ``hydra.utils.instantiate``; the checks that
     need them run here, before any process is started or any step is taken."""
-    check_training(cfg)
+    # Inside a SLURM job the allocation binds first: its message names what SLURM started.
     slurm.check_allocation(cfg.trainer.get("devices", 1), cfg.trainer.get("num_nodes", 1),
                            cfg.trainer.get("accelerator", "auto"))
+    check_training(cfg)
     data = instantiate(cfg.data, seed=cfg.seed)
     model = instantiate(cfg.model)
     check_data_matches_net(data, model.net)

@@ -15,10 +15,11 @@ def test_default_training_run_makes_recognisable_digits(tmp_path):
     assert (tmp_path / "samples/final_1step.png").is_file() and (tmp_path / "samples/final_2step.png").is_file()
     assert list((tmp_path / "wandb").glob("offline-run-*"))
 
-    run_script("evaluate.py", f"ckpt={tmp_path / 'checkpoints/last.ckpt'}", "num=500", f"hydra.run.dir={tmp_path}")
+    # Into a directory of its own: evaluate.py does not write into a training run's directory.
+    run_script("evaluate.py", f"ckpt={tmp_path / 'checkpoints/last.ckpt'}", "num=500", f"hydra.run.dir={tmp_path / 'eval'}")
     classifier = load_pretrained_digits_classifier()
     for k in (1, 2):
-        images = np.load(tmp_path / f"samples_{k}step.npz")["arr_0"]
+        images = np.load(tmp_path / "eval" / f"samples_{k}step.npz")["arr_0"]
         x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
         with torch.no_grad():
             probs = classifier(x).softmax(dim=1)
