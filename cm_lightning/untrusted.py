@@ -75,7 +75,7 @@ def load_weights(path, what: str, mmap: bool = False) -> dict:
 
 def weights_stream(path, what: str) -> io.BytesIO:
     """A weights file loaded by ``load_weights`` and written again as an in-memory file, for a library that
-    calls ``torch.load(weights_only=False)`` on what it is given (torch-fidelity's Inception): what it then
+    unpickles whatever it is given without restriction (torch-fidelity's Inception): what it then
     unpickles is only what ``load_weights`` accepted."""
     stream = io.BytesIO()
     torch.save(load_weights(path, what), stream)

@@ -120,7 +120,7 @@ class Fidelity:
     def extractor(self, device) -> torch.nn.Module:
         if self._extractor is None:
             cls = FEATURE_EXTRACTORS_REGISTRY[self.extractor_name]
-            # torch-fidelity's Inception unpickles its weights with weights_only=False: it gets what load_file
+            # torch-fidelity's Inception unpickles its weights without restriction: it gets what load_file
             # accepted instead. The digits extractor is ours and loads with weights_only=True.
             weights = str(self.weights)
             if self.extractor_name == INCEPTION:
