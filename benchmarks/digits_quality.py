@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cm_lightning.data.digits import digits_tensor  # noqa: E402
-from cm_lightning.checkpoints import sampler_from_checkpoint  # noqa: E402
+from cm_lightning.loading import sampler_from_checkpoint  # noqa: E402
 from cm_lightning.evaluation import levels, sample_batched  # noqa: E402
 from cm_lightning.diffusion.sampling import sigmas_from_indices  # noqa: E402
 from cm_lightning.metrics.digits_fidelity import digits_metrics  # noqa: E402

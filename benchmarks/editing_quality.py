@@ -20,7 +20,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cm_lightning.checkpoints import sampler_from_checkpoint  # noqa: E402
+from cm_lightning.loading import sampler_from_checkpoint  # noqa: E402
 from cm_lightning.data.digits import digits_tensor  # noqa: E402
 from cm_lightning.diffusion import editing  # noqa: E402
 from cm_lightning.diffusion.linear_transforms import Identity  # noqa: E402

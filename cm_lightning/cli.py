@@ -14,7 +14,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from cm_lightning import wandb_runs
 from cm_lightning.errors import ConfigError, TrainingError
-from cm_lightning.speed import auto_precision
+from cm_lightning.runtime.speed import auto_precision
 
 
 def wandb_offline() -> bool:

@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig
 from torchvision.utils import make_grid, save_image
 
-from cm_lightning.checkpoints import sampler_from_checkpoint
+from cm_lightning.loading import sampler_from_checkpoint
 from cm_lightning.diffusion import editing
 from cm_lightning.diffusion.linear_transforms import LUMINANCE, ChannelBasis, Identity, PatchBasis
 from cm_lightning.editing_inputs import build_masks, read_images, to_tensor

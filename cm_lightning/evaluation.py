@@ -11,11 +11,12 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import save_image
 
-from cm_lightning import ddp, wandb_runs
+from cm_lightning import wandb_runs
+from cm_lightning.runtime import ddp
 from cm_lightning.callbacks.metrics import log_results
 from cm_lightning.callbacks.sample_grid import image_grid
-from cm_lightning.checkpoints import export_state_dict, sampler_from_checkpoint
-from cm_lightning.checkpoints import META_KEY, is_plain, read_checkpoint
+from cm_lightning.loading import export_state_dict, sampler_from_checkpoint
+from cm_lightning.loading import META_KEY, is_plain, read_checkpoint
 from cm_lightning.diffusion.editing import check_levels
 from cm_lightning.diffusion.sampling import sigmas_from_indices
 from cm_lightning.editing_tasks import EDIT_TASKS
@@ -25,9 +26,9 @@ from cm_lightning.metrics.fidelity import Fidelity
 from cm_lightning.metrics.midpoint_search import ternary_search
 from cm_lightning.metrics.reference import ReferenceSource
 from cm_lightning.metrics.sharding import progress, share, sharded_features
-from cm_lightning.run_dir import check_output_dir, refuse_existing, write_hydra_files
+from cm_lightning.runtime.run_dir import check_output_dir, refuse_existing, write_hydra_files
 from cm_lightning.sampler import Sampler
-from cm_lightning.speed import Speed, auto_precision
+from cm_lightning.runtime.speed import Speed, auto_precision
 from cm_lightning.tasks.report import report_task
 from cm_lightning.untrusted import instantiate_trusted
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from cm_lightning.diffusion.sampling import multistep_sample, ode_sample
-from cm_lightning.speed import Speed, amp_dtype, autocast
+from cm_lightning.runtime.speed import Speed, amp_dtype, autocast
 
 
 @dataclass

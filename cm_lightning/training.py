@@ -11,12 +11,13 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from cm_lightning import ddp, slurm, wandb_runs
+from cm_lightning import wandb_runs
+from cm_lightning.runtime import ddp, slurm
 from cm_lightning.callbacks.checkpoint import AtomicCheckpointIO, check_writable, checkpoint_dir, resume_path
 from cm_lightning.callbacks.telemetry import usable
 from cm_lightning.errors import ConfigError
 from cm_lightning.inputs import check_training
-from cm_lightning.run_dir import OptimizerSettings, check_fresh_start, check_resume, write_hydra_files
+from cm_lightning.runtime.run_dir import OptimizerSettings, check_fresh_start, check_resume, write_hydra_files
 from cm_lightning.untrusted import fit_options
 
 
@@ -86,7 +87,7 @@ def build(cfg: DictConfig):
 
 
 def prepare_run_dir(cfg: DictConfig, model, trainer, ckpt) -> None:
-    """The run directory's rules (``run_dir.py``): a fresh start writes over no other run's checkpoints or
+    """The run directory's rules (``runtime/run_dir.py``): a fresh start writes over no other run's checkpoints or
     config without ``overwrite=true``; a resume keeps the method and applies the optimiser settings."""
     overwrite = bool(cfg.get("overwrite", False))
     check_fresh_start(ckpt, checkpoint_dir(trainer), overwrite)

@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from cm_lightning.checkpoints import (META_KEY, export_state_dict, kind_from_name, load_teacher, net_hint,
+from cm_lightning.loading import (META_KEY, export_state_dict, kind_from_name, load_teacher, net_hint,
                                       sampler_from_checkpoint, state_dict_mismatch)
 from cm_lightning.diffusion.precond import consistency_function, edm_denoiser
 from cm_lightning.errors import ConfigError

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from cm_lightning.data.sampler import EpochSampler
-from cm_lightning.ddp import config_flags
-from cm_lightning.slurm import count_devices
+from cm_lightning.data.epoch_sampler import EpochSampler
+from cm_lightning.runtime.ddp import config_flags
+from cm_lightning.runtime.slurm import count_devices
 from conftest import TINY
 from probes import run
 

@@ -9,14 +9,14 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 from torchvision.utils import save_image
 
-from cm_lightning.checkpoints import sampler_from_checkpoint
+from cm_lightning.loading import sampler_from_checkpoint
 from cm_lightning.data.digits import colour_digits_tensor
 from cm_lightning.diffusion import editing
 from cm_lightning.diffusion.linear_transforms import LUMINANCE, ChannelBasis, Identity, PatchBasis
 from cm_lightning.editing_tasks import run_method
 from cm_lightning.errors import ConfigError
 from cm_lightning.evaluation import evaluate
-from cm_lightning.speed import Speed
+from cm_lightning.runtime.speed import Speed
 from conftest import ROOT, TINY, run_script
 from inprocess import train_here
 

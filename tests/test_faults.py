@@ -15,7 +15,7 @@ import torch
 from cm_lightning.callbacks.checkpoint import check_writable, latest_readable, resume_path, unreadable
 from cm_lightning.callbacks.finite_loss import FiniteLoss, NonFiniteLoss
 from cm_lightning.errors import ConfigError
-from cm_lightning.slurm import check_allocation
+from cm_lightning.runtime.slurm import check_allocation
 from conftest import ROOT, TINY
 from probes import run
 

@@ -19,7 +19,7 @@ from cm_lightning import evaluation
 from cm_lightning.callbacks.metrics import Metrics
 from cm_lightning.diffusion.precond import consistency_function, edm_denoiser
 from cm_lightning.sampler import Sampler
-from cm_lightning.checkpoints import sampler_from_checkpoint
+from cm_lightning.loading import sampler_from_checkpoint
 from cm_lightning.cli import register_resolvers
 from cm_lightning.data.digits import DigitsDataModule, digits_tensor
 from cm_lightning.errors import ConfigError

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from cm_lightning.checkpoints import sampler_from_checkpoint
+from cm_lightning.loading import sampler_from_checkpoint
 from cm_lightning.data.digits import DigitsDataModule
 from cm_lightning.diffusion.precond import consistency_function
 from cm_lightning.metrics.fidelity import Fidelity

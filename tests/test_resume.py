@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cm_lightning.data.digits import DigitsDataModule
-from cm_lightning.data.sampler import EpochSampler
+from cm_lightning.data.epoch_sampler import EpochSampler
 from conftest import TINY
 from probes import run
 

@@ -1,4 +1,4 @@
-"""Speed options (cm_lightning/speed.py): they change how fast, not what is computed."""
+"""Speed options (cm_lightning/runtime/speed.py): they change how fast, not what is computed."""
 
 import functools
 import math
@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
 
 from cm_lightning.errors import ConfigError
-from cm_lightning.speed import Speed, amp_dtype, auto_precision
+from cm_lightning.runtime.speed import Speed, amp_dtype, auto_precision
 from conftest import TINY
 from helpers import ct_module, randomise, tiny_net
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from hydra.errors import InstantiationException
 
-from cm_lightning.checkpoints import sampler_from_checkpoint
+from cm_lightning.loading import sampler_from_checkpoint
 from cm_lightning.cli import _root_cause
 from cm_lightning.errors import ConfigError
 from cm_lightning.metrics.fidelity import Fidelity
@@ -61,7 +61,7 @@ def gadgets(marker: Path) -> dict:
     return {
         "os.system": {"_target_": "os.system", "command": f"touch {marker}"},
         "nested torch.load": {"_target_": "cm_lightning.nets.adm.ADMUNet", "image_size": nested_load},
-        "attribute path": {**nested_load, "_target_": "cm_lightning.checkpoints.torch.load"},
+        "attribute path": {**nested_load, "_target_": "cm_lightning.loading.torch.load"},
         "package function": {"_target_": "cm_lightning.evaluation.evaluate", "cfg": {}},
         "in a list": {"_target_": "cm_lightning.nets.adm.ADMUNet", "channel_mult": [1, nested_load]},
     }
@@ -93,7 +93,7 @@ def refuses(fn, *words):
 # --- the allow-list ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("target", ["torch.load", "os.system", "builtins.eval", "builtins.exec", "subprocess.run",
                                     "hydra.utils.instantiate", "hydra.utils.call", "functools.partial",
-                                    "cm_lightning.checkpoints.torch.load", "cm_lightning.untrusted.instantiate",
+                                    "cm_lightning.loading.torch.load", "cm_lightning.untrusted.instantiate",
                                     "cm_lightning.evaluation.evaluate", "cm_lightning.training.train",
                                     "cm_lightning.nets.adm.nn.Module", "cm_lightning.nope.Class",
                                     "torch.optim.LBFGS", None, 3])

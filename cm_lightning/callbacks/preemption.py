@@ -21,7 +21,7 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 
-from cm_lightning import slurm
+from cm_lightning.runtime import slurm
 from cm_lightning.callbacks.checkpoint import checkpoint_dir
 from cm_lightning.errors import ConfigError
 

@@ -1,5 +1,5 @@
 """What every dataset here shares: a global batch size split over devices, a training order that is a
-function of (seed, epoch) and resumes at the exact batch (``data/sampler.py``), a fixed validation
+function of (seed, epoch) and resumes at the exact batch (``data/epoch_sampler.py``), a fixed validation
 subset, images in [-1, 1] as (C, H, W) float tensors with integer labels."""
 
 import abc
@@ -8,7 +8,7 @@ import warnings
 import lightning as L
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from cm_lightning.data.sampler import EpochSampler
+from cm_lightning.data.epoch_sampler import EpochSampler
 from cm_lightning.errors import ConfigError
 
 # Lightning warns at every mid-epoch resume unless the DataLoader object itself is stateful; here the data

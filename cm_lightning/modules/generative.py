@@ -9,14 +9,14 @@ import lightning as L
 import torch
 from torch import nn
 
-from cm_lightning import seeding
-from cm_lightning.checkpoints import META_KEY, load_matching, load_teacher
+from cm_lightning.runtime import seeding
+from cm_lightning.loading import META_KEY, load_matching, load_teacher
 from cm_lightning.diffusion.objectives.base import Objective, StepContext
 from cm_lightning.diffusion.precond import edm_denoiser
-from cm_lightning.ema import ema_update_
+from cm_lightning.modules.ema import ema_update_
 from cm_lightning.errors import ConfigError
 from cm_lightning.sampler import Sampler
-from cm_lightning.speed import Speed
+from cm_lightning.runtime.speed import Speed
 
 
 class GenerativeModule(L.LightningModule):

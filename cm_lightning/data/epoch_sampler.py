@@ -12,7 +12,7 @@ with the whole global batch sees exactly the samples that the ranks see together
 import torch
 from torch.utils.data import DistributedSampler
 
-from cm_lightning import seeding
+from cm_lightning.runtime import seeding
 
 
 class EpochSampler(DistributedSampler):
