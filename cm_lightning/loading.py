@@ -121,9 +121,9 @@ def load_plain(net: nn.Module, state: dict, what: str, path) -> nn.Module:
     return net.eval().requires_grad_(False)
 
 
-def load_teacher(path, like: nn.Module | None = None, precond: Precond | None = None) -> Teacher:
+def load_teacher(path, like: nn.Module | None = None, sigma_data: float = 0.5) -> Teacher:
     """The frozen EDM teacher of a CD run. A plain state dict (e.g. the authors' ``edm_imagenet64_ema.pt``)
-    loads into a copy of ``like``, the run's own network, and uses ``precond`` (default: EDM's)."""
+    loads into a copy of ``like``, the run's own network, and is fed that network's conditioning."""
     if path is None:
         raise ConfigError(
             "model.teacher_ckpt is not set: CD distils (and ECT tunes) a trained EDM teacher. Train one with "
@@ -136,7 +136,8 @@ def load_teacher(path, like: nn.Module | None = None, precond: Precond | None = 
                               "an EDM model, e.g. the authors' edm_imagenet64_ema.pt")
         if like is None:
             raise ConfigError(f"model.teacher_ckpt={path} is a plain state dict; it needs the run's net config")
-        return Teacher(load_plain(copy.deepcopy(like), ckpt, "model.teacher_ckpt", path), precond or edm_denoiser())
+        net = load_plain(copy.deepcopy(like), ckpt, "model.teacher_ckpt", path)
+        return Teacher(net, edm_denoiser(sigma_data, like.noise_kind))
     param = from_meta(ckpt[META_KEY])
     if param.few_step or not isinstance(param, Precond):
         raise ConfigError(
@@ -154,9 +155,10 @@ def select_ema(meta: dict, ema: int | None) -> dict:
     return meta
 
 
-def plain_sampler(path, state: dict, net=None, kind: str | None = None, noise_kind: str = "adm") -> Sampler:
-    """A sampler for a plain state dict: ``net`` (a net config or module) and ``kind`` say what it is;
-    the preconditioning and noise grid are the authors' (sigma_data 0.5, eps 0.002, sigma_max 80, rho 7)."""
+def plain_sampler(path, state: dict, net=None, kind: str | None = None) -> Sampler:
+    """A sampler for a plain state dict: ``net`` (a net config or module, whose ``noise_kind`` it is fed) and
+    ``kind`` say what it is; the preconditioning and noise grid are the authors' (sigma_data 0.5, eps 0.002,
+    sigma_max 80, rho 7)."""
     kind = kind or kind_from_name(path)
     if kind not in ("consistency", "edm"):
         raise ConfigError(f"ckpt={path} is a plain state dict whose name does not say what it is; add "
@@ -165,18 +167,17 @@ def plain_sampler(path, state: dict, net=None, kind: str | None = None, noise_ki
         raise ConfigError(f"ckpt={path} is a plain state dict (the authors' format); name its network: "
                           f"{net_hint(path)}")
     net = load_plain(net if isinstance(net, nn.Module) else instantiate(net), state, "ckpt", path)
-    precond = edm_denoiser(noise_kind=noise_kind) if kind == "edm" else consistency_function(noise_kind=noise_kind)
-    return Sampler(net, precond)
+    make = edm_denoiser if kind == "edm" else consistency_function
+    return Sampler(net, make(noise_kind=net.noise_kind))
 
 
-def sampler_from_checkpoint(path, ema: int | None = None, device="cpu", net=None, kind: str | None = None,
-                            noise_kind: str = "adm") -> Sampler:
-    """The sampler of a checkpoint; ``net``, ``kind`` and ``noise_kind`` apply to plain state dicts only."""
+def sampler_from_checkpoint(path, ema: int | None = None, device="cpu", net=None, kind: str | None = None) -> Sampler:
+    """The sampler of a checkpoint; ``net`` and ``kind`` apply to plain state dicts only."""
     ckpt = read_checkpoint(path, "ckpt")
     if is_plain(ckpt):
         if ema is not None:
             raise ConfigError(f"ema={ema}: ckpt={path} is a plain state dict with one set of weights; drop ema=")
-        sampler = plain_sampler(path, ckpt, net, kind, noise_kind)
+        sampler = plain_sampler(path, ckpt, net, kind)
         sampler.net.to(device)
         return sampler
     meta = select_ema(ckpt[META_KEY], ema)

@@ -8,20 +8,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
-
-from cm_lightning.loading import (META_KEY, export_state_dict, kind_from_name, load_teacher, net_hint,
-                                      sampler_from_checkpoint, state_dict_mismatch)
-from cm_lightning.diffusion.precond import consistency_function, edm_denoiser
-from cm_lightning.errors import ConfigError
-from cm_lightning.evaluation import class_labels, to_uint8
-from cm_lightning.nets.ncsnpp import NCSNpp
-from cm_lightning.sampler import Sampler
 from conftest import ROOT, TINY, run_script
 from helpers import randomise
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 from inprocess import evaluate_here, train_here
+from omegaconf import OmegaConf
+
+from cm_lightning.diffusion.precond import consistency_function, edm_denoiser
+from cm_lightning.errors import ConfigError
+from cm_lightning.loading import (
+    META_KEY,
+    export_state_dict,
+    kind_from_name,
+    load_teacher,
+    net_hint,
+    sampler_from_checkpoint,
+    state_dict_mismatch,
+)
+from cm_lightning.nets.ncsnpp import NCSNpp
+from cm_lightning.sampler import Sampler
+from cm_lightning.tasks.common import authors_uint8
+from cm_lightning.tasks.sample import class_labels
 
 LAYOUT = json.loads((Path(__file__).parent / "data" / "adm-state-dict-layout.json").read_text())
 NET = dict(_target_="cm_lightning.nets.adm.ADMUNet", image_size=8, in_channels=3, model_channels=16,
@@ -98,8 +106,9 @@ def test_names_kinds_and_missing_information(tmp_path):
 def test_plain_teacher_loads_into_a_copy_of_the_runs_net(tmp_path):
     state = save_plain(tmp_path / "edm_tiny_ema.pt")
     student = instantiate(NET)
-    teacher = load_teacher(tmp_path / "edm_tiny_ema.pt", like=student, precond=edm_denoiser(0.5, "adm"))
+    teacher = load_teacher(tmp_path / "edm_tiny_ema.pt", like=student)
     assert teacher.net is not student and teacher.precond.eps == 0.0 and not teacher.net.training
+    assert teacher.precond.noise_kind == student.noise_kind == "adm"  # the net config's conditioning
     for k, v in teacher.net.state_dict().items():
         assert torch.equal(v, state[k])
     torch.save(state, tmp_path / "cd_tiny.pt")
@@ -119,7 +128,7 @@ def test_evaluate_samples_a_plain_state_dict(tmp_path):
     net.load_state_dict(state)
     images, _ = Sampler(net.eval(), consistency_function(0.5, 0.002, "adm"))(
         4, steps=1, labels=torch.tensor([2, 0, 2, 0]), seed=0)
-    assert np.array_equal(out["arr_0"], to_uint8(images))
+    assert np.array_equal(out["arr_0"], authors_uint8(images))
 
 
 def fake_run_checkpoint(path: Path) -> dict:

@@ -67,7 +67,7 @@ def test_published_scm_settings(name):
     assert (objective.p_mean, objective.p_std, objective.distill) == (p_mean, p_std, distill)
     assert (objective.tangent_c, objective.warmup_steps, objective.parameterisation.t_mid) == (0.1, 10000, 1.1)
     assert cfg.net.dropout == dropout and cfg.hydra.runtime.choices.net == net and cfg.model.lr_decay_ref == t_ref
-    assert cfg.model.init_from_teacher and cfg.model.teacher_noise_kind == objective.parameterisation.noise_kind
+    assert cfg.model.init_from_teacher and objective.parameterisation.noise_kind == cfg.net.noise_kind  # as the teacher
 
 
 def test_published_meanflow_settings():

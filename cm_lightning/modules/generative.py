@@ -33,7 +33,6 @@ class GenerativeModule(L.LightningModule):
         ema_warmup: bool = False,
         speed: Speed | None = None,
         teacher_ckpt: str | None = None,
-        teacher_noise_kind: str = "adm",
         init_from_teacher: bool = False,
     ):
         super().__init__()
@@ -55,8 +54,7 @@ class GenerativeModule(L.LightningModule):
         self.speed = speed or Speed()
         self.run_config = None  # set by the entry point; stored in checkpoints for evaluate.py
         if objective.requires_teacher or init_from_teacher:
-            teacher = load_teacher(teacher_ckpt, like=self.net,
-                                   precond=edm_denoiser(objective.parameterisation.sigma_data, teacher_noise_kind))
+            teacher = load_teacher(teacher_ckpt, like=self.net, sigma_data=objective.parameterisation.sigma_data)
             self._check_teacher(teacher, init_from_teacher)
             if objective.requires_teacher:
                 objective.attach_teacher(teacher)

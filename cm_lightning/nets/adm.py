@@ -180,6 +180,7 @@ class ADMUNet(nn.Module):
         double_norm: bool = False,
         num_times: int = 1,
         null_class: bool = False,
+        noise_kind: str = "adm",
     ):
         """``double_norm``: the adaptive scale and shift of every residual block pixel-normalised (sCM's "adaptive
         double normalisation", Section 4.1), which the paper needed for stable continuous-time training; it
@@ -189,8 +190,13 @@ class ADMUNet(nn.Module):
         ``num_times=2``: the net is conditioned on two times, ``noise_labels`` of shape (B, 2), each through its own
         embedding MLP and the two embeddings summed (MeanFlow's (t, t - r), as the official DiT's t- and
         h-embedders). ``null_class``: one more label embedding, index ``num_classes``, for "no class"
-        (classifier-free guidance). Both off keep the module names and shapes of the authors' checkpoints."""
+        (classifier-free guidance). Both off keep the module names and shapes of the authors' checkpoints.
+
+        ``noise_kind``: the c_noise(sigma) the embedding is trained on (``adm``: the authors' 1000 * 0.25 ln sigma),
+        which the parameterisation feeds it; kept on the module so that a teacher or a plain state dict loaded
+        into this net is fed the same."""
         super().__init__()
+        self.noise_kind = noise_kind
         channel_mult = tuple(int(m) for m in channel_mult)
         attention_resolutions = tuple(int(r) for r in attention_resolutions)
         if not channel_mult:

@@ -10,7 +10,7 @@ One U-Net, two published settings (``conf/net/ncsnpp_cifar10.yaml``, ``conf/net/
 
 Both use BigGAN-style residual blocks (the up/down-sampling happens inside the block, on the main
 and the skip path) and scale every residual sum by sqrt(1/2). Like the ADM U-Net the network takes
-an already computed noise scalar; EDM feeds these nets c_noise = 0.25 ln(sigma) (``model.objective.parameterisation.noise_kind: edm``).
+an already computed noise scalar; EDM feeds these nets c_noise = 0.25 ln(sigma) (``noise_kind: edm`` in their configs).
 """
 
 from __future__ import annotations
@@ -154,8 +154,12 @@ class NCSNpp(nn.Module):
         encoder: str = "residual",
         resample_filter: Sequence[float] = (1, 3, 3, 1),
         num_times: int = 1,
+        noise_kind: str = "edm",
     ):
+        """``noise_kind``: the c_noise(sigma) the embedding is trained on (``edm``: 0.25 ln sigma, as EDM feeds
+        these nets), which the parameterisation feeds it; kept on the module for teachers and plain state dicts."""
         super().__init__()
+        self.noise_kind = noise_kind
         channel_mult = tuple(int(m) for m in channel_mult)
         attention_resolutions = tuple(int(r) for r in attention_resolutions)
         embeddings = {"fourier": FourierEmbedding, "positional": PositionalEmbedding}
