@@ -228,4 +228,5 @@ def test_cifar10_experiments_compose_with_the_published_settings():
     assert list(ect.callbacks.sample_grid.sigmas) == [[80.0, 0.821]]
     target = instantiate(ect.model.objective.pair)
     assert isinstance(target, ECTTarget) and target.state(199_999) == {"stage": 7, "mu": 0.0}
-    assert instantiate(ict.net).image_size == 32
+    net = instantiate(ict.net)
+    assert net.image_size == 32 and type(net).__name__ == "NCSNpp" and ict.net.embedding_scale == 0.02  # as the paper
