@@ -38,8 +38,7 @@ def test_ct_logs_its_curriculum(tmp_path):
 
 def test_resume_continues_from_the_checkpoint(edm_run, tmp_path):
     ckpt = edm_run / "checkpoints/last.ckpt"
-    tiny = [o for o in TINY if not o.startswith("trainer.max_steps")]
-    run_script("train.py", "experiment=digits_edm", *tiny, "trainer.max_steps=6", f"ckpt_path={ckpt}",
+    run_script("train.py", "experiment=digits_edm", *TINY, "trainer.max_steps=6", f"ckpt_path={ckpt}",
                "logger=csv", f"hydra.run.dir={tmp_path}")
     resumed = torch.load(tmp_path / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
     assert resumed["global_step"] == 6

@@ -5,20 +5,22 @@ Algorithm 4 on the trained colour model, and each kind of bad input."""
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, TINY, run_script
 from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from inprocess import train_here
 from PIL import Image
 from torchvision.utils import save_image
 
-from cm_lightning.loading import sampler_from_checkpoint
+from cm_lightning.cli import shared_sweep_options
 from cm_lightning.data.digits import colour_digits_tensor
 from cm_lightning.diffusion import editing
 from cm_lightning.diffusion.linear_transforms import LUMINANCE, ChannelBasis, Identity, PatchBasis
-from cm_lightning.editing_tasks import run_method
 from cm_lightning.errors import ConfigError
-from cm_lightning.evaluation import evaluate
+from cm_lightning.loading import read_checkpoint, sampler_from_checkpoint
 from cm_lightning.runtime.speed import Speed
-from conftest import ROOT, TINY, run_script
-from inprocess import train_here
+from cm_lightning.tasks.dispatch import evaluate
+from cm_lightning.tasks.editing import run_method
 
 TASKS = ["inpaint", "colorize", "superres", "stroke", "denoise", "interpolate"]
 NAMES = ["d0", "d1", "d2"]
@@ -27,9 +29,17 @@ NAMES = ["d0", "d1", "d2"]
 @pytest.fixture(scope="module")
 def colour_ckpt(tmp_path_factory):
     out = tmp_path_factory.mktemp("colour")
-    tiny = [o for o in TINY if not o.startswith(("trainer.max_steps", "trainer.val_check_interval"))]
-    train_here(["experiment=digits_colour_ct", *tiny, "trainer.max_steps=30", "trainer.val_check_interval=30",
-                "model.objective.pair.schedule.s1=150", "logger=none"], out)
+    train_here(
+        [
+            "experiment=digits_colour_ct",
+            *TINY,
+            "trainer.max_steps=30",
+            "trainer.val_check_interval=30",
+            "model.objective.pair.schedule.s1=150",
+            "logger=none",
+        ],
+        out,
+    )
     return out / "checkpoints/last.ckpt"
 
 
@@ -52,8 +62,16 @@ def read(path) -> torch.Tensor:
 
 
 def sweep(ckpt, tasks, out, *overrides, check=True):
-    return run_script("evaluate.py", "-m", f"task={','.join(tasks)}", f"ckpt={ckpt}", *overrides,
-                      f"hydra.sweep.dir={out}", "hydra.sweep.subdir=${task}", check=check)
+    return run_script(
+        "evaluate.py",
+        "-m",
+        f"task={','.join(tasks)}",
+        f"ckpt={ckpt}",
+        *overrides,
+        f"hydra.sweep.dir={out}",
+        "hydra.sweep.subdir=${task}",
+        check=check,
+    )
 
 
 def test_every_task_on_a_colour_model(colour_ckpt, inputs, tmp_path):
@@ -79,8 +97,18 @@ def test_every_task_on_a_colour_model(colour_ckpt, inputs, tmp_path):
 def test_one_channel_model_and_colourisation_refused(cd_run, inputs, tmp_path):
     # the sweep runs in order, so colorize, last, fails only after the others have written their files
     tasks = ["inpaint", "superres", "stroke", "denoise", "interpolate", "colorize"]
-    proc = sweep(cd_run / "checkpoints/last.ckpt", tasks, tmp_path, f"input={inputs / 'd0.png'}",
-                 "mask=random_strokes", "factor=8", "num=3", "sigma=1.5", "batch_size=1", check=False)
+    proc = sweep(
+        cd_run / "checkpoints/last.ckpt",
+        tasks,
+        tmp_path,
+        f"input={inputs / 'd0.png'}",
+        "mask=random_strokes",
+        "factor=8",
+        "num=3",
+        "sigma=1.5",
+        "batch_size=1",
+        check=False,
+    )
     for task in tasks[:4]:
         assert Image.open(tmp_path / task / task / "d0.png").size == (16, 16)
     assert len(list((tmp_path / "interpolate/interpolate").glob("frame_*.png"))) == 3
@@ -91,7 +119,7 @@ def test_one_channel_model_and_colourisation_refused(cd_run, inputs, tmp_path):
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 def test_trained_model_keeps_the_reference_exactly(colour_ckpt, precision):
-    # bf16 is what editing samples in on a GPU (evaluate.yaml speed.precision=auto): Algorithm 4's
+    # bf16 is what editing samples in on a GPU (conf/evaluate/device.yaml speed.precision=auto): Algorithm 4's
     # recombination stays in fp32, so what it keeps is kept as exactly.
     sampler = sampler_from_checkpoint(colour_ckpt).speed_up(Speed(channels_last=True, compile=False), precision, "cpu")
     f = lambda x, s: sampler.denoise(x, s)  # noqa: E731
@@ -111,8 +139,8 @@ def test_trained_model_keeps_the_reference_exactly(colour_ckpt, precision):
 
 
 def test_default_schedule_is_read_from_the_run(colour_ckpt, cd_run):
-    assert run_method(colour_ckpt) == ("ct", 151)  # the CM curriculum ends at N(K) = s1 + 1
-    assert run_method(cd_run / "checkpoints/last.ckpt") == ("cd", 18)
+    assert run_method(read_checkpoint(colour_ckpt)) == ("ct", 151)  # the CM curriculum ends at N(K) = s1 + 1
+    assert run_method(read_checkpoint(cd_run / "checkpoints/last.ckpt")) == ("cd", 18)
 
 
 def cfg(ckpt, tmp_path, *overrides):
@@ -120,16 +148,44 @@ def cfg(ckpt, tmp_path, *overrides):
         return compose("evaluate", overrides=[f"ckpt={ckpt}", f"out_dir={tmp_path}", "device=cpu", *overrides])
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["task=inpaint", "mask=MASK10"], r"mask=.*mask10.png is 10x10 but image d0 is 16x16"),
-    (["task=inpaint", "edit_sigmas=[1.0,5.0]"], r"edit_sigmas=\[1.0, 5.0\] must be .*strictly decreasing"),
-    (["task=superres", "factor=3"], r"factor=3 does not divide the model's resolution 16; use one of \[2, 4, 8, 16\]"),
-    (["task=stroke", "sigma=500"], r"sigma=500.0 is outside the model's noise range"),
-    (["task=denoise", "input=BROKEN"], r"input=.*broken.png holds no readable image"),
-    (["task=inpaint", "input=null"], r"task=inpaint needs input="),
-    (["task=inpaint", "mask=circle"], r"mask=circle is neither box, left_half, random_strokes nor an image file"),
-    (["task=inpaint", "mask=BROKEN"], r"mask=.*broken.png is not a readable image"),
-])
+@pytest.mark.parametrize(
+    "task,other",
+    [
+        ("fid", "mask=box"),
+        ("inpaint", "metrics.fid=false"),
+        ("sample", "runs=[x]"),
+        ("report", "steps=[1]"),
+        ("export", "input=x"),
+    ],
+)
+def test_an_option_of_another_task_is_refused(task, other):
+    with pytest.raises(ConfigCompositionException, match=f"Could not override '{other.split('=')[0]}'"):
+        with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+            compose("evaluate", overrides=[f"task={task}", other])
+
+
+def test_a_sweep_over_tasks_shares_its_options():
+    args = ["-m", "task=sample,inpaint", "num=4", "input=x", "mask=box", "steps=[1]", "nmu=3", "hydra.run.dir=y"]
+    assert shared_sweep_options(args) == [*args[:3], "++input=x", "++mask=box", "++steps=[1]", *args[-2:]]
+    assert shared_sweep_options(["task=fid", "input=x"]) == ["task=fid", "input=x"]  # refused by Hydra
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["task=inpaint", "mask=MASK10"], r"mask=.*mask10.png is 10x10 but image d0 is 16x16"),
+        (["task=inpaint", "edit_sigmas=[1.0,5.0]"], r"edit_sigmas=\[1.0, 5.0\] must be .*strictly decreasing"),
+        (
+            ["task=superres", "factor=3"],
+            r"factor=3 does not divide the model's resolution 16; use one of \[2, 4, 8, 16\]",
+        ),
+        (["task=stroke", "sigma=500"], r"sigma=500.0 is outside the model's noise range"),
+        (["task=denoise", "input=BROKEN"], r"input=.*broken.png holds no readable image"),
+        (["task=inpaint", "input=null"], r"task=inpaint needs input="),
+        (["task=inpaint", "mask=circle"], r"mask=circle is neither box, left_half, random_strokes nor an image file"),
+        (["task=inpaint", "mask=BROKEN"], r"mask=.*broken.png is not a readable image"),
+    ],
+)
 def test_bad_input_stops_before_editing(colour_ckpt, inputs, tmp_path, overrides, message):
     mask10 = tmp_path / "mask10.png"
     Image.new("L", (10, 10), 255).save(mask10)

@@ -10,24 +10,25 @@ import numpy as np
 import pytest
 import torch
 import torch_fidelity
+from conftest import ROOT, TINY, run_script
 from hydra import compose, initialize_config_dir
 from torch import nn
 from torch.utils.data import Dataset
 from torch_fidelity import feature_extractor_inceptionv3 as inception
 
-from cm_lightning import evaluation
 from cm_lightning.callbacks.metrics import Metrics
-from cm_lightning.diffusion.precond import consistency_function, edm_denoiser
-from cm_lightning.sampler import Sampler
-from cm_lightning.loading import sampler_from_checkpoint
 from cm_lightning.cli import register_resolvers
 from cm_lightning.data.digits import DigitsDataModule, digits_tensor
+from cm_lightning.diffusion.precond import consistency_function, edm_denoiser
 from cm_lightning.errors import ConfigError
+from cm_lightning.loading import sampler_from_checkpoint
 from cm_lightning.metrics.fidelity import INCEPTION, Fidelity, resolve_weights, to_uint8
 from cm_lightning.metrics.midpoint_search import ternary_search
 from cm_lightning.metrics.reference import ReferenceSource
 from cm_lightning.metrics.sharding import sample_shard, shard_chunks
-from conftest import ROOT, TINY, run_script
+from cm_lightning.sampler import Sampler
+from cm_lightning.tasks import common
+from cm_lightning.tasks.dispatch import evaluate
 
 DIGITS = "digits-classifier"
 
@@ -47,17 +48,28 @@ def direct(generated, reference, extractor=DIGITS, weights=None, **metrics):
     """torch-fidelity on its own, the way its README calls it."""
     layer = "2048" if extractor == INCEPTION else "features"
     return torch_fidelity.calculate_metrics(
-        input1=Images(generated), input2=Images(reference), feature_extractor=extractor,
-        feature_layer_fid=layer, feature_layer_kid=layer, feature_layer_prc=layer,
-        feature_extractor_weights_path=None if weights is None else str(weights), cuda=False, verbose=False,
-        cache=False, save_cpu_ram=True, **metrics)
+        input1=Images(generated),
+        input2=Images(reference),
+        feature_extractor=extractor,
+        feature_layer_fid=layer,
+        feature_layer_kid=layer,
+        feature_layer_prc=layer,
+        feature_extractor_weights_path=None if weights is None else str(weights),
+        cuda=False,
+        verbose=False,
+        cache=False,
+        save_cpu_ram=True,
+        **metrics,
+    )
 
 
 def make_inception_weights(path):
     """torch-fidelity's Inception with He-initialised weights: PyTorch's default init shrinks the pooled
     features to ~1e-8 (and every FID to 0); this keeps them O(1). Saved as its state dict."""
-    with mock.patch.object(inception, "load_state_dict_from_url", lambda *a, **k: {}), \
-            mock.patch.object(inception.FeatureExtractorInceptionV3, "load_state_dict", lambda *a, **k: None):
+    with (
+        mock.patch.object(inception, "load_state_dict_from_url", lambda *a, **k: {}),
+        mock.patch.object(inception.FeatureExtractorInceptionV3, "load_state_dict", lambda *a, **k: None),
+    ):
         net = inception.FeatureExtractorInceptionV3(INCEPTION, ["2048"])
     generator = torch.Generator().manual_seed(0)
     for module in net.modules():
@@ -92,8 +104,13 @@ def test_metrics_equal_a_direct_torch_fidelity_call(tmp_path):
     ours = fidelity.compute(fidelity.features(generated, "cpu"), source.load(fidelity, tmp_path, "cpu"))
     theirs = direct(generated, reference, isc=True, fid=True, kid=True, prc=True, kid_subset_size=100)
     assert ours["fid"] > 1 and ours["is"] > 1
-    for key, name in [("frechet_inception_distance", "fid"), ("inception_score_mean", "is"),
-                      ("kernel_inception_distance_mean", "kid"), ("precision", "precision"), ("recall", "recall")]:
+    for key, name in [
+        ("frechet_inception_distance", "fid"),
+        ("inception_score_mean", "is"),
+        ("kernel_inception_distance_mean", "kid"),
+        ("precision", "precision"),
+        ("recall", "recall"),
+    ]:
         assert ours[name] == pytest.approx(theirs[key], rel=1e-6, abs=1e-9), name
 
 
@@ -143,8 +160,10 @@ def test_shards_cover_every_chunk_once_for_any_world_size(num, batch):
         assert chunks == list(range(-(-num // batch)))
 
 
-@pytest.mark.parametrize("every,last,measured,expected", [(10, 12, 10, True), (10, 4, None, False),
-                                                          (10, 10, 10, False), (None, 4, None, True)])
+@pytest.mark.parametrize(
+    "every,last,measured,expected",
+    [(10, 12, 10, True), (10, 4, None, False), (10, 10, 10, False), (None, 4, None, True)],
+)
 def test_measured_at_the_end_unless_shorter_than_one_interval(every, last, measured, expected):
     callback = Metrics(every_n_steps=every, at_end=True)
     callback.measured_step = measured
@@ -156,11 +175,32 @@ def test_measured_at_the_end_unless_shorter_than_one_interval(every, last, measu
 def test_samples_match_evaluate_sample_and_nfe_counts(edm_run):
     sampler = sampler_from_checkpoint(edm_run / "checkpoints/last.ckpt")
     images = sample_shard(sampler, 5, 2, 3, "cpu", steps=2)
-    reference, _ = evaluation.sample_batched(sampler, 5, 2, 3, "cpu", steps=2)
+    reference, _ = common.sample_batched(sampler, 5, 2, 3, "cpu", steps=2)
     assert torch.equal(images, to_uint8(reference))
     teacher, student = Sampler(None, edm_denoiser()), Sampler(None, consistency_function())
     assert teacher.nfe(dict(steps=18)) == 35 and teacher.nfe(dict(steps=18, solver="euler")) == 18
     assert student.nfe(dict(steps=2)) == 2 and student.nfe(dict(sigmas=[80.0, 0.8])) == 2
+
+
+def test_sampling_plans_default_to_the_kind_of_model_and_keep_what_is_asked():
+    teacher, student = Sampler(None, edm_denoiser()), Sampler(None, consistency_function())
+    default, asked = eval_cfg("ckpt=x"), eval_cfg("ckpt=x", "steps=[1,2]")
+    assert common.sampling_plans(default, teacher) == {"18step": dict(steps=18, solver="heun")}
+    assert common.sampling_plans(default, student) == {"1step": dict(steps=1), "2step": dict(steps=2)}
+    assert common.sampling_plans(asked, teacher) == {
+        k: dict(steps=int(k[0]), solver="heun") for k in ("1step", "2step")
+    }
+    assert list(common.sampling_plans(eval_cfg("ckpt=x", "ts=[0,22,39]"), student)) == ["ts0-22-39"]
+    # the training callbacks sample from the same plans
+    assert student.plans([1], {"sigmas0": [80.0, 0.8]}) == {"1step": dict(steps=1), "sigmas0": dict(sigmas=[80.0, 0.8])}
+
+
+def test_training_and_evaluate_share_one_metrics_config():
+    register_resolvers()
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        training = compose("train", overrides=["callbacks.metrics.feature_extractor=inception-v3-compat"])
+    scoring = eval_cfg("task=fid", "metrics.feature_extractor=inception-v3-compat").metrics
+    assert {k: training.callbacks.metrics[k] for k in scoring} == scoring
 
 
 # --- the user's paths ------------------------------------------------------------------------------------
@@ -169,10 +209,18 @@ def ct_run(tmp_path_factory):
     """CT, tiny, with the metrics callback forced (every 2 steps, and at the end after
     step 5) and W&B + CSV."""
     out = tmp_path_factory.mktemp("ct_metrics")
-    tiny = [o for o in TINY if not o.startswith("trainer.max_steps")]
-    run_script("train.py", "experiment=digits_ct", *tiny, "trainer.max_steps=5", "callbacks.metrics.every_n_steps=2",
-               "callbacks.metrics.num=20", "callbacks.metrics.batch_size=8",
-               f"callbacks.metrics.cache_dir={out / 'cache'}", "logger.wandb.log_model=true", f"hydra.run.dir={out}")
+    run_script(
+        "train.py",
+        "experiment=digits_ct",
+        *TINY,
+        "trainer.max_steps=5",
+        "callbacks.metrics.every_n_steps=2",
+        "callbacks.metrics.num=20",
+        "callbacks.metrics.batch_size=8",
+        f"callbacks.metrics.cache_dir={out / 'cache'}",
+        "logger.wandb.log_model=true",
+        f"hydra.run.dir={out}",
+    )
     return out
 
 
@@ -198,17 +246,40 @@ def test_inception_fid_of_callback_and_evaluate_equal_torch_fidelity(tmp_path):
     weights = make_inception_weights(tmp_path / "inception.pth")
     real = digits_uint8()[:6]  # Inception runs at 299x299 whatever the input: a few images keep this fast
     ref = write_npz(tmp_path / "ref.npz", real)
-    common = [f"feature_extractor={INCEPTION}", f"feature_extractor_weights_path={weights}", f"reference={ref}",
-              f"cache_dir={tmp_path / 'cache'}", "isc=false"]
+    common = [
+        f"feature_extractor={INCEPTION}",
+        f"feature_extractor_weights_path={weights}",
+        f"reference={ref}",
+        f"cache_dir={tmp_path / 'cache'}",
+        "isc=false",
+    ]
     # On the CPU, like the direct call: a GPU's TF32 convolutions would differ in the fourth digit.
-    run_script("train.py", "experiment=digits_ct", *TINY, "trainer.accelerator=cpu", "logger=csv",
-               "callbacks.metrics.every_n_steps=null",
-               "callbacks.metrics.at_end=true", "callbacks.metrics.num=6", "callbacks.metrics.steps=[1]",
-               "callbacks.metrics.batch_size=4", *[f"callbacks.metrics.{o}" for o in common],
-               f"hydra.run.dir={tmp_path / 'run'}")
+    run_script(
+        "train.py",
+        "experiment=digits_ct",
+        *TINY,
+        "trainer.accelerator=cpu",
+        "logger=csv",
+        "callbacks.metrics.every_n_steps=null",
+        "callbacks.metrics.at_end=true",
+        "callbacks.metrics.num=6",
+        "callbacks.metrics.steps=[1]",
+        "callbacks.metrics.batch_size=4",
+        *[f"callbacks.metrics.{o}" for o in common],
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
     ckpt = tmp_path / "run/checkpoints/last.ckpt"
-    run_script("evaluate.py", "task=fid", f"ckpt={ckpt}", "num=6", "steps=[1]", "batch_size=4", "device=cpu",
-               *[f"metrics.{o}" for o in common], f"hydra.run.dir={tmp_path / 'eval'}")
+    run_script(
+        "evaluate.py",
+        "task=fid",
+        f"ckpt={ckpt}",
+        "num=6",
+        "steps=[1]",
+        "batch_size=4",
+        "device=cpu",
+        *[f"metrics.{o}" for o in common],
+        f"hydra.run.dir={tmp_path / 'eval'}",
+    )
 
     generated = sample_shard(sampler_from_checkpoint(ckpt), 6, 4, 0, "cpu", steps=1)
     expected = direct(generated.expand(-1, 3, -1, -1), real.expand(-1, 3, -1, -1), INCEPTION, weights, fid=True)
@@ -223,8 +294,17 @@ def test_inception_fid_of_callback_and_evaluate_equal_torch_fidelity(tmp_path):
 def test_search_midpoint_and_fid_into_wandb(ct_run, tmp_path):
     ckpt = ct_run / "checkpoints/last.ckpt"
     cache = f"metrics.cache_dir={ct_run / 'cache'}"
-    run_script("evaluate.py", "task=search_midpoint", f"ckpt={ckpt}", "num=12", "ts_num_scales=8", "search_budget=60",
-               cache, "wandb.id=search0", f"hydra.run.dir={tmp_path}")
+    run_script(
+        "evaluate.py",
+        "task=search_midpoint",
+        f"ckpt={ckpt}",
+        "num=12",
+        "ts_num_scales=8",
+        "search_budget=60",
+        cache,
+        "wandb.id=search0",
+        f"hydra.run.dir={tmp_path}",
+    )
     found = json.loads((tmp_path / "search_midpoint.json").read_text())
     fids = {c["ts"][1]: c["fid"] for c in found["candidates"]}
     assert len(fids) <= 5 and found["samples_used"] == 12 * len(fids) and set(fids) <= set(range(1, 7))
@@ -235,7 +315,7 @@ def test_search_midpoint_and_fid_into_wandb(ct_run, tmp_path):
 # --- bad input: one message, before any sampling ------------------------------------------------------------
 @pytest.fixture()
 def no_sampling(monkeypatch):
-    monkeypatch.setattr(evaluation, "launch", mock.Mock(side_effect=AssertionError("sampling started")))
+    monkeypatch.setattr(common, "launch", mock.Mock(side_effect=AssertionError("sampling started")))
 
 
 def test_weights_path_that_does_not_exist(tmp_path, monkeypatch):
@@ -249,8 +329,11 @@ def test_weights_path_that_does_not_exist(tmp_path, monkeypatch):
 
 def test_fewer_samples_than_the_kid_subset(edm_run, no_sampling):
     with pytest.raises(ConfigError, match="num=50 is smaller than kid_subset_size=1000"):
-        evaluation.evaluate(eval_cfg("task=fid", f"ckpt={edm_run / 'checkpoints/last.ckpt'}", "num=50",
-                                     "metrics.kid=true", "out_dir=unused"))
+        evaluate(
+            eval_cfg(
+                "task=fid", f"ckpt={edm_run / 'checkpoints/last.ckpt'}", "num=50", "metrics.kid=true", "out_dir=unused"
+            )
+        )
     with pytest.raises(ConfigError, match="callbacks.metrics.num=50 is smaller than kid_subset_size=100"):
         Metrics(num=50, kid=True, kid_subset_size=100)
 
@@ -258,20 +341,37 @@ def test_fewer_samples_than_the_kid_subset(edm_run, no_sampling):
 def test_checkpoint_for_another_image_size_than_the_reference(edm_run, tmp_path, no_sampling):
     ref = write_npz(tmp_path / "ref32.npz", torch.zeros(20, 1, 32, 32, dtype=torch.uint8))
     with pytest.raises(ConfigError, match=r"makes 16x16 images .* reference statistics .* of 32x32 images"):
-        evaluation.evaluate(eval_cfg("task=fid", f"ckpt={edm_run / 'checkpoints/last.ckpt'}", "num=20",
-                                     f"metrics.reference={ref}", "out_dir=unused"))
+        evaluate(
+            eval_cfg(
+                "task=fid",
+                f"ckpt={edm_run / 'checkpoints/last.ckpt'}",
+                "num=20",
+                f"metrics.reference={ref}",
+                "out_dir=unused",
+            )
+        )
 
 
-@pytest.mark.parametrize("array,message", [
-    (np.zeros((20, 16, 16, 1), np.float32), "arr_0 has dtype float32; expected uint8"),
-    (np.zeros((20, 1, 16, 16), np.uint8), r"arr_0 has shape \(20, 1, 16, 16\); expected N x H x W x C"),
-    (np.zeros((16, 16), np.uint8), r"arr_0 has shape \(16, 16\)"),
-])
+@pytest.mark.parametrize(
+    "array,message",
+    [
+        (np.zeros((20, 16, 16, 1), np.float32), "arr_0 has dtype float32; expected uint8"),
+        (np.zeros((20, 1, 16, 16), np.uint8), r"arr_0 has shape \(20, 1, 16, 16\); expected N x H x W x C"),
+        (np.zeros((16, 16), np.uint8), r"arr_0 has shape \(16, 16\)"),
+    ],
+)
 def test_reference_npz_with_the_wrong_dtype_or_shape(edm_run, tmp_path, no_sampling, array, message):
     np.savez(tmp_path / "bad.npz", arr_0=array)
     with pytest.raises(ConfigError, match=message):
-        evaluation.evaluate(eval_cfg("task=fid", f"ckpt={edm_run / 'checkpoints/last.ckpt'}", "num=20",
-                                     f"metrics.reference={tmp_path / 'bad.npz'}", "out_dir=unused"))
+        evaluate(
+            eval_cfg(
+                "task=fid",
+                f"ckpt={edm_run / 'checkpoints/last.ckpt'}",
+                "num=20",
+                f"metrics.reference={tmp_path / 'bad.npz'}",
+                "out_dir=unused",
+            )
+        )
 
 
 def test_reference_that_is_not_an_npz_archive(tmp_path):
@@ -287,8 +387,14 @@ def test_reference_that_is_not_an_npz_archive(tmp_path):
 
 
 def test_bad_input_is_one_line_from_the_command_line(edm_run, tmp_path):
-    proc = run_script("evaluate.py", "task=fid", f"ckpt={edm_run / 'checkpoints/last.ckpt'}",
-                      "metrics.feature_extractor_weights_path=/no/such.pth", f"hydra.run.dir={tmp_path}", check=False)
+    proc = run_script(
+        "evaluate.py",
+        "task=fid",
+        f"ckpt={edm_run / 'checkpoints/last.ckpt'}",
+        "metrics.feature_extractor_weights_path=/no/such.pth",
+        f"hydra.run.dir={tmp_path}",
+        check=False,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "error: feature_extractor_weights_path=/no/such.pth does not exist" in proc.stderr
     assert not (tmp_path / "metrics.json").exists()

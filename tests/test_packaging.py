@@ -35,8 +35,7 @@ def test_installed_commands_train_and_evaluate_elsewhere(tmp_path):
                  cwd=work).split()
     assert all(p.startswith(str(venv)) for p in where), where  # the installed package and its configs
 
-    tiny = [o for o in TINY if not o.startswith("trainer.max_steps=")]
-    _run(bin_dir / "cm-train", *tiny, "trainer.max_steps=5", "logger=csv", "hydra.run.dir=run", cwd=work)
+    _run(bin_dir / "cm-train", *TINY, "trainer.max_steps=5", "logger=csv", "hydra.run.dir=run", cwd=work)
     ckpt = work / "run/checkpoints/last.ckpt"
     assert ckpt.is_file() and (work / "run/train.log").is_file()
     _run(bin_dir / "cm-evaluate", f"ckpt={ckpt}", "num=4", "hydra.run.dir=eval", cwd=work)

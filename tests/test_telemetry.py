@@ -10,8 +10,7 @@ from conftest import TINY, run_script
 
 
 def test_training_logs_throughput_and_shows_steps_out_of_max_steps(tmp_path):
-    tiny = [o for o in TINY if not o.startswith(("trainer.enable_progress_bar", "trainer.max_steps"))]
-    proc = run_script("train.py", *tiny, "trainer.max_steps=6", "callbacks.throughput.window_size=2", "logger=csv",
+    proc = run_script("train.py", *TINY, "trainer.enable_progress_bar=true", "trainer.max_steps=6", "callbacks.throughput.window_size=2", "logger=csv",
                       f"hydra.run.dir={tmp_path}")
     assert "Step: 100%" in proc.stdout and "6/6 [" in proc.stdout  # steps out of max_steps, elapsed<left
     rows = list(csv.DictReader(open(tmp_path / "csv/metrics.csv")))

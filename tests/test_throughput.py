@@ -39,7 +39,7 @@ def test_imagenet64_network_is_the_one_the_authors_numbers_are_for():
 
 def test_throughput_benchmark_prints_one_json_line(tmp_path):
     out = tmp_path / "throughput.json"
-    proc = run_script("benchmarks/throughput.py", "experiment=digits_cd", *TINY[4:9], "bench.batch=8",
+    proc = run_script("benchmarks/throughput.py", "experiment=digits_cd", *TINY, "bench.batch=8",
                       "bench.steps=2", "bench.warmup=1", "bench.sample_batch=8", "bench.sample_repeats=1",
                       f"bench.out={out}", f"hydra.run.dir={tmp_path}")
     line = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -47,7 +47,7 @@ def test_throughput_benchmark_prints_one_json_line(tmp_path):
     assert line["experiment"] == "digits_cd" and line["batch_per_device"] == 8 and "CPU" in line["device"]
     assert line["train_images_per_s"] > 0 and line["train_tflops"] > 0
     # The CPU's attention kernel is invisible to the flop counter; the benchmark counts it all the same.
-    assert line["net_forward_gflop_per_image"] == pytest.approx(forward_gflop("experiment=digits_cd", *TINY[4:9]),
+    assert line["net_forward_gflop_per_image"] == pytest.approx(forward_gflop("experiment=digits_cd", *TINY),
                                                                 rel=1e-3)
     # Student forward + backward (3 forwards), two Heun evaluations of the teacher and the target's forward.
     assert line["train_gflop_per_image"] == pytest.approx(6 * line["net_forward_gflop_per_image"], rel=0.05)
