@@ -1,5 +1,5 @@
-"""Evaluate a checkpoint: ``python evaluate.py ckpt=PATH [task=sample]`` (see conf/evaluate.yaml); ``cm-evaluate``
-when installed."""
+"""Evaluate a checkpoint: ``python evaluate.py ckpt=PATH [task=sample]`` (each task's options: conf/task/<task>.yaml);
+``cm-evaluate`` when installed."""
 
 from cm_lightning.cli import evaluate_main
 

@@ -34,11 +34,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cm_lightning.data.digits import digits_tensor  # noqa: E402
-from cm_lightning.loading import sampler_from_checkpoint  # noqa: E402
-from cm_lightning.evaluation import levels, sample_batched  # noqa: E402
 from cm_lightning.diffusion.sampling import sigmas_from_indices  # noqa: E402
+from cm_lightning.loading import sampler_from_checkpoint  # noqa: E402
 from cm_lightning.metrics.digits_fidelity import digits_metrics  # noqa: E402
+from cm_lightning.metrics.fidelity import to_uint8  # noqa: E402
 from cm_lightning.metrics.midpoint_search import ternary_search  # noqa: E402
+from cm_lightning.tasks.common import sample_batched  # noqa: E402
 
 ROWS = {  # row -> (experiment, which samplings to score)
     "edm": ("digits_edm", [("teacher 18-step Heun", dict(steps=18))]),
@@ -51,10 +52,6 @@ ROWS = {  # row -> (experiment, which samplings to score)
     "meanflow": ("digits_meanflow", [("MeanFlow 1-step", dict(steps=1)), ("MeanFlow 2-step", dict(steps=2))]),
 }
 DISTILLED = ("cd", "ect", "scd")  # rows that read the teacher
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
 def train(experiment: str, out: Path, extra: list[str]) -> tuple[Path, float]:
@@ -79,7 +76,7 @@ def searched_two_step(ckpt: Path, reference: torch.Tensor) -> tuple[dict, dict]:
     40 on FID. The search samples with seed 2 and the reported score with seed 1, so that the number is
     not the minimum of noisy draws."""
     sigmas = lambda p: sigmas_from_indices([0, p, 39], 40)  # noqa: E731
-    how = lambda p: lambda sampler: levels(sampler, sigmas(p))  # noqa: E731
+    how = lambda p: lambda sampler: sampler.at_sigmas(sigmas(p))  # noqa: E731
     best, _ = ternary_search(lambda p: score(ckpt, how(p), reference, seed=2)["fid"], 1, 38)
     return how(best), {"ts": [0, best, 39], "sigma_mid": round(sigmas(best)[1], 3)}
 

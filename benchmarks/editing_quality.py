@@ -20,13 +20,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cm_lightning.loading import sampler_from_checkpoint  # noqa: E402
 from cm_lightning.data.digits import digits_tensor  # noqa: E402
 from cm_lightning.diffusion import editing  # noqa: E402
 from cm_lightning.diffusion.linear_transforms import Identity  # noqa: E402
-from cm_lightning.editing_inputs import box_mask, left_half_mask, random_stroke_mask  # noqa: E402
-from cm_lightning.editing_tasks import edit_levels  # noqa: E402
+from cm_lightning.loading import read_checkpoint, sampler_from_checkpoint  # noqa: E402
 from cm_lightning.metrics.digits_classifier import load_pretrained_digits_classifier  # noqa: E402
+from cm_lightning.tasks.editing import edit_levels  # noqa: E402
+from cm_lightning.tasks.editing_inputs import box_mask, left_half_mask, random_stroke_mask  # noqa: E402
 
 
 def masks(name: str, num: int, size: int, seed: int) -> torch.Tensor:
@@ -56,7 +56,7 @@ def main() -> None:
     if sampler.image_shape != (1, 16, 16):
         sys.exit(f"--ckpt {args.ckpt} makes {sampler.image_shape} images; this benchmark needs a 1x16x16 digits "
                  "model such as the default `python train.py`")
-    levels = edit_levels(args.edit_sigmas, args.ckpt, sampler.param)
+    levels = edit_levels(args.edit_sigmas, read_checkpoint(args.ckpt), sampler.param)
     x, y = digits_tensor(16)
     mean_digit = x.mean(0, keepdim=True)
     pick = torch.randperm(len(y), generator=torch.Generator().manual_seed(args.seed))[: args.num]

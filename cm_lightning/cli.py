@@ -8,6 +8,7 @@ from importlib.resources import files
 from pathlib import Path
 
 import hydra
+from hydra import compose, initialize_config_dir
 from hydra.errors import InstantiationException
 from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
@@ -103,8 +104,37 @@ def train_main() -> None:
     _run_hydra("train", train)
 
 
+def has_key(cfg, dotted: str) -> bool:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        cfg = cfg.get(part)
+        if not OmegaConf.is_dict(cfg):
+            return False
+    return leaf in cfg.keys()  # keys(): a mandatory value (???) counts too
+
+
+def shared_sweep_options(args: list[str]) -> list[str]:
+    """A sweep over several tasks (``-m task=fid,inpaint ...``) gives every job the same options, and Hydra also
+    composes them with the default task for the sweep itself: an option that only some of these read reaches
+    the others as ``++key=value``, kept and unread. An option that none of them reads is left to fail, as it
+    does in a single run, where another task's option is refused."""
+    swept = [a.split("=", 1)[1].split(",") for a in args if a.startswith("task=")]
+    if not {"-m", "--multirun"} & set(args) or not swept or len(swept[0]) < 2:
+        return args
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        configs = [compose("evaluate", overrides) for overrides in [[], *([f"task={t}"] for t in swept[0])]]
+    shared = []
+    for arg in args:
+        key = arg.split("=", 1)[0]
+        plain = "=" in arg and not arg.startswith(("+", "~", "-", "hydra.", "task="))
+        found = [has_key(cfg, key) for cfg in configs] if plain else []
+        shared.append(f"++{arg}" if any(found) and not all(found) else arg)
+    return shared
+
+
 def evaluate_main() -> None:
     """``cm-evaluate`` and ``python evaluate.py``: conf/evaluate.yaml with the command line's overrides."""
-    from cm_lightning.evaluation import evaluate
+    from cm_lightning.tasks.dispatch import evaluate
 
+    sys.argv[1:] = shared_sweep_options(sys.argv[1:])
     _run_hydra("evaluate", evaluate)

@@ -41,8 +41,11 @@ class Sampler:
         speed = speed.resolved(torch.device(device))
         speed.prepare(self.net, mode=speed.sample_compile_mode)
         self.amp = amp_dtype(precision)
-        self.cuda_graphs = bool(speed.compile) and torch.device(device).type == "cuda" and (
-            speed.sample_compile_mode in ("reduce-overhead", "max-autotune"))
+        self.cuda_graphs = (
+            bool(speed.compile)
+            and torch.device(device).type == "cuda"
+            and (speed.sample_compile_mode in ("reduce-overhead", "max-autotune"))
+        )
         return self
 
     def labels(self, num: int, generator: torch.Generator):
@@ -50,12 +53,18 @@ class Sampler:
             return None
         return torch.randint(0, self.num_classes, (num,), generator=generator, device=generator.device)
 
-    def default_plans(self, steps, teacher_steps: int = 18, solver: str = "heun") -> dict[str, dict]:
-        """Named sampling plans: ``k``-step consistency sampling for each k in ``steps``; a denoiser's ODE sampler
-        with ``teacher_steps`` steps of ``solver``."""
+    def at_sigmas(self, sigmas) -> dict:
+        """The plan of explicit EDM noise levels, as the parameterisation's own (TrigFlow: arctan(sigma / sigma_d))."""
+        return dict(sigmas=[self.param.from_sigma(s) for s in sigmas])
+
+    def plans(self, steps=(1, 2), sigmas: dict | None = None, teacher_steps=(18,), solver: str = "heun") -> dict:
+        """Named sampling plans. A consistency model: ``k``-step sampling for each k in ``steps``, then one plan
+        per entry of ``sigmas`` ({name: decreasing EDM noise levels}). A denoiser: its ODE sampler with each of
+        ``teacher_steps`` steps of ``solver``."""
         if not self.param.few_step:
-            return {f"{teacher_steps}step": dict(steps=int(teacher_steps), solver=solver)}
-        return {f"{int(k)}step": dict(steps=int(k)) for k in steps}
+            return {f"{int(k)}step": dict(steps=int(k), solver=solver) for k in teacher_steps}
+        named = {f"{int(k)}step": dict(steps=int(k)) for k in steps}
+        return named | {name: self.at_sigmas(levels) for name, levels in (sigmas or {}).items()}
 
     def nfe(self, how: dict) -> int:
         """Network evaluations per sample: k for k consistency steps, 2n - 1 for n Heun steps, n for Euler."""
@@ -64,8 +73,16 @@ class Sampler:
         return len(how["sigmas"]) if how.get("sigmas") is not None else how["steps"]
 
     @torch.no_grad()
-    def __call__(self, num: int, steps: int | None = None, sigmas=None, labels=None, seed: int = 0,
-                 device="cpu", solver: str = "heun"):
+    def __call__(
+        self,
+        num: int,
+        steps: int | None = None,
+        sigmas=None,
+        labels=None,
+        seed: int = 0,
+        device="cpu",
+        solver: str = "heun",
+    ):
         """``num`` images in [-1, 1] and their labels (None when unconditional).
 
         Consistency models take ``steps`` (default 1) or explicit decreasing levels ``sigmas`` (the

@@ -3,14 +3,14 @@
 
 from pathlib import Path
 
+from conftest import ROOT
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 from cm_lightning.cli import register_resolvers
-from cm_lightning.evaluation import evaluate
+from cm_lightning.tasks.dispatch import evaluate
 from cm_lightning.training import train
-from conftest import ROOT
 
 
 def compose_run(config_name: str, overrides, run_dir: Path) -> DictConfig:

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import randomise, tiny_net
 
 from cm_lightning.data.digits import DigitsDataModule, colour_digits_tensor, colour_pairs, digits_tensor
 from cm_lightning.diffusion import editing
@@ -13,7 +14,6 @@ from cm_lightning.diffusion.linear_transforms import LUMINANCE, ChannelBasis, Id
 from cm_lightning.diffusion.precond import consistency_function
 from cm_lightning.diffusion.sampling import sigmas_from_indices
 from cm_lightning.errors import ConfigError
-from helpers import randomise, tiny_net
 
 EPS = 0.002
 PARAM = consistency_function(sigma_min=EPS)
@@ -165,8 +165,9 @@ def test_published_default_schedules():
     assert editing.published_edit_sigmas("cd", 40) == sigmas_from_indices([0, 22, 39], 40)
     # grids without a published setting take the method's ImageNet-64 entry, on the model's sigma range
     assert editing.published_edit_sigmas("cd", 18) == sigmas_from_indices([0, 22, 39], 40)
-    assert editing.published_edit_sigmas("ct", 11, sigma_max=40.0) == sigmas_from_indices([0, 106, 200], 201,
-                                                                                          sigma_max=40.0)
+    assert editing.published_edit_sigmas("ct", 11, sigma_max=40.0) == sigmas_from_indices(
+        [0, 106, 200], 201, sigma_max=40.0
+    )
     assert editing.published_edit_sigmas("ct", 151)[0] == 80.0
 
 
@@ -206,12 +207,10 @@ def test_colour_flag_and_channels_must_agree():
 
 
 def test_run_method_reads_the_stored_config(tmp_path):
-    from cm_lightning.editing_tasks import run_method
+    from cm_lightning.tasks.editing import run_method
 
     def ckpt(target):
-        path = tmp_path / f"{len(list(tmp_path.iterdir()))}.ckpt"
-        torch.save({"cm_lightning": {"config": {"model": {"target": target}, "trainer": {"max_steps": 100}}}}, path)
-        return path
+        return {"cm_lightning": {"config": {"model": {"target": target}, "trainer": {"max_steps": 100}}}}
 
     fixed = {"_target_": "cm_lightning.diffusion.karras.FixedSchedule", "num_scales": 40, "mu": 0.95}
     adaptive = {"_target_": "cm_lightning.diffusion.karras.CMAdaptiveSchedule", "s0": 2, "s1": 150, "total_steps": 100}

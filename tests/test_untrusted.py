@@ -12,19 +12,35 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra.errors import InstantiationException
-
-from cm_lightning.loading import sampler_from_checkpoint
-from cm_lightning.cli import _root_cause
-from cm_lightning.errors import ConfigError
-from cm_lightning.metrics.fidelity import Fidelity
-from cm_lightning.untrusted import instantiate_trusted, load_file, refused_target, weights_stream
 from conftest import TINY, run_script
 from helpers import randomise, tiny_net
+from hydra.errors import InstantiationException
 from inprocess import evaluate_here, train_here
 
-TASKS = ["sample", "export", "fid", "search_midpoint", "inpaint", "colorize", "superres", "stroke", "denoise",
-         "interpolate"]
+from cm_lightning.cli import _root_cause
+from cm_lightning.errors import ConfigError
+from cm_lightning.loading import sampler_from_checkpoint
+from cm_lightning.metrics.fidelity import Fidelity
+from cm_lightning.untrusted import instantiate_trusted, load_file, refused_target, weights_stream
+
+TASKS = [
+    "sample",
+    "export",
+    "fid",
+    "search_midpoint",
+    "inpaint",
+    "colorize",
+    "superres",
+    "stroke",
+    "denoise",
+    "interpolate",
+]
+
+
+def task_options(task: str, inputs: Path) -> list[str]:
+    """``task=<task>`` and the options it reads that these tests set: input= of the editing tasks, num=."""
+    editing = ["input=" + str(inputs)] if task in TASKS[4:] else []
+    return [f"task={task}", *editing, *(["num=10"] if task != "export" else [])]
 
 
 class Payload:
@@ -56,13 +72,16 @@ def gadgets(marker: Path) -> dict:
     code for Hydra to call: directly, nested inside an allowed class (``torch.load`` of an in-memory pickle
     with weights_only false: what passes Hydra's own block list), through a module attribute of this package,
     and one of this package's functions."""
-    nested_load = {"_target_": "torch.load", "weights_only": False,
-                   "f": {"_target_": "io.BytesIO", "initial_bytes": pickle.dumps(Payload(marker))}}
+    nested_load = {
+        "_target_": "torch.load",
+        "weights_only": False,
+        "f": {"_target_": "io.BytesIO", "initial_bytes": pickle.dumps(Payload(marker))},
+    }
     return {
         "os.system": {"_target_": "os.system", "command": f"touch {marker}"},
         "nested torch.load": {"_target_": "cm_lightning.nets.adm.ADMUNet", "image_size": nested_load},
         "attribute path": {**nested_load, "_target_": "cm_lightning.loading.torch.load"},
-        "package function": {"_target_": "cm_lightning.evaluation.evaluate", "cfg": {}},
+        "package function": {"_target_": "cm_lightning.tasks.dispatch.evaluate", "cfg": {}},
         "in a list": {"_target_": "cm_lightning.nets.adm.ADMUNet", "channel_mult": [1, nested_load]},
     }
 
@@ -71,7 +90,11 @@ def with_gadget(real: Path, dest: Path, where: str, gadget: dict) -> Path:
     """Our own checkpoint with the gadget put into its stored config at ``where`` (net, data or schedule)."""
     ckpt = torch.load(real, map_location="cpu", weights_only=True)
     config = copy.deepcopy(ckpt["cm_lightning"]["config"])
-    parent = {"net": lambda: config["model"], "data": lambda: config, "schedule": lambda: config["model"]["objective"]["pair"]}
+    parent = {
+        "net": lambda: config["model"],
+        "data": lambda: config,
+        "schedule": lambda: config["model"]["objective"]["pair"],
+    }
     parent[where]()[where] = gadget
     ckpt["cm_lightning"]["config"] = config
     torch.save(ckpt, dest)
@@ -91,27 +114,56 @@ def refuses(fn, *words):
 
 
 # --- the allow-list ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("target", ["torch.load", "os.system", "builtins.eval", "builtins.exec", "subprocess.run",
-                                    "hydra.utils.instantiate", "hydra.utils.call", "functools.partial",
-                                    "cm_lightning.loading.torch.load", "cm_lightning.untrusted.instantiate",
-                                    "cm_lightning.evaluation.evaluate", "cm_lightning.training.train",
-                                    "cm_lightning.nets.adm.nn.Module", "cm_lightning.nope.Class",
-                                    "torch.optim.LBFGS", None, 3])
+@pytest.mark.parametrize(
+    "target",
+    [
+        "torch.load",
+        "os.system",
+        "builtins.eval",
+        "builtins.exec",
+        "subprocess.run",
+        "hydra.utils.instantiate",
+        "hydra.utils.call",
+        "functools.partial",
+        "cm_lightning.loading.torch.load",
+        "cm_lightning.untrusted.instantiate",
+        "cm_lightning.tasks.dispatch.evaluate",
+        "cm_lightning.training.train",
+        "cm_lightning.nets.adm.nn.Module",
+        "cm_lightning.nope.Class",
+        "torch.optim.LBFGS",
+        None,
+        3,
+    ],
+)
 def test_targets_outside_the_allow_list_are_refused(target):
     assert refused_target(target)
 
 
-@pytest.mark.parametrize("target", ["cm_lightning.nets.adm.ADMUNet", "cm_lightning.data.digits.DigitsDataModule",
-                                    "cm_lightning.diffusion.karras.ECTSchedule", "torch.optim.RAdam",
-                                    "torch.optim.Adam", "torch.optim.AdamW", "torch.optim.SGD"])
+@pytest.mark.parametrize(
+    "target",
+    [
+        "cm_lightning.nets.adm.ADMUNet",
+        "cm_lightning.data.digits.DigitsDataModule",
+        "cm_lightning.diffusion.karras.ECTSchedule",
+        "torch.optim.RAdam",
+        "torch.optim.Adam",
+        "torch.optim.AdamW",
+        "torch.optim.SGD",
+    ],
+)
 def test_the_package_classes_and_optimisers_are_allowed(target):
     assert not refused_target(target)
 
 
 @pytest.mark.parametrize("name", list(gadgets(Path("x"))))
 def test_every_gadget_is_refused_naming_key_and_target(name, marker):
-    message = refuses(lambda: instantiate_trusted(gadgets(marker)[name], "the checkpoint's model.net"),
-                      "the checkpoint's model.net", "_target_=", "is refused")
+    message = refuses(
+        lambda: instantiate_trusted(gadgets(marker)[name], "the checkpoint's model.net"),
+        "the checkpoint's model.net",
+        "_target_=",
+        "is refused",
+    )
     assert name.split()[0] in message or "torch.load" in message or "evaluate" in message
 
 
@@ -119,20 +171,32 @@ def test_every_gadget_is_refused_naming_key_and_target(name, marker):
 @pytest.mark.parametrize("task", TASKS)
 def test_evaluate_refuses_a_pickle_payload_in_every_task(task, tmp_path, marker):
     evil = pickle_payload(tmp_path, marker)
-    refuses(lambda: evaluate_here([f"ckpt={evil}", f"task={task}", f"input={tmp_path}"], tmp_path / "out"),
-            f"ckpt={evil}", "posix.system", "could run code")
+    refuses(
+        lambda: evaluate_here([f"ckpt={evil}", *task_options(task, tmp_path)], tmp_path / "out"),
+        f"ckpt={evil}",
+        "posix.system",
+        "could run code",
+    )
 
 
 def test_teacher_refuses_a_pickle_payload(tmp_path, marker):
     evil = pickle_payload(tmp_path, marker)
-    refuses(lambda: train_here(["experiment=digits_cd", f"model.teacher_ckpt={evil}", *TINY, "logger=none"],
-                               tmp_path / "run"), f"model.teacher_ckpt={evil}", "could run code")
+    refuses(
+        lambda: train_here(
+            ["experiment=digits_cd", f"model.teacher_ckpt={evil}", *TINY, "logger=none"], tmp_path / "run"
+        ),
+        f"model.teacher_ckpt={evil}",
+        "could run code",
+    )
 
 
 def test_ckpt_path_refuses_a_pickle_payload(tmp_path, marker):
     evil = pickle_payload(tmp_path, marker)
-    refuses(lambda: train_here([*TINY, "logger=none", f"ckpt_path={evil}"], tmp_path / "run"),
-            f"ckpt_path={evil}", "could run code")
+    refuses(
+        lambda: train_here([*TINY, "logger=none", f"ckpt_path={evil}"], tmp_path / "run"),
+        f"ckpt_path={evil}",
+        "could run code",
+    )
 
 
 def test_auto_resume_refuses_a_pickle_payload_in_the_run_directory(tmp_path, marker):
@@ -165,7 +229,10 @@ def gadget_cases():
 @pytest.mark.parametrize("task,name", gadget_cases())
 def test_evaluate_refuses_a_gadget_in_the_stored_net(task, name, cd_run, tmp_path, marker):
     evil = with_gadget(cd_run / "checkpoints/last.ckpt", tmp_path / "evil.ckpt", "net", gadgets(marker)[name])
-    run = lambda: evaluate_here([f"ckpt={evil}", f"task={task}", f"input={tmp_path}", "num=10"], tmp_path / "out")
+
+    def run():
+        return evaluate_here([f"ckpt={evil}", *task_options(task, tmp_path)], tmp_path / "out")
+
     if task == "export":  # export copies tensors and never builds the network: nothing to refuse, nothing runs
         run()
     else:
@@ -178,12 +245,15 @@ def test_resume_refuses_a_gadget_in_the_stored_config(how, cd_run, edm_run, tmp_
     run's own and stops at the foreign target."""
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
-    evil = with_gadget(cd_run / "checkpoints/last.ckpt", run_dir / "checkpoints/last.ckpt", "net",
-                       gadgets(marker)["os.system"])
+    evil = with_gadget(
+        cd_run / "checkpoints/last.ckpt", run_dir / "checkpoints/last.ckpt", "net", gadgets(marker)["os.system"]
+    )
     overrides = [f"ckpt_path={evil}"] if how == "ckpt_path" else []
     cd = ["experiment=digits_cd", f"model.teacher_ckpt={edm_run / 'checkpoints/last.ckpt'}"]
-    refuses(lambda: train_here([*cd, *TINY, "logger=none", *overrides], run_dir),
-            "model.net._target_: os.system -> cm_lightning.nets.adm.ADMUNet")
+    refuses(
+        lambda: train_here([*cd, *TINY, "logger=none", *overrides], run_dir),
+        "model.net._target_: os.system -> cm_lightning.nets.adm.ADMUNet",
+    )
 
 
 def test_feature_extractor_weights_refuse_plain_data(tmp_path):
@@ -193,25 +263,39 @@ def test_feature_extractor_weights_refuse_plain_data(tmp_path):
 
 
 def test_fid_refuses_a_gadget_in_the_stored_data(cd_run, tmp_path, marker):
-    evil = with_gadget(cd_run / "checkpoints/last.ckpt", tmp_path / "evil.ckpt", "data",
-                       gadgets(marker)["nested torch.load"])
-    refuses(lambda: evaluate_here([f"ckpt={evil}", "task=fid", "num=10"], tmp_path / "out"),
-            "the checkpoint's data.image_size._target_=torch.load", "is refused")
+    evil = with_gadget(
+        cd_run / "checkpoints/last.ckpt", tmp_path / "evil.ckpt", "data", gadgets(marker)["nested torch.load"]
+    )
+    refuses(
+        lambda: evaluate_here([f"ckpt={evil}", "task=fid", "num=10"], tmp_path / "out"),
+        "the checkpoint's data.image_size._target_=torch.load",
+        "is refused",
+    )
 
 
 def test_editing_refuses_a_gadget_in_the_stored_schedule(cd_run, tmp_path, marker):
-    from cm_lightning.editing_tasks import run_method
+    from cm_lightning.loading import read_checkpoint
+    from cm_lightning.tasks.editing import run_method
 
-    evil = with_gadget(cd_run / "checkpoints/last.ckpt", tmp_path / "evil.ckpt", "schedule",
-                       gadgets(marker)["os.system"])
-    refuses(lambda: run_method(evil), "the checkpoint's model.objective.pair.schedule._target_=os.system")
+    evil = with_gadget(
+        cd_run / "checkpoints/last.ckpt", tmp_path / "evil.ckpt", "schedule", gadgets(marker)["os.system"]
+    )
+    refuses(
+        lambda: run_method(read_checkpoint(evil)), "the checkpoint's model.objective.pair.schedule._target_=os.system"
+    )
 
 
 def test_teacher_refuses_a_gadget_in_the_stored_net(edm_run, tmp_path, marker):
-    evil = with_gadget(edm_run / "checkpoints/last.ckpt", tmp_path / "evil.ckpt", "net",
-                       gadgets(marker)["nested torch.load"])
-    refuses(lambda: train_here(["experiment=digits_cd", f"model.teacher_ckpt={evil}", *TINY, "logger=none"],
-                               tmp_path / "run"), "the checkpoint's model.net", "torch.load")
+    evil = with_gadget(
+        edm_run / "checkpoints/last.ckpt", tmp_path / "evil.ckpt", "net", gadgets(marker)["nested torch.load"]
+    )
+    refuses(
+        lambda: train_here(
+            ["experiment=digits_cd", f"model.teacher_ckpt={evil}", *TINY, "logger=none"], tmp_path / "run"
+        ),
+        "the checkpoint's model.net",
+        "torch.load",
+    )
 
 
 # --- what must still load ---------------------------------------------------------------------------
@@ -232,8 +316,14 @@ def test_the_authors_plain_state_dicts_load(zipped, tmp_path):
     assert isinstance(stream, io.BytesIO) and torch.load(stream, weights_only=True).keys() == state.keys()
 
 
-@pytest.mark.parametrize("content,words", [(b"", "is empty"), (b"hello\n", "is not a PyTorch checkpoint"),
-                                           (b"PK\x03\x04broken", "is not a PyTorch checkpoint")])
+@pytest.mark.parametrize(
+    "content,words",
+    [
+        (b"", "is empty"),
+        (b"hello\n", "is not a PyTorch checkpoint"),
+        (b"PK\x03\x04broken", "is not a PyTorch checkpoint"),
+    ],
+)
 def test_a_file_that_is_not_a_checkpoint_names_itself(content, words, tmp_path):
     path = tmp_path / "file.ckpt"
     path.write_bytes(content)

@@ -3,9 +3,10 @@
 Every ``every_n_steps`` optimiser steps and, with ``at_end``, after the last one (unless the run was
 shorter than one interval) the callback draws ``num`` samples at each of ``steps`` (the EDM teacher:
 ``teacher_steps`` Heun steps), split over the DDP ranks (``metrics/sharding.py``), and rank 0 scores
-them against the cached reference statistics of the training set (``metrics/reference.py``). Keys carry the step count (``metrics/fid_1step``);
-W&B also gets a table of every score against the number of function evaluations (NFE), and the run directory
-a ``metrics.json`` of every measurement (``evaluate.py task=report``).
+them against the cached reference statistics of the training set (``metrics/reference.py``), scored as
+conf/metrics/default.yaml says. Keys carry the sampling plan (``metrics/fid_1step``); W&B also gets a
+table of every score against the number of function evaluations (NFE), and the run directory a
+``metrics.json`` of every measurement (``evaluate.py task=report``).
 """
 
 import json
@@ -42,14 +43,31 @@ def log_results(loggers, results: dict[str, dict], step: int, rows: list) -> Non
 
 
 class Metrics(L.Callback):
-    def __init__(self, every_n_steps: int | None = 1000, at_end: bool = True, num: int = 500, steps=(1, 2),
-                 teacher_steps: int = 18, batch_size: int = 250, seed: int = 0,
-                 feature_extractor: str = "digits-classifier", feature_extractor_weights_path=None, fid: bool = True,
-                 isc: bool = True, kid: bool = False, prc: bool = False, kid_subset_size: int = 1000,
-                 reference=None, reference_num: int | None = 50000, cache_dir=None):
+    def __init__(
+        self,
+        every_n_steps: int | None = 1000,
+        at_end: bool = True,
+        num: int = 500,
+        steps=(1, 2),
+        teacher_steps: int = 18,
+        batch_size: int = 250,
+        seed: int = 0,
+        feature_extractor: str = "digits-classifier",
+        feature_extractor_weights_path=None,
+        fid: bool = True,
+        isc: bool = True,
+        kid: bool = False,
+        prc: bool = False,
+        kid_subset_size: int = 1000,
+        reference=None,
+        reference_num: int | None = 50000,
+        cache_dir=None,
+    ):
         if every_n_steps is not None and every_n_steps < 1:
-            raise ConfigError(f"callbacks.metrics.every_n_steps={every_n_steps}; use a positive step count, "
-                              "or null to measure only at the end with at_end=true")
+            raise ConfigError(
+                f"callbacks.metrics.every_n_steps={every_n_steps}; use a positive step count, "
+                "or null to measure only at the end with at_end=true"
+            )
         self.fidelity = Fidelity(feature_extractor, feature_extractor_weights_path, fid, isc, kid, prc, kid_subset_size)
         self.fidelity.check_count(num, "callbacks.metrics.num")
         self.every_n_steps, self.at_end, self.num, self.seed = every_n_steps, at_end, num, seed
@@ -63,8 +81,10 @@ class Metrics(L.Callback):
         if stage != "fit":
             return
         if self.reference_path is None and trainer.datamodule is None:
-            raise ConfigError("callbacks.metrics.reference is null but there is no data module to take the "
-                              "training set from; pass reference=<npz in the authors' format>")
+            raise ConfigError(
+                "callbacks.metrics.reference is null but there is no data module to take the "
+                "training set from; pass reference=<npz in the authors' format>"
+            )
         self.source = ReferenceSource.create(self.reference_path, trainer.datamodule, self.reference_num)
         self.source.check(pl_module.sampler().image_shape, self.fidelity, "the model")
 
@@ -75,9 +95,10 @@ class Metrics(L.Callback):
             # Read (or computed and cached) on first use: runs that never measure leave the cache alone.
             self.reference = self.source.load(self.fidelity, self.cache_dir, module.device)
         sampler, results = module.sampler(), {}
-        for name, how in sampler.default_plans(self.steps, self.teacher_steps).items():
-            features = sharded_features(sampler, self.fidelity, self.num, self.batch_size, self.seed, module.device,
-                                        **how)
+        for name, how in sampler.plans(self.steps, teacher_steps=[self.teacher_steps]).items():
+            features = sharded_features(
+                sampler, self.fidelity, self.num, self.batch_size, self.seed, module.device, **how
+            )
             if trainer.is_global_zero:
                 results[name] = {"nfe": sampler.nfe(how), **self.fidelity.compute(features, self.reference)}
         if trainer.is_global_zero:
@@ -93,8 +114,13 @@ class Metrics(L.Callback):
         history = json.loads(path.read_text())["history"] if path.is_file() else []
         step = trainer.global_step
         history = [h for h in history if h["step"] < step] + [{"step": step, "results": results}]  # resumed runs
-        payload = dict(reference=self.source.name, feature_extractor=self.fidelity.extractor_name, num=self.num,
-                       wandb=wandb_identity(trainer.loggers), history=history)
+        payload = dict(
+            reference=self.source.name,
+            feature_extractor=self.fidelity.extractor_name,
+            num=self.num,
+            wandb=wandb_identity(trainer.loggers),
+            history=history,
+        )
         path.write_text(json.dumps(payload, indent=2))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):

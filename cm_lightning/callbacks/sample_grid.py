@@ -13,8 +13,9 @@ from cm_lightning.diffusion.sampling import check_decreasing
 
 def image_grid(images: torch.Tensor) -> torch.Tensor:
     """A (C, H, W) grid in [0, 1] of images in [-1, 1], as square as possible."""
-    return make_grid((images.float().cpu() + 1) / 2, nrow=math.ceil(math.sqrt(images.shape[0])), padding=1,
-                     pad_value=1.0).clamp(0, 1)
+    return make_grid(
+        (images.float().cpu() + 1) / 2, nrow=math.ceil(math.sqrt(images.shape[0])), padding=1, pad_value=1.0
+    ).clamp(0, 1)
 
 
 class SampleGrid(L.Callback):
@@ -27,14 +28,9 @@ class SampleGrid(L.Callback):
 
     def __init__(self, num: int = 64, steps=(1, 2), sigmas=None, teacher_steps: int = 18, seed: int = 0):
         self.num, self.steps, self.teacher_steps, self.seed = num, list(steps), teacher_steps, seed
-        self.sigmas = [check_decreasing(s, "callbacks.sample_grid.sigmas entry") for s in (sigmas or [])]
-
-    def plans(self, sampler) -> dict:
-        named = sampler.default_plans(self.steps, self.teacher_steps)
-        if sampler.param.few_step:  # EDM's sigmas, as the parameterisation's levels
-            named.update({f"sigmas{i}": dict(sigmas=[sampler.param.from_sigma(v) for v in s])
-                          for i, s in enumerate(self.sigmas)})
-        return named
+        self.sigmas = {
+            f"sigmas{i}": check_decreasing(s, "callbacks.sample_grid.sigmas entry") for i, s in enumerate(sigmas or [])
+        }
 
     @torch.no_grad()
     def write(self, trainer: L.Trainer, module, tag: str) -> list[Path]:
@@ -44,7 +40,7 @@ class SampleGrid(L.Callback):
         out = Path(trainer.default_root_dir) / "samples"
         out.mkdir(parents=True, exist_ok=True)
         paths = []
-        for name, how in self.plans(sampler).items():
+        for name, how in sampler.plans(self.steps, self.sigmas, [self.teacher_steps]).items():
             images, _ = sampler(self.num, seed=self.seed, device=module.device, **how)
             grid = image_grid(images)
             path = out / f"{tag}_{name}.png"

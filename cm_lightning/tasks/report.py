@@ -69,8 +69,10 @@ def check_comparable(runs: list[Run]) -> None:
     for run in runs[1:]:
         for key in COMPARABLE:
             if run.measured[key] != first.measured[key]:
-                raise ConfigError(f"runs: {first.path} and {run.path} differ in {key} ({first.measured[key]} vs "
-                                  f"{run.measured[key]}); report runs of one dataset measured the same way")
+                raise ConfigError(
+                    f"runs: {first.path} and {run.path} differ in {key} ({first.measured[key]} vs "
+                    f"{run.measured[key]}); report runs of one dataset measured the same way"
+                )
 
 
 def labels(runs: list[Run]) -> list[str]:
@@ -96,8 +98,11 @@ def fid_vs_step(runs: list[Run], names: list[str]) -> Figure:
     ax = fig.subplots()
     for run, name in zip(runs, names):
         for sampling in run.last:
-            points = [(h["step"], h["results"][sampling]["fid"]) for h in run.history
-                      if "fid" in h["results"].get(sampling, {})]
+            points = [
+                (h["step"], h["results"][sampling]["fid"])
+                for h in run.history
+                if "fid" in h["results"].get(sampling, {})
+            ]
             if points:
                 ax.plot(*zip(*points), marker="o", label=f"{name} {sampling}")
     ax.set(xlabel="optimiser step", ylabel="FID", title="FID during training")
@@ -131,8 +136,11 @@ def best_fids(runs: list[Run], names: list[str]) -> list[dict]:
     rows = []
     for run, name in zip(runs, names):
         for sampling, result in run.last.items():
-            measured = [(h["results"][sampling]["fid"], h["step"]) for h in run.history
-                        if "fid" in h["results"].get(sampling, {})]
+            measured = [
+                (h["results"][sampling]["fid"], h["step"])
+                for h in run.history
+                if "fid" in h["results"].get(sampling, {})
+            ]
             if measured:
                 fid, step = min(measured)
                 rows.append(dict(run=name, sampling=sampling, nfe=result["nfe"], fid=fid, step=step))
@@ -149,17 +157,22 @@ def plots(runs: list[Run], names: list[str]) -> dict[str, Figure]:
 
 def write_html(out: Path, title: str, runs: list[Run], pngs: list[Path], table: list[dict]) -> Path:
     head = "".join(f"<th>{k}</th>" for k in ("run", "sampling", "NFE", "best FID", "at step"))
-    body = "".join(f"<tr><td>{html.escape(r['run'])}</td><td>{r['sampling']}</td><td>{r['nfe']}</td>"
-                   f"<td>{r['fid']:.3f}</td><td>{r['step']}</td></tr>" for r in table)
+    body = "".join(
+        f"<tr><td>{html.escape(r['run'])}</td><td>{r['sampling']}</td><td>{r['nfe']}</td>"
+        f"<td>{r['fid']:.3f}</td><td>{r['step']}</td></tr>"
+        for r in table
+    )
     listed = "".join(f"<li>{html.escape(str(run.path))}</li>" for run in runs)
     images = "".join(f'<p><img src="{p.name}" alt="{p.stem}"></p>' for p in pngs)
     m = runs[0].measured
     title = html.escape(title)
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title></head><body>"
-            f"<h1>{title}</h1><p>{len(runs)} runs; reference {html.escape(m['reference'])}, "
-            f"{html.escape(m['feature_extractor'])} features of {m['num']} samples.</p><ul>{listed}</ul>"
-            f"<h2>Best FID per run and NFE</h2><table border='1'><tr>{head}</tr>{body}</table>{images}"
-            f"</body></html>")
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title></head><body>"
+        f"<h1>{title}</h1><p>{len(runs)} runs; reference {html.escape(m['reference'])}, "
+        f"{html.escape(m['feature_extractor'])} features of {m['num']} samples.</p><ul>{listed}</ul>"
+        f"<h2>Best FID per run and NFE</h2><table border='1'><tr>{head}</tr>{body}</table>{images}"
+        f"</body></html>"
+    )
     path = out / "report.html"
     path.write_text(page)
     return path
@@ -167,8 +180,10 @@ def write_html(out: Path, title: str, runs: list[Run], pngs: list[Path], table: 
 
 def check_wandb(cfg: DictConfig) -> None:
     if cfg.report.wandb and wandb_mode() != "online":
-        raise ConfigError("report.wandb=true but W&B is not configured (or WANDB_MODE is not online); run "
-                          "`wandb login` or set WANDB_API_KEY, or leave report.wandb=false for the offline report")
+        raise ConfigError(
+            "report.wandb=true but W&B is not configured (or WANDB_MODE is not online); run "
+            "`wandb login` or set WANDB_API_KEY, or leave report.wandb=false for the offline report"
+        )
 
 
 def wandb_report(runs: list[Run], samplings: list[str], settings: DictConfig):
@@ -182,19 +197,25 @@ def wandb_report(runs: list[Run], samplings: list[str], settings: DictConfig):
     if None in runs_wandb:
         missing = runs[runs_wandb.index(None)].path
         raise ConfigError(f"runs: {missing} logged to no W&B run (logger=csv?); report.wandb needs W&B runs")
-    where = {k: settings.get(k) or runs_wandb[0][k] for k in ("entity", "project") if settings.get(k) or
-             runs_wandb[0][k]}  # an empty entity: the user's default entity, looked up on saving
+    where = {
+        k: settings.get(k) or runs_wandb[0][k] for k in ("entity", "project") if settings.get(k) or runs_wandb[0][k]
+    }  # an empty entity: the user's default entity, looked up on saving
     fids, iss = [f"metrics/fid_{s}" for s in samplings], [f"metrics/is_{s}" for s in samplings]
-    panels = [wr.LinePlot(title="FID during training", x="trainer/global_step", y=fids),
-              wr.LinePlot(title="IS during training", x="trainer/global_step", y=iss),
-              wr.BarPlot(title="Best FID per run", metrics=fids),
-              wr.MediaBrowser(title="Samples", media_keys=[f"samples/{s}" for s in samplings]),
-              wr.WeavePanelSummaryTable(table_name="metrics/fid_vs_nfe")]
+    panels = [
+        wr.LinePlot(title="FID during training", x="trainer/global_step", y=fids),
+        wr.LinePlot(title="IS during training", x="trainer/global_step", y=iss),
+        wr.BarPlot(title="Best FID per run", metrics=fids),
+        wr.MediaBrowser(title="Samples", media_keys=[f"samples/{s}" for s in samplings]),
+        wr.WeavePanelSummaryTable(table_name="metrics/fid_vs_nfe"),
+    ]
     ids = ", ".join(repr(r["id"]) for r in runs_wandb)
     runset = wr.Runset(**where, name="runs", filters=f"ID in [{ids}]")
-    return wr.Report(**where, title=settings.title, description=f"{len(runs)} runs: FID and IS against the step "
-                     "and the number of network evaluations", blocks=[
-                         wr.H1(text=settings.title), wr.PanelGrid(runsets=[runset], panels=panels)])
+    return wr.Report(
+        **where,
+        title=settings.title,
+        description=f"{len(runs)} runs: FID and IS against the step and the number of network evaluations",
+        blocks=[wr.H1(text=settings.title), wr.PanelGrid(runsets=[runset], panels=panels)],
+    )
 
 
 def report_task(cfg: DictConfig) -> list[Path]:
@@ -202,8 +223,10 @@ def report_task(cfg: DictConfig) -> list[Path]:
     given = [cfg.runs] if isinstance(cfg.runs, str) else list(cfg.runs or [])  # runs=<dir> or runs=[<dir>,...]
     paths = find_runs(given)
     if not paths:
-        raise ConfigError(f"runs={given} holds no training run with a metrics.json; pass a sweep directory or run "
-                          "directories whose metrics callback measured at least once")
+        raise ConfigError(
+            f"runs={given} holds no training run with a metrics.json; pass a sweep directory or run "
+            "directories whose metrics callback measured at least once"
+        )
     runs = [load(p) for p in paths]
     check_comparable(runs)
     names = labels(runs)

@@ -19,8 +19,9 @@ def read_images(cfg: DictConfig, task: str) -> list[tuple[str, Image.Image]]:
     """(name, image) for ``input=``: one file or every file of a folder; unreadable files are skipped
     with a warning naming them."""
     if cfg.input is None:
-        raise ConfigError(f"task={task} needs input=<an image file or a folder of images>, "
-                          "e.g. input=docs/editing/digits")
+        raise ConfigError(
+            f"task={task} needs input=<an image file or a folder of images>, e.g. input=docs/editing/digits"
+        )
     path = Path(str(cfg.input)).expanduser()
     if not path.exists():
         raise ConfigError(f"input={cfg.input} does not exist; pass an image file or a folder of images")
@@ -44,8 +45,7 @@ def read_images(cfg: DictConfig, task: str) -> list[tuple[str, Image.Image]]:
 
 def to_tensor(images: list[tuple[str, Image.Image]], sampler: Sampler) -> torch.Tensor:
     channels, _, size = sampler.image_shape
-    return torch.stack([to_model_range(center_crop_resize(img.convert("RGB"), size), channels)
-                        for _, img in images])
+    return torch.stack([to_model_range(center_crop_resize(img.convert("RGB"), size), channels) for _, img in images])
 
 
 def box_mask(size: int) -> torch.Tensor:
@@ -77,9 +77,11 @@ def fit_mask(mask: Image.Image, path: Path, img: Image.Image, name: str, size: i
     if mask.size == img.size:
         mask = center_crop_resize(mask, size)
     elif mask.size != (size, size):
-        raise ConfigError(f"mask={path} is {mask.size[0]}x{mask.size[1]} but image {name} is {img.size[0]}x"
-                          f"{img.size[1]} (model resolution {size}x{size}); draw the mask at the image's size or at "
-                          f"{size}x{size}")
+        raise ConfigError(
+            f"mask={path} is {mask.size[0]}x{mask.size[1]} but image {name} is {img.size[0]}x"
+            f"{img.size[1]} (model resolution {size}x{size}); draw the mask at the image's size or at "
+            f"{size}x{size}"
+        )
     return (to_model_range(mask, 1) > 0).float()
 
 

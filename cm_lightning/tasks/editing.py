@@ -1,4 +1,4 @@
-"""``python evaluate.py task=<edit> ckpt=PATH input=FILE_OR_FOLDER``: zero-shot editing of your images.
+"""``task=<edit> ckpt=PATH input=FILE_OR_FOLDER``: zero-shot editing of your images.
 
 Tasks (CM paper, Section 6; the math is in cm_lightning/diffusion/editing.py):
     inpaint      Algorithm 4 with A = I; ``mask=`` box | left_half | random_strokes | a PNG (white = generate)
@@ -19,13 +19,14 @@ import torch
 from omegaconf import DictConfig
 from torchvision.utils import make_grid, save_image
 
-from cm_lightning.loading import sampler_from_checkpoint
 from cm_lightning.diffusion import editing
 from cm_lightning.diffusion.linear_transforms import LUMINANCE, ChannelBasis, Identity, PatchBasis
-from cm_lightning.editing_inputs import build_masks, read_images, to_tensor
 from cm_lightning.errors import ConfigError
+from cm_lightning.loading import META_KEY, is_plain, read_checkpoint
 from cm_lightning.sampler import Sampler
-from cm_lightning.untrusted import instantiate_trusted, load_file
+from cm_lightning.tasks.common import load_sampler, pick_device, speed_up
+from cm_lightning.tasks.editing_inputs import build_masks, read_images, to_tensor
+from cm_lightning.untrusted import instantiate_trusted
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +62,11 @@ class Editor:
         return lambda x, s: self.sampler.denoise(x, s, labels)
 
 
-def run_method(ckpt) -> tuple[str, int] | None:
+def run_method(ckpt: dict) -> tuple[str, int] | None:
     """('cd' or 'ct', the grid size N at the end of training; 0 without a discrete grid) of the run that
-    wrote ``ckpt``, from its stored config; every consistency-training variant counts as 'ct'. None for
-    a method without a pair rule (sCM)."""
-    config = load_file(ckpt, "ckpt", mmap=True)["cm_lightning"]["config"]
+    wrote the checkpoint ``ckpt`` (as read), from its stored config; every consistency-training variant
+    counts as 'ct'. None for a method without a pair rule (sCM)."""
+    config = ckpt[META_KEY]["config"]
     model = config["model"]
     key = "target" if "target" in model else "objective.pair"  # the layout before and since objectives
     target = model["target"] if "target" in model else (model.get("objective") or {}).get("pair")
@@ -81,7 +82,8 @@ def run_method(ckpt) -> tuple[str, int] | None:
 
 def edit_levels(edit_sigmas, ckpt, param) -> list[float]:
     """Algorithm 4's levels in the parameterisation's own terms: ``edit_sigmas`` (EDM sigmas) if given, else the
-    published two-step setting of the run's method, else the parameterisation's two-step levels (sCM)."""
+    published two-step setting of the method of the run that wrote ``ckpt`` (as read), else the
+    parameterisation's two-step levels (sCM)."""
     if edit_sigmas is not None:
         sigmas = editing.check_levels(edit_sigmas, param.grid["sigma_min"], param.grid["sigma_max"])
         return [param.from_sigma(s) for s in sigmas]
@@ -92,17 +94,25 @@ def edit_levels(edit_sigmas, ckpt, param) -> list[float]:
 
 
 def load_editor(cfg: DictConfig, task: str) -> Editor:
-    from cm_lightning.evaluation import pick_device, speed_up  # evaluation imports this module
-
+    ckpt = read_checkpoint(cfg.ckpt, "ckpt")
+    if is_plain(ckpt):
+        raise ConfigError(
+            f"task={task} reads a checkpoint written by train.py, whose config names its method; "
+            f"ckpt={cfg.ckpt} is a plain state dict"
+        )
     device = pick_device(cfg.device)
-    sampler = speed_up(sampler_from_checkpoint(cfg.ckpt, cfg.ema, device), cfg, device)
+    sampler = speed_up(load_sampler(cfg, ckpt, device), cfg, device)
     param = sampler.param
     if not param.few_step:
-        raise ConfigError(f"task={task} needs a consistency model (CD, CT, sCM, ...); ckpt={cfg.ckpt} is an EDM teacher")
-    levels = edit_levels(cfg.edit_sigmas, cfg.ckpt, param)
+        raise ConfigError(
+            f"task={task} needs a consistency model (CD, CT, sCM, ...); ckpt={cfg.ckpt} is an EDM teacher"
+        )
+    levels = edit_levels(cfg.edit_sigmas, ckpt, param)
     if cfg.label is not None and not 0 <= cfg.label < max(sampler.num_classes, 1):
-        raise ConfigError(f"label={cfg.label} is not a class of this model ({sampler.num_classes} classes); "
-                          "leave label=null for an unconditional model")
+        raise ConfigError(
+            f"label={cfg.label} is not a class of this model ({sampler.num_classes} classes); "
+            "leave label=null for an unconditional model"
+        )
     return Editor(sampler, levels, device, cfg.seed, cfg.batch_size, cfg.label)
 
 
@@ -110,8 +120,10 @@ def edit_sigma(cfg: DictConfig, task: str, sampler: Sampler) -> float:
     sigma = DEFAULT_SIGMA[task] if cfg.sigma is None else float(cfg.sigma)
     low, high = sampler.param.grid["sigma_min"], sampler.param.grid["sigma_max"]
     if not low <= sigma <= high:
-        raise ConfigError(f"sigma={sigma} is outside the model's noise range [{low}, {high}]; choose a level "
-                          f"inside it, e.g. sigma={DEFAULT_SIGMA[task]}")
+        raise ConfigError(
+            f"sigma={sigma} is outside the model's noise range [{low}, {high}]; choose a level "
+            f"inside it, e.g. sigma={DEFAULT_SIGMA[task]}"
+        )
     return sigma
 
 
@@ -139,6 +151,7 @@ def algorithm4_task(cfg: DictConfig, task: str, transform, omega_for, editor: Ed
     """Runs Algorithm 4 on ``input=`` with the mask ``omega_for(shape)``: columns input | kept | result."""
     y = to_tensor(images, editor.sampler)
     omega = omega_for(y.shape)
+
     def run(f, g, y, omega):
         kept = editing.degrade(y, transform, omega)
         return kept, editing.edit(f, y, transform, omega, editor.levels, editor.sampler.param, g)

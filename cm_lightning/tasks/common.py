@@ -1,0 +1,203 @@
+"""What evaluate.py's tasks share: the checkpoint read once, the device, Fabric's processes, the sampling plans,
+batched sampling, the authors' .npz layout, and the scoring of task=fid and task=search_midpoint."""
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from lightning.fabric import Fabric
+from lightning.pytorch.loggers import WandbLogger
+from omegaconf import DictConfig, OmegaConf
+
+from cm_lightning import wandb_runs
+from cm_lightning.diffusion.editing import check_levels
+from cm_lightning.diffusion.precond import from_meta
+from cm_lightning.diffusion.sampling import sigmas_from_indices
+from cm_lightning.errors import ConfigError
+from cm_lightning.inputs import check_cpu_devices, check_device, whole
+from cm_lightning.loading import META_KEY, is_plain, network_from_checkpoint, plain_sampler, read_checkpoint, select_ema
+from cm_lightning.metrics.fidelity import Fidelity, to_uint8
+from cm_lightning.metrics.reference import ReferenceSource
+from cm_lightning.metrics.sharding import progress, sharded_features
+from cm_lightning.runtime import ddp
+from cm_lightning.runtime.speed import Speed, auto_precision
+from cm_lightning.sampler import Sampler
+from cm_lightning.untrusted import instantiate_trusted
+
+log = logging.getLogger(__name__)
+
+
+def check_numbers(cfg: DictConfig) -> None:
+    """The numbers and devices of the task's options (those it has), before anything is read."""
+    for key, example in (("num", "64"), ("batch_size", "256")):
+        if key in cfg:
+            whole(cfg[key], key, example=example)
+    steps = cfg.get("steps")
+    if steps is not None and (not steps or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in steps)):
+        raise ConfigError(
+            f"steps={list(steps)}: each entry is a number of sampling steps >= 1 (a 0-step "
+            "sample does not exist), e.g. steps=[1,2]; or steps=null for the model's default"
+        )
+    if "device" in cfg:
+        check_device(cfg.device)
+    if "trainer" in cfg:
+        check_cpu_devices(cfg.trainer.devices, "cpu" if str(cfg.device) == "cpu" else "auto")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_sampler(cfg: DictConfig, ckpt: dict, device) -> Sampler:
+    """The sampler of ``ckpt`` (``cfg.ckpt`` as read); ``net=`` and ``kind=`` say what a plain state dict is."""
+    if is_plain(ckpt):
+        if cfg.ema is not None:
+            raise ConfigError(
+                f"ema={cfg.ema}: ckpt={cfg.ckpt} is a plain state dict with one set of weights; drop ema="
+            )
+        sampler = plain_sampler(cfg.ckpt, ckpt, cfg.get("net"), cfg.get("kind"))
+        sampler.net.to(device)
+        return sampler
+    meta = select_ema(ckpt[META_KEY], cfg.ema)
+    return Sampler(network_from_checkpoint(ckpt, "ema").to(device), from_meta(meta))
+
+
+def speed_up(sampler: Sampler, cfg: DictConfig, device) -> Sampler:
+    """The task's ``speed``: precision, channels-last and compilation."""
+    s = cfg.speed
+    precision = auto_precision(device) if s.precision == "auto" else s.precision
+    speed = Speed(channels_last=s.channels_last, compile=s.compile, sample_compile_mode=s.sample_compile_mode)
+    return sampler.speed_up(speed, precision, device)
+
+
+def sampling_plans(cfg: DictConfig, sampler: Sampler) -> dict:
+    """The plans of ``sigmas=``, the authors' ``ts=`` indices, or ``steps=`` (null: the model's default)."""
+    few_step = sampler.param.few_step
+    if not few_step and (cfg.sigmas is not None or cfg.ts is not None):
+        raise ConfigError(
+            f"sigmas= and ts= set the levels of consistency sampling, but ckpt={cfg.ckpt} is a diffusion "
+            "denoiser; drop them and use steps= and solver="
+        )
+    if few_step and cfg.solver != "heun":
+        raise ConfigError(
+            f"solver={cfg.solver} applies to diffusion teachers, but ckpt={cfg.ckpt} is a consistency "
+            "model sampled by CM Algorithm 1; drop solver="
+        )
+    grid = sampler.param.grid
+    if cfg.sigmas is not None:
+        return sampler.plans((), {"sigmas": check_levels(cfg.sigmas, grid["sigma_min"], grid["sigma_max"], "sigmas")})
+    if cfg.ts is not None:
+        name = "ts" + "-".join(str(t) for t in cfg.ts)
+        return sampler.plans((), {name: sigmas_from_indices(cfg.ts, cfg.ts_num_scales, **grid)})
+    steps = None if cfg.steps is None else list(cfg.steps)
+    return sampler.plans(steps or [1, 2], teacher_steps=steps or [18], solver=cfg.solver)
+
+
+def sample_batched(sampler: Sampler, num: int, batch_size: int, seed: int, device, labels=None, **how):
+    """``num`` samples and their labels on the CPU; batch ``i`` is drawn with ``seed + i``."""
+    images, out_labels = [], []
+    with progress(num, batch_size, 0, 1, "sampling") as bar:
+        for i, start in enumerate(range(0, num, batch_size)):
+            given = None if labels is None else labels[start : start + batch_size]
+            x, y = sampler(min(batch_size, num - start), seed=seed + i, device=device, labels=given, **how)
+            images.append(x.cpu())
+            out_labels.append(None if y is None else y.cpu())
+            bar.update(len(x))
+    return torch.cat(images), (None if out_labels[0] is None else torch.cat(out_labels))
+
+
+def authors_uint8(images: torch.Tensor) -> np.ndarray:
+    """[-1, 1] images (N, C, H, W) in the authors' .npz layout: uint8 (N, H, W, C)."""
+    return to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def write_npz(path: Path, images: torch.Tensor, labels: torch.Tensor | None) -> Path:
+    """The authors' sample format: ``arr_0`` the images, ``arr_1`` the class labels of a conditional model."""
+    arrays = {"arr_0": authors_uint8(images)} | ({} if labels is None else {"arr_1": labels.numpy()})
+    np.savez(path, **arrays)
+    return path
+
+
+def launch(cfg: DictConfig) -> Fabric:
+    """``trainer.devices`` processes, one per device (Lightning Fabric: the others re-run this command)."""
+    accelerator = "auto" if cfg.device == "auto" else torch.device(cfg.device).type
+    ddp.exit_with_launcher()
+    fabric = Fabric(
+        accelerator=accelerator,
+        devices=cfg.trainer.devices,
+        num_nodes=cfg.trainer.num_nodes,
+        strategy=cfg.trainer.strategy,
+    )
+    fabric.launch()
+    return fabric
+
+
+class Scorer:
+    """What task=fid and task=search_midpoint share. Building it checks everything a user can get wrong
+    (the weights, the sample and reference counts, the image size); ``start`` launches the processes and
+    reads the reference statistics; ``score`` then runs on every rank, with the metrics on rank 0."""
+
+    def __init__(self, cfg: DictConfig):
+        m = cfg.metrics
+        self.cfg, self.cache_dir = cfg, m.cache_dir
+        self.fidelity = Fidelity(
+            m.feature_extractor, m.feature_extractor_weights_path, m.fid, m.isc, m.kid, m.prc, m.kid_subset_size
+        )
+        self.fidelity.check_count(cfg.num, "num")
+        self.ckpt = read_checkpoint(cfg.ckpt, "ckpt")
+        self.sampler = load_sampler(cfg, self.ckpt, "cpu")
+        self.source = ReferenceSource.create(
+            m.reference, self.training_data() if m.reference is None else None, m.reference_num
+        )
+        self.source.check(self.sampler.image_shape, self.fidelity, f"ckpt={cfg.ckpt}")
+        self.fabric = self.reference = None
+
+    def training_data(self):
+        """The data module the checkpoint was trained on, from the config it carries."""
+        if is_plain(self.ckpt):
+            raise ConfigError(
+                f"ckpt={self.cfg.ckpt} is a plain state dict without its training config; pass "
+                "metrics.reference=<.npz of real images in the authors' format>"
+            )
+        return instantiate_trusted(self.ckpt[META_KEY]["config"]["data"], "the checkpoint's data")
+
+    def start(self) -> "Scorer":
+        self.fabric = launch(self.cfg)
+        self.sampler.net.to(self.fabric.device)
+        speed_up(self.sampler, self.cfg, self.fabric.device)
+        if self.fabric.is_global_zero:
+            self.reference = self.source.load(self.fidelity, self.cache_dir, self.fabric.device)
+        return self
+
+    def score(self, how: dict) -> dict | None:
+        cfg = self.cfg
+        features = sharded_features(
+            self.sampler, self.fidelity, cfg.num, cfg.batch_size, cfg.seed, self.fabric.device, **how
+        )
+        if features is None:
+            return None
+        return {"nfe": self.sampler.nfe(how), **self.fidelity.compute(features, self.reference)}
+
+    def report(self, name: str, payload: dict) -> Path:
+        """``<out_dir>/<name>.json``: the payload and the settings it was measured under."""
+        cfg = self.cfg
+        path = Path(cfg.out_dir) / f"{name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        header = dict(
+            task=cfg.task,
+            ckpt=str(cfg.ckpt),
+            num=cfg.num,
+            seed=cfg.seed,
+            metrics=OmegaConf.to_container(cfg.metrics),
+            reference=self.source.name,
+        )
+        path.write_text(json.dumps(header | payload, indent=2))
+        log.info("wrote %s: %s", path, json.dumps(payload))
+        return path
+
+    def wandb(self) -> WandbLogger | None:
+        return wandb_runs.evaluation_logger(self.cfg)
