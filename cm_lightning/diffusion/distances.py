@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from cm_lightning.diffusion.lpips import LPIPS
+from cm_lightning.errors import ConfigError
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -37,7 +38,7 @@ class PseudoHuber(nn.Module):
     def __init__(self, c_scale: float = 0.00054):
         super().__init__()
         if not c_scale > 0:
-            raise ValueError(f"pseudo-Huber c_scale={c_scale}: must be positive (published: 0.00054)")
+            raise ConfigError(f"pseudo-Huber c_scale={c_scale}: must be positive (published: 0.00054)")
         self.c_scale = c_scale
 
     def c(self, x: torch.Tensor) -> float:

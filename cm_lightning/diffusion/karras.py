@@ -22,7 +22,7 @@ def karras_sigmas(
     Computed in float64 so that the endpoints are sigma_min and sigma_max to float32 precision.
     """
     if num < 2:
-        raise ValueError(f"a Karras grid needs at least 2 points, got N={num}")
+        raise ConfigError(f"a Karras grid needs at least 2 points, got N={num}")
     ramp = torch.linspace(0, 1, num, dtype=torch.float64, device=device)
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     sigmas = (lo + ramp * (hi - lo)) ** rho
@@ -39,9 +39,9 @@ class FixedSchedule:
 
     def __post_init__(self):
         if self.num_scales < 2:
-            raise ValueError(f"num_scales={self.num_scales}: a consistency pair needs N >= 2")
+            raise ConfigError(f"num_scales={self.num_scales}: a consistency pair needs N >= 2")
         if not 0.0 <= self.mu < 1.0:
-            raise ValueError(f"mu={self.mu}: the target EMA rate must lie in [0, 1)")
+            raise ConfigError(f"mu={self.mu}: the target EMA rate must lie in [0, 1)")
 
     def __call__(self, step: int) -> tuple[int, float]:
         return self.num_scales, self.mu
@@ -71,11 +71,11 @@ class CMAdaptiveSchedule:
 
     def __post_init__(self):
         if not 1 <= self.s0 <= self.s1:
-            raise ValueError(f"s0={self.s0}, s1={self.s1}: the curriculum needs 1 <= s0 <= s1")
+            raise ConfigError(f"s0={self.s0}, s1={self.s1}: the curriculum needs 1 <= s0 <= s1")
         if not 0.0 < self.mu0 < 1.0:
-            raise ValueError(f"mu0={self.mu0}: must lie in (0, 1)")
+            raise ConfigError(f"mu0={self.mu0}: must lie in (0, 1)")
         if self.total_steps < 1:
-            raise ValueError(f"total_steps={self.total_steps}: must be positive (set it to trainer.max_steps)")
+            raise ConfigError(f"total_steps={self.total_steps}: must be positive (set it to trainer.max_steps)")
         if self.mu_divisor not in _MU_DIVISOR_OFFSET:
             raise ConfigError(
                 f"model.objective.pair.schedule.mu_divisor={self.mu_divisor!r}: use 'paper' (N(k), the CM paper) "

@@ -5,6 +5,8 @@
 
 import torch
 
+from cm_lightning.errors import ConfigError
+
 
 def _bcast(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return sigma.reshape(-1, *([1] * (x.ndim - 1)))
@@ -37,5 +39,5 @@ SOLVERS = {"euler": euler_step, "heun": heun_step}
 
 def get_solver(name: str):
     if name not in SOLVERS:
-        raise ValueError(f"solver={name!r} is unknown; choose one of {sorted(SOLVERS)}")
+        raise ConfigError(f"solver={name!r} is unknown; choose one of {sorted(SOLVERS)}")
     return SOLVERS[name]

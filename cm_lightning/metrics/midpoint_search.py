@@ -6,6 +6,8 @@ candidate is scored once, with the same seed, so that candidates differ only by 
 
 from collections.abc import Callable
 
+from cm_lightning.errors import ConfigError
+
 
 def ternary_search(score: Callable[[int], float], low: int, high: int,
                    max_evals: int | None = None) -> tuple[int, dict[int, float]]:
@@ -16,7 +18,7 @@ def ternary_search(score: Callable[[int], float], low: int, high: int,
     ``max_evals`` the search stops when that many candidates have been scored (the sample budget).
     """
     if low > high or (max_evals is not None and max_evals < 1):
-        raise ValueError(f"nothing to search: interval [{low}, {high}], max_evals={max_evals}")
+        raise ConfigError(f"nothing to search: interval [{low}, {high}], max_evals={max_evals}")
     scores: dict[int, float] = {}
 
     def budget_left() -> bool:

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from cm_lightning.errors import ConfigError
+
 
 def timestep_embedding(noise_labels: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding laid out as ADM's: all cosines first, then all sines."""
@@ -200,30 +202,30 @@ class ADMUNet(nn.Module):
         channel_mult = tuple(int(m) for m in channel_mult)
         attention_resolutions = tuple(int(r) for r in attention_resolutions)
         if not channel_mult:
-            raise ValueError("channel_mult is empty; give one multiplier per resolution level, e.g. (1, 2, 2)")
+            raise ConfigError("channel_mult is empty; give one multiplier per resolution level, e.g. (1, 2, 2)")
         factor = 2 ** (len(channel_mult) - 1)
         if image_size % factor:
-            raise ValueError(
+            raise ConfigError(
                 f"image_size={image_size} is not divisible by 2**(levels-1)={factor} for "
                 f"channel_mult={channel_mult}; choose an image size divisible by {factor} or fewer levels"
             )
         resolutions = [image_size // 2**level for level in range(len(channel_mult))]
         unused = [r for r in attention_resolutions if r not in resolutions]
         if unused:
-            raise ValueError(
+            raise ConfigError(
                 f"attention_resolutions={attention_resolutions} contains {unused}, which the net never reaches "
                 f"(its resolutions are {resolutions}); use only those values, or () for attention in the "
                 f"middle block only"
             )
         if double_norm and not use_scale_shift_norm:
-            raise ValueError("net.double_norm=true normalises the adaptive scale and shift; set "
+            raise ConfigError("net.double_norm=true normalises the adaptive scale and shift; set "
                              "net.use_scale_shift_norm=true too")
         if num_classes < 0:
-            raise ValueError(f"num_classes={num_classes} is negative; use 0 for an unconditional net")
+            raise ConfigError(f"num_classes={num_classes} is negative; use 0 for an unconditional net")
         if num_times not in (1, 2):
-            raise ValueError(f"num_times={num_times}; use 1 (one noise level) or 2 (MeanFlow's t and t - r)")
+            raise ConfigError(f"num_times={num_times}; use 1 (one noise level) or 2 (MeanFlow's t and t - r)")
         if null_class and not num_classes:
-            raise ValueError("null_class=true adds a 'no class' label to a class-conditional net; set num_classes")
+            raise ConfigError("null_class=true adds a 'no class' label to a class-conditional net; set num_classes")
 
         self.image_size = image_size
         self.in_channels = in_channels
@@ -238,13 +240,13 @@ class ADMUNet(nn.Module):
         def heads_for(ch: int) -> int:
             if num_head_channels == -1:
                 if ch % num_heads:
-                    raise ValueError(
+                    raise ConfigError(
                         f"num_heads={num_heads} does not divide the {ch} channels of an attention block; "
                         f"choose num_heads dividing every attended width or set num_head_channels"
                     )
                 return num_heads
             if ch % num_head_channels:
-                raise ValueError(
+                raise ConfigError(
                     f"num_head_channels={num_head_channels} does not divide the {ch} channels of an attention "
                     f"block; choose a divisor of model_channels*channel_mult or num_head_channels=-1 with num_heads"
                 )

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cm_lightning.errors import ConfigError
+
 SKIP_SCALE = math.sqrt(0.5)
 
 
@@ -164,20 +166,20 @@ class NCSNpp(nn.Module):
         attention_resolutions = tuple(int(r) for r in attention_resolutions)
         embeddings = {"fourier": FourierEmbedding, "positional": PositionalEmbedding}
         if embedding not in embeddings:
-            raise ValueError(f"embedding={embedding!r} is unknown; use 'fourier' (NCSN++) or 'positional' (DDPM++)")
+            raise ConfigError(f"embedding={embedding!r} is unknown; use 'fourier' (NCSN++) or 'positional' (DDPM++)")
         if encoder not in ("standard", "residual"):
-            raise ValueError(f"encoder={encoder!r} is unknown; use 'residual' (NCSN++) or 'standard' (DDPM++)")
+            raise ConfigError(f"encoder={encoder!r} is unknown; use 'residual' (NCSN++) or 'standard' (DDPM++)")
         if not channel_mult or image_size % 2 ** (len(channel_mult) - 1):
-            raise ValueError(f"image_size={image_size} must be divisible by 2**(len(channel_mult)-1) for "
+            raise ConfigError(f"image_size={image_size} must be divisible by 2**(len(channel_mult)-1) for "
                              f"channel_mult={channel_mult}; change one of them")
         resolutions = [image_size >> level for level in range(len(channel_mult))]
         if any(r not in resolutions for r in attention_resolutions):
-            raise ValueError(f"attention_resolutions={attention_resolutions} must be among the net's resolutions "
+            raise ConfigError(f"attention_resolutions={attention_resolutions} must be among the net's resolutions "
                              f"{resolutions}")
         if num_classes < 0:
-            raise ValueError(f"num_classes={num_classes} is negative; use 0 for an unconditional net")
+            raise ConfigError(f"num_classes={num_classes} is negative; use 0 for an unconditional net")
         if num_times not in (1, 2):
-            raise ValueError(f"num_times={num_times}; use 1 (one noise level) or 2 (MeanFlow's t and t - r)")
+            raise ConfigError(f"num_times={num_times}; use 1 (one noise level) or 2 (MeanFlow's t and t - r)")
         self.image_size, self.in_channels, self.num_classes = image_size, in_channels, num_classes
         self.num_times = num_times
         out_channels = in_channels if out_channels is None else out_channels
