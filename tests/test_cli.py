@@ -37,11 +37,19 @@ def test_ct_logs_its_curriculum(tmp_path):
 
 
 def test_resume_continues_from_the_checkpoint(edm_run, tmp_path):
-    ckpt = edm_run / "checkpoints/last.ckpt"
-    run_script("train.py", "experiment=digits_edm", *TINY, "trainer.max_steps=6", f"ckpt_path={ckpt}",
-               "logger=csv", f"hydra.run.dir={tmp_path}")
-    resumed = torch.load(tmp_path / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
-    assert resumed["global_step"] == 6
+    """Two more steps from step 4 of a run end with the weights of a run that trained six steps in one go; a run
+    that ignored ckpt_path would also reach step 6, from other weights."""
+    common = ["experiment=digits_edm", *TINY, "trainer.max_steps=6", "logger=csv"]
+    start = edm_run / "checkpoints/last.ckpt"
+    run_script("train.py", *common, f"ckpt_path={start}", f"hydra.run.dir={tmp_path / 'resumed'}")
+    run_script("train.py", *common, f"hydra.run.dir={tmp_path / 'straight'}")
+    resumed, straight, before = (torch.load(path, map_location="cpu", weights_only=True) for path in (
+        tmp_path / "resumed/checkpoints/last.ckpt", tmp_path / "straight/checkpoints/last.ckpt", start))
+    assert resumed["global_step"] == straight["global_step"] == 6
+    assert resumed["state_dict"].keys() == straight["state_dict"].keys()
+    for key, value in straight["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][key], value), key
+    assert not torch.equal(before["state_dict"]["net.out.2.weight"], straight["state_dict"]["net.out.2.weight"])
 
 
 def test_wandb_offline_and_tensorboard_loggers(tmp_path):

@@ -1,6 +1,7 @@
 """Exact resume: a run killed with SIGKILL, then stopped by SIGTERM, and restarted each time with the same
 output directory ends bit for bit where an uninterrupted run ends: weights, EMA, target network,
-optimiser, step and data position (epochs of 3 batches, so the kills fall mid-epoch, with flips)."""
+optimiser, step and data position. Lightning's epochs are 3 batches and a pass over the data 4, so the kills fall
+mid-epoch and the pass ends in the middle of an epoch; with flips."""
 
 import shutil
 import signal
@@ -13,7 +14,7 @@ from cm_lightning.data.epoch_sampler import EpochSampler
 from conftest import TINY
 from probes import run
 
-RUN = ["experiment=digits_ct", *TINY, "trainer.max_steps=7", "+trainer.limit_train_batches=3",
+RUN = ["experiment=digits_ct", *TINY, "data.batch_size=448", "trainer.max_steps=7", "+trainer.limit_train_batches=3",
        "callbacks.checkpoint.every_n_train_steps=2", "trainer.deterministic=true", "trainer.accelerator=cpu",
        "data.hflip=true"]
 
@@ -44,7 +45,7 @@ def test_sigkill_then_sigterm_resume_exactly(uninterrupted, tmp_path):
     # SIGKILL when step 5 is done but not saved: the restart redoes it from the step-4 checkpoint.
     killed = run("train.py", *out, "+callbacks.kill._target_=probes.KillAt", "+callbacks.kill.step=5", check=False)
     assert killed.returncode == -signal.SIGKILL
-    assert load(tmp_path)["global_step"] == 4 and load(tmp_path)["DigitsDataModule"] == {"epoch": 1, "samples": 16}
+    assert load(tmp_path)["global_step"] == 4 and load(tmp_path)["DigitsDataModule"] == {"epoch": 0, "samples": 4 * 448}
     # SIGTERM during step 6: that step is finished and written to last.ckpt, then the run exits cleanly.
     stopped = run("train.py", *out, "+callbacks.kill._target_=probes.KillAt", "+callbacks.kill.step=5",
                   "+callbacks.kill.signal_name=SIGTERM")
@@ -70,30 +71,31 @@ def test_truncated_last_checkpoint_falls_back_to_the_previous(uninterrupted, tmp
     assert_same_training_state(load(tmp_path), load(uninterrupted))
 
 
-def test_sampler_resumes_mid_epoch_and_starts_the_next_epoch_whole():
+def test_sampler_resumes_mid_pass_and_starts_the_next_pass_whole():
     full = EpochSampler(50, 5, seed=1, mirror=True)
     epoch0 = list(full)
     assert sorted(i % 50 for i in epoch0) == list(range(50)) and any(i >= 50 for i in epoch0)  # flips drawn
     resumed = EpochSampler(50, 5, seed=1, mirror=True)
-    resumed.skip(3)
+    resumed.resume(0, 3)
     assert list(resumed) == epoch0[15:]
-    resumed.skip(3)
-    resumed.set_epoch(1)  # an epoch that ended at the checkpoint: the next one is not cut short
+    # Lightning starts a new epoch on resuming a run that stopped at max_steps mid-pass: the pass goes on.
+    resumed.set_epoch(1)
+    assert resumed.epoch == 0 and list(resumed) == epoch0[15:]
+    resumed.consumed = full.consumed = 10  # read to its end: the next pass is another order, whole
+    resumed.set_epoch(2)
     full.set_epoch(1)
-    assert list(resumed) == list(full) != epoch0 and len(resumed) == 50
+    assert resumed.epoch == full.epoch == 1 and list(resumed) == list(full) != epoch0 and len(resumed) == 50
 
 
 def test_data_position_is_saved_in_samples_of_the_global_batch():
     dm = DigitsDataModule(batch_size=32, seed=5)
     dm.setup()
     dm.train_dataloader()
-    dm.sampler.set_epoch(2)
-    dm.sampler.consumed = 3
+    dm.sampler.resume(2, 3)
     state = dm.state_dict()
     assert state == {"epoch": 2, "samples": 96}
     again = DigitsDataModule(batch_size=32, seed=5)
     again.setup()
     again.load_state_dict(state)
     again.train_dataloader()
-    dm.sampler.skip(3)
     assert list(again.sampler) == list(dm.sampler) and again.sampler.epoch == 2

@@ -81,9 +81,7 @@ class ImageDataModule(L.LightningDataModule, abc.ABC):
         self.sampler = EpochSampler(len(self.dataset), self.per_device_batch(), self.seed, rank, world,
                                     mirror=self.hflip)
         if self._resume:
-            self.sampler.set_epoch(self._resume["epoch"])
-            done = self._resume["samples"] // (self.sampler.batch_size * world)
-            self.sampler.skip(min(done, self.sampler.batches_per_epoch))
+            self.sampler.resume(self._resume["epoch"], self._resume["samples"] // (self.sampler.batch_size * world))
             self._resume = None
         data = HFlip(self.dataset) if self.hflip else self.dataset
         return self._loader(data, sampler=self.sampler, drop_last=True)

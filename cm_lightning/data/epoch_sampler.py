@@ -6,7 +6,7 @@ Epoch ``e`` is a permutation of the dataset drawn from a generator seeded by (se
 ``i + n`` (see ``data.base.HFlip``). The permutation is cut into global batches of
 ``batch_size x world_size`` indices and rank r reads the r-th ``batch_size`` of each, so one process
 with the whole global batch sees exactly the samples that the ranks see together, in the same rows.
-``skip`` starts the next pass after the batches a resumed run has already trained on.
+``resume`` continues a pass after the batches a resumed run has already trained on.
 """
 
 import torch
@@ -25,16 +25,19 @@ class EpochSampler(DistributedSampler):
         self.rank, self.num_replicas = rank, world_size
         self.epoch = 0
         self.batches_per_epoch = num_samples // (batch_size * world_size)
-        self.consumed = 0  # batches of this rank trained on in the current epoch
-        self._skip = 0
+        self.consumed = 0  # batches of this rank trained on in the current pass
 
     def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:  # a new epoch starts at its first batch, whatever was skipped in the last one
-            self.epoch, self.consumed, self._skip = epoch, 0, 0
+        """Lightning calls this as each of its epochs starts; the data order keeps its own count of passes and
+        moves on only when the last one was read to its end. Lightning records a run that stopped at max_steps
+        mid-epoch as a finished epoch, so resuming it to train longer would otherwise skip the rest of the pass
+        (and a shortened Lightning epoch, limit_train_batches, would never see the rest of it)."""
+        if self.consumed >= self.batches_per_epoch:
+            self.epoch, self.consumed = self.epoch + 1, 0
 
-    def skip(self, batches: int) -> None:
-        """The next pass over epoch ``self.epoch`` starts after ``batches`` batches."""
-        self.consumed = self._skip = batches
+    def resume(self, epoch: int, batches: int) -> None:
+        """Continue pass ``epoch`` after its first ``batches`` batches."""
+        self.epoch, self.consumed = epoch, min(batches, self.batches_per_epoch)
 
     def epoch_order(self) -> torch.Tensor:
         g = seeding.generator("cpu", self.seed, self.epoch, 11)
@@ -46,8 +49,7 @@ class EpochSampler(DistributedSampler):
     def __iter__(self):
         order = self.epoch_order()
         b, world = self.batch_size, self.num_replicas
-        start, self._skip = self._skip, 0
-        for j in range(start, self.batches_per_epoch):
+        for j in range(self.consumed, self.batches_per_epoch):
             first = (j * world + self.rank) * b
             yield from order[first : first + b].tolist()
 
