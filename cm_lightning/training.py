@@ -6,7 +6,7 @@ import warnings
 from pathlib import Path
 
 import lightning as L
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -41,8 +41,9 @@ def needs_teacher(model: DictConfig) -> bool:
     """Whether a model config reads ``model.teacher_ckpt``: to start from the teacher's weights, or because its
     objective distils the teacher (CD's pair rule, sCD)."""
     objective = model.get("objective") or {}
-    pair = str((objective.get("pair") or {}).get("_target_", ""))
-    return bool(model.get("init_from_teacher") or objective.get("distill") or pair.endswith("CDTarget"))
+    pair = (objective.get("pair") or {}).get("_target_")
+    return bool(model.get("init_from_teacher") or objective.get("distill")
+                or (pair is not None and get_class(pair).requires_teacher))
 
 
 def wandb_run_id(run_dir) -> str:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from cm_lightning.errors import ConfigError
 
@@ -91,6 +91,7 @@ def fit_options(trainer) -> dict:
 
 def refused_target(target) -> bool:
     """True unless ``target`` names an allowed optimiser or a class of this package by its own path."""
+    target = MOVED.get(target, target)
     if target in OPTIMISERS:
         return False
     if not isinstance(target, str) or not target.startswith(PACKAGE):
@@ -123,7 +124,36 @@ def check_targets(node, where: str) -> None:
         check_targets(value, f"{where}.{key}")
 
 
+# Classes renamed since a checkpoint may have been written: its stored config names them by the old path.
+MOVED = {
+    "cm_lightning.diffusion.karras.FixedSchedule": "cm_lightning.diffusion.curricula.FixedCurriculum",
+    "cm_lightning.diffusion.karras.CMAdaptiveSchedule": "cm_lightning.diffusion.curricula.CMCurriculum",
+    "cm_lightning.diffusion.karras.ICTSchedule": "cm_lightning.diffusion.curricula.ICTCurriculum",
+    "cm_lightning.diffusion.karras.ECTSchedule": "cm_lightning.diffusion.curricula.ECTCurriculum",
+    "cm_lightning.diffusion.targets.CTTarget": "cm_lightning.diffusion.pair_rules.CTPairRule",
+    "cm_lightning.diffusion.targets.CDTarget": "cm_lightning.diffusion.pair_rules.CDPairRule",
+    "cm_lightning.diffusion.targets.ICTTarget": "cm_lightning.diffusion.pair_rules.ICTPairRule",
+    "cm_lightning.diffusion.targets.ECTTarget": "cm_lightning.diffusion.pair_rules.ECTPairRule",
+    "cm_lightning.speed.Speed": "cm_lightning.runtime.speed.Speed",
+}
+
+
+def current(node):
+    """A stored config (or ``_target_`` string) with renamed classes under their current paths."""
+    if isinstance(node, str):
+        return MOVED.get(node, node)
+    if isinstance(node, DictConfig | ListConfig):
+        node = OmegaConf.to_container(node)
+    if isinstance(node, dict):
+        return {k: (current(v) if k == "_target_" or not isinstance(v, str) else v) for k, v in node.items()}
+    if isinstance(node, list | tuple):
+        return [current(v) if not isinstance(v, str) else v for v in node]
+    return node
+
+
 def instantiate_trusted(node, where: str, **kwargs):
-    """``hydra.utils.instantiate(node)`` for a config read from a file, after ``check_targets``."""
+    """``hydra.utils.instantiate(node)`` for a config read from a file (renamed classes under their current
+    paths), after ``check_targets``."""
+    node = current(node)
     check_targets(node, where)
     return instantiate(node, **kwargs)

@@ -5,11 +5,11 @@ import functools
 import torch
 
 from cm_lightning.diffusion.distances import L2
-from cm_lightning.diffusion.karras import FixedSchedule
+from cm_lightning.diffusion.curricula import FixedCurriculum
 from cm_lightning.diffusion.objectives.consistency import DiscreteConsistency
 from cm_lightning.diffusion.objectives.denoising import Denoising
 from cm_lightning.diffusion.precond import consistency_function, edm_denoiser
-from cm_lightning.diffusion.targets import CTTarget
+from cm_lightning.diffusion.pair_rules import CTPairRule
 from cm_lightning.modules.generative import GenerativeModule
 from cm_lightning.nets.adm import ADMUNet
 
@@ -35,7 +35,7 @@ def consistency_module(net, pair, distance=None, **kwargs) -> GenerativeModule:
 
 def ct_module(net, mu: float = 0.9, ema_rates=(0.99,), num_scales: int = 10) -> GenerativeModule:
     return consistency_module(
-        net, CTTarget(FixedSchedule(num_scales, mu)),
+        net, CTPairRule(FixedCurriculum(num_scales, mu)),
         optimizer=functools.partial(torch.optim.SGD, lr=0.1), ema_rates=ema_rates)
 
 

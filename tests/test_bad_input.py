@@ -59,7 +59,7 @@ def test_unknown_experiment(tmp_path):
 
 
 @pytest.mark.parametrize("script", ["train.py", "evaluate.py"])
-def test_multistep_schedule_not_decreasing(script, cd_run, tmp_path):
+def test_multistep_plan_not_decreasing(script, cd_run, tmp_path):
     if script == "train.py":
         err = fails(script, *TINY, "callbacks.sample_grid.sigmas=[[1.0,2.0]]", "logger=none",
                     f"hydra.run.dir={tmp_path}")
@@ -75,7 +75,7 @@ def test_evaluate_missing_checkpoint(tmp_path):
 
 
 def test_unknown_mu_divisor(tmp_path):
-    err = fails("train.py", "experiment=digits_ct", "model.objective.pair.schedule.mu_divisor=authors", *TINY,
+    err = fails("train.py", "experiment=digits_ct", "model.objective.pair.curriculum.mu_divisor=authors", *TINY,
                 "logger=none", f"hydra.run.dir={tmp_path}")
     assert [line for line in err.splitlines() if "mu_divisor" in line] == [err.strip().splitlines()[-1]]
     assert "mu_divisor='authors'" in err and "'code'" in err
@@ -122,13 +122,13 @@ def test_a_file_that_is_not_a_checkpoint(script, key, content, tmp_path):
 
 @pytest.mark.parametrize("override,names", [
     ("num=0", "num=0"), ("num=-5", "num=-5"), ("batch_size=0", "batch_size=0"), ("steps=[0]", "steps=[0]"),
-    ("sigmas=[1000.0,0.0001]", "sigmas=[1000.0, 0.0001]"), ("trainer.devices=64", "trainer.devices=64"),
+    ("sigmas=[1000.0,0.0001]", "sigmas=[1000.0, 0.0001]"), ("task=fid trainer.devices=64", "trainer.devices=64"),
     ("device=cuda", "device=cuda"),
 ])
 def test_sampling_numbers(override, names, cd_run, tmp_path):
     if override == "device=cuda" and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    one_line("evaluate.py", f"ckpt={cd_run / 'checkpoints/last.ckpt'}", override, f"hydra.run.dir={tmp_path}",
+    one_line("evaluate.py", f"ckpt={cd_run / 'checkpoints/last.ckpt'}", *override.split(), f"hydra.run.dir={tmp_path}",
              names=names, watch=[cd_run])
 
 

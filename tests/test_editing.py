@@ -209,7 +209,7 @@ def test_colour_flag_and_channels_must_agree():
 def test_run_method_reads_the_stored_config(tmp_path):
     from cm_lightning.tasks.editing import run_method
 
-    def ckpt(target):
+    def ckpt(target):  # a checkpoint of the layout before objectives, curricula and pair rules
         return {"cm_lightning": {"config": {"model": {"target": target}, "trainer": {"max_steps": 100}}}}
 
     fixed = {"_target_": "cm_lightning.diffusion.karras.FixedSchedule", "num_scales": 40, "mu": 0.95}
@@ -219,3 +219,8 @@ def test_run_method_reads_the_stored_config(tmp_path):
     ct = {"_target_": "cm_lightning.diffusion.targets.CTTarget", "schedule": adaptive}
     assert run_method(ckpt(ct)) == ("ct", 151)
     assert run_method(ckpt({"_target_": "cm_lightning.diffusion.targets.ECTTarget", "schedule": ect})) == ("ct", 0)
+    # Since the curriculum got its name and the pair rules theirs:
+    fixed["_target_"] = "cm_lightning.diffusion.curricula.FixedCurriculum"
+    cd = {"_target_": "cm_lightning.diffusion.pair_rules.CDPairRule", "curriculum": fixed}
+    assert run_method({"cm_lightning": {"config": {"model": {"objective": {"pair": cd}}, "trainer": {"max_steps": 1}}}}) == (
+        "cd", 40)

@@ -35,7 +35,7 @@ def colour_ckpt(tmp_path_factory):
             *TINY,
             "trainer.max_steps=30",
             "trainer.val_check_interval=30",
-            "model.objective.pair.schedule.s1=150",
+            "model.objective.pair.curriculum.s1=150",
             "logger=none",
         ],
         out,
@@ -138,7 +138,7 @@ def test_trained_model_keeps_the_reference_exactly(colour_ckpt, precision):
     assert torch.equal(editing.denoise(f, y, sampler.param.t_min, sampler.param), y)
 
 
-def test_default_schedule_is_read_from_the_run(colour_ckpt, cd_run):
+def test_default_edit_levels_are_read_from_the_run(colour_ckpt, cd_run):
     assert run_method(read_checkpoint(colour_ckpt)) == ("ct", 151)  # the CM curriculum ends at N(K) = s1 + 1
     assert run_method(read_checkpoint(cd_run / "checkpoints/last.ckpt")) == ("cd", 18)
 

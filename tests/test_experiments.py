@@ -20,7 +20,7 @@ EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml
 IMAGENET_EMA = [0.999, 0.9999, 0.9999432189950708]
 LSUN_EMA = [0.9999, 0.99994, 0.9999432189950708]
 
-# (batch, lr, steps, schedule, EMA rates, net, classes): CM paper, Appendix C / the reference doc's table.
+# (batch, lr, steps, curriculum, EMA rates, net, classes): CM paper, Appendix C / the reference doc's table.
 PUBLISHED = {
     "cifar10_cd": (512, 4e-4, 800_000, dict(num_scales=18, mu=0.0), [0.9999], "ncsnpp_cifar10", 0),
     "cifar10_ct": (512, 4e-4, 800_000, dict(s0=2, s1=150, mu0=0.9), [0.9999], "ncsnpp_cifar10", 0),
@@ -38,10 +38,10 @@ def composed(*overrides: str):
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_published_settings(name):
-    batch, lr, steps, schedule, ema, net, classes = PUBLISHED[name]
+    batch, lr, steps, curriculum, ema, net, classes = PUBLISHED[name]
     cfg = composed(f"experiment={name}")
     assert cfg.data.batch_size == batch and cfg.model.optimizer.lr == lr and cfg.trainer.max_steps == steps
-    assert {k: cfg.model.objective.pair.schedule[k] for k in schedule} == schedule
+    assert {k: cfg.model.objective.pair.curriculum[k] for k in curriculum} == curriculum
     assert list(cfg.model.ema_rates) == ema and cfg.hydra.runtime.choices.net == net
     assert cfg.net.num_classes == classes and cfg.net.dropout == 0.0  # students train without dropout
     assert cfg.model.objective.distance._target_.endswith("LPIPS") and cfg.model.objective.pair.weighting == "uniform"

@@ -14,8 +14,9 @@ from hydra.utils import instantiate
 from torch.utils.data import DataLoader, TensorDataset
 
 from cm_lightning.diffusion.distances import L2
-from cm_lightning.diffusion.karras import ECTSchedule, ICTSchedule, karras_sigmas, lognormal_index_probs
-from cm_lightning.diffusion.targets import ECTTarget, ICTTarget, make_weighting
+from cm_lightning.diffusion.curricula import ECTCurriculum, ICTCurriculum
+from cm_lightning.diffusion.karras import karras_sigmas, lognormal_index_probs
+from cm_lightning.diffusion.pair_rules import ECTPairRule, ICTPairRule, make_weighting
 from cm_lightning.errors import ConfigError
 from conftest import ROOT, TINY, run_script
 from helpers import consistency_module, pair_outputs, randomise, tiny_net
@@ -39,14 +40,14 @@ def build_error(node) -> str:
 
 # --- iCT curriculum and noise sampling --------------------------------------------------------------
 def test_ict_curriculum_hand_computed():
-    sched = ICTSchedule(s0=10, s1=1280, total_steps=8000)
+    sched = ICTCurriculum(s0=10, s1=1280, total_steps=8000)
     # K' = floor(8000 / (log2 floor(1280 / 10) + 1)) = floor(8000 / 8) = 1000
     assert sched.steps_per_doubling == 1000
     assert [sched.num_scales(k) for k in (0, 999, 1000, 2000)] == [11, 11, 21, 41]
     assert sched.num_scales(7000) == sched.num_scales(8000) == sched.num_scales(10**9) == 1281  # capped at s1 + 1
     assert sched(1000) == (21, 0.0)  # no EMA target
     # s1 / s0 not a power of two: K' = floor(1000 / (log2 15 + 1)) = floor(203.79) = 203
-    odd = ICTSchedule(s0=10, s1=150, total_steps=1000)
+    odd = ICTCurriculum(s0=10, s1=150, total_steps=1000)
     assert odd.steps_per_doubling == 203
     assert [odd.num_scales(k) for k in (202, 203, 609, 812)] == [11, 21, 81, 151]
 
@@ -63,7 +64,7 @@ def test_lognormal_index_probs_match_the_erf_formula():
 
 
 def test_ict_target_draws_indices_with_those_probabilities():
-    target = ICTTarget(ICTSchedule(s0=10, s1=10, total_steps=1))
+    target = ICTPairRule(ICTCurriculum(s0=10, s1=10, total_steps=1))
     t, r = target.sample_levels(0, 40_000, torch.Generator().manual_seed(0))
     sigmas = karras_sigmas(11)
     n = torch.searchsorted(sigmas, r)
@@ -73,7 +74,7 @@ def test_ict_target_draws_indices_with_those_probabilities():
     # Its weighting is 1 / (sigma_{n+1} - sigma_n).
     torch.testing.assert_close(target.weight(t, r), 1 / (sigmas[n + 1] - sigmas[n]))
     assert target.uses_online_target  # mu = 0: no EMA target; a non-zero mu ablates that
-    assert not ICTTarget(ICTSchedule(mu=0.9)).uses_online_target
+    assert not ICTPairRule(ICTCurriculum(mu=0.9)).uses_online_target
 
 
 def test_weightings_hand_computed():
@@ -96,7 +97,7 @@ def test_ict_pseudo_huber_is_per_image_with_the_published_c():
 
 # --- ECT ----------------------------------------------------------------------------------------------
 def test_ect_r_of_t_hand_computed():
-    sched = ECTSchedule(q=2, k=8, b=1, double_every=100)
+    sched = ECTCurriculum(q=2, k=8, b=1, double_every=100)
     t = torch.tensor([0.0, 0.01, 1.0, 20.0], dtype=torch.float64)
     # n(t) = 1 + 8 sigmoid(-t); r = max(0, t (1 - n(t) / 2^(s+1)))
     # t = 0.01: n = 4.98, so 1 - n/2 and 1 - n/4 are negative: r = 0 at stages 0 and 1.
@@ -108,7 +109,7 @@ def test_ect_r_of_t_hand_computed():
 
 
 def test_ect_levels_stay_on_the_consistency_function_domain():
-    target = ECTTarget(ECTSchedule(double_every=10))
+    target = ECTPairRule(ECTCurriculum(double_every=10))
     assert target.state(25) == {"stage": 2, "mu": 0.0}
     t, r = target.sample_levels(25, 20_000, torch.Generator().manual_seed(0))
     assert t.min() >= 0.002 and t.max() <= 80.0
@@ -119,7 +120,7 @@ def test_ect_levels_stay_on_the_consistency_function_domain():
 
 
 def ect_module(net):
-    return consistency_module(net, ECTTarget(ECTSchedule(double_every=1)), L2(),
+    return consistency_module(net, ECTPairRule(ECTCurriculum(double_every=1)), L2(),
                              optimizer=functools.partial(torch.optim.Adam, lr=1e-3), ema_rates=(0.9,))
 
 
@@ -172,7 +173,7 @@ def test_ect_with_another_architecture(edm_run):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("model.objective.pair.schedule.s0=2000", "s0=2000, s1=80"),
+    ("model.objective.pair.curriculum.s0=2000", "s0=2000, s1=80"),
     ("model.objective.pair.p_std=0", "p_std=0"),
     ("model.objective.pair.p_std=-1.5", "p_std=-1.5"),
     ("model.objective.distance.c_scale=0", "c_scale=0"),
@@ -185,11 +186,11 @@ def test_ict_bad_values_name_themselves(override, message):
 
 def test_ect_bad_values_name_themselves():
     with pytest.raises(ConfigError, match="p_std=0"):
-        ECTTarget(ECTSchedule(), p_std=0)
+        ECTPairRule(ECTCurriculum(), p_std=0)
     with pytest.raises(ConfigError, match="q=1"):
-        ECTSchedule(q=1)
+        ECTCurriculum(q=1)
     with pytest.raises(ConfigError, match="double_every=0"):
-        ECTSchedule(double_every=0)
+        ECTCurriculum(double_every=0)
 
 
 # --- resume and the published experiments ------------------------------------------------------------------
@@ -201,7 +202,7 @@ def logged_num_scales(run: Path) -> list[float]:
 def test_ict_curriculum_survives_resume(tmp_path):
     # s0 = 10, s1 = 80, K = 8: K' = floor(8 / (log2 8 + 1)) = 2, so N = 11, 11, 21, 21, 41, 41, 81, 81.
     first, resumed = tmp_path / "first", tmp_path / "resumed"
-    common = ["experiment=digits_ict", *TINY, "model.objective.pair.schedule.s1=80", "model.objective.pair.schedule.total_steps=8",
+    common = ["experiment=digits_ict", *TINY, "model.objective.pair.curriculum.s1=80", "model.objective.pair.curriculum.total_steps=8",
               "logger=csv"]
     run_script("train.py", *common, "trainer.max_steps=4", f"hydra.run.dir={first}")
     run_script("train.py", *common, "trainer.max_steps=8", f"ckpt_path={first / 'checkpoints/last.ckpt'}",
@@ -217,8 +218,8 @@ def test_cifar10_experiments_compose_with_the_published_settings():
     ict = compose_cfg("experiment=cifar10_ict")
     assert ict.data.batch_size == 1024 and ict.net.dropout == 0.3 and ict.model.optimizer.lr == 1e-4
     target = instantiate(ict.model.objective.pair)
-    assert isinstance(target, ICTTarget) and target.uses_online_target
-    assert target.schedule.total_steps == 400_000 and target.state(0) == {"num_scales": 11, "mu": 0.0}
+    assert isinstance(target, ICTPairRule) and target.uses_online_target
+    assert target.curriculum.total_steps == 400_000 and target.state(0) == {"num_scales": 11, "mu": 0.0}
     assert target.state(400_000)["num_scales"] == 1281
     assert instantiate(ict.model.objective.distance).c(torch.zeros(1, 3, 32, 32)) == pytest.approx(0.00054 * math.sqrt(3072))
 
@@ -226,6 +227,6 @@ def test_cifar10_experiments_compose_with_the_published_settings():
     assert ect.data.batch_size == 128 and ect.net.dropout == 0.2 and ect.model.init_from_teacher
     assert list(ect.callbacks.sample_grid.sigmas) == [[80.0, 0.821]]
     target = instantiate(ect.model.objective.pair)
-    assert isinstance(target, ECTTarget) and target.state(199_999) == {"stage": 7, "mu": 0.0}
+    assert isinstance(target, ECTPairRule) and target.state(199_999) == {"stage": 7, "mu": 0.0}
     net = instantiate(ict.net)
     assert net.image_size == 32 and type(net).__name__ == "NCSNpp" and ict.net.embedding_scale == 0.02  # as the paper

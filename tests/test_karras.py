@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from cm_lightning.diffusion.karras import CMAdaptiveSchedule, FixedSchedule, karras_sigmas
+from cm_lightning.diffusion.curricula import CMCurriculum, FixedCurriculum
+from cm_lightning.diffusion.karras import karras_sigmas
 from cm_lightning.errors import ConfigError
 
 
@@ -30,8 +31,8 @@ def test_karras_needs_two_points():
         karras_sigmas(1)
 
 
-def test_cm_adaptive_schedule_hand_computed():
-    sched = CMAdaptiveSchedule(s0=2, s1=150, mu0=0.9, total_steps=1000)
+def test_cm_curriculum_hand_computed():
+    sched = CMCurriculum(s0=2, s1=150, mu0=0.9, total_steps=1000)
     # k = 0: ceil(sqrt(4) - 1) + 1 = 2, mu = exp(2 ln 0.9 / 2) = 0.9
     assert sched(0) == (2, pytest.approx(0.9))
     # k = K/2: sqrt(0.5 * (151^2 - 4) + 4) = sqrt(11402.5) = 106.78 -> ceil(105.78) + 1 = 107
@@ -43,16 +44,16 @@ def test_cm_adaptive_schedule_hand_computed():
     assert sched(5000)[0] == 151  # past K the curriculum stays at its end
 
 
-def test_fixed_schedule_and_validation():
-    assert FixedSchedule(18, 0.95)(12345) == (18, 0.95)
+def test_fixed_curriculum_and_validation():
+    assert FixedCurriculum(18, 0.95)(12345) == (18, 0.95)
     with pytest.raises(ValueError, match="mu=1.0"):
-        FixedSchedule(18, 1.0)
+        FixedCurriculum(18, 1.0)
     with pytest.raises(ValueError, match="s0=5, s1=2"):
-        CMAdaptiveSchedule(s0=5, s1=2)
+        CMCurriculum(s0=5, s1=2)
 
 
-def _published_ct_schedule(experiment: str) -> CMAdaptiveSchedule:
-    """The experiment's CT schedule as composed (searched for, so it is found wherever the model nests it)."""
+def _published_ct_curriculum(experiment: str) -> CMCurriculum:
+    """The experiment's CT curriculum as composed (searched for, so it is found wherever the model nests it)."""
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
     from omegaconf import DictConfig, OmegaConf
@@ -61,7 +62,7 @@ def _published_ct_schedule(experiment: str) -> CMAdaptiveSchedule:
 
     def find(node):
         if isinstance(node, DictConfig):
-            if str(node.get("_target_", "")).endswith("CMAdaptiveSchedule"):
+            if str(node.get("_target_", "")).endswith("CMCurriculum"):
                 return node
             return next((hit for hit in map(find, node.values()) if hit is not None), None)
         return None
@@ -76,7 +77,7 @@ def _published_ct_schedule(experiment: str) -> CMAdaptiveSchedule:
 ])
 def test_published_ct_mu_follows_the_authors_code(experiment, expected):
     # The authors' create_ema_and_scales_fn: exp(s0 ln mu0 / (N(k) - 1)), values at k = 0, 1, 1000.
-    sched = _published_ct_schedule(experiment)
+    sched = _published_ct_curriculum(experiment)
     assert sched.mu_divisor == "code"
     for k, mu in zip((0, 1, 1000), expected):
         if mu is not None:
@@ -84,9 +85,9 @@ def test_published_ct_mu_follows_the_authors_code(experiment, expected):
 
 
 def test_mu_divisor_paper_is_the_default_and_names_are_checked():
-    assert _published_ct_schedule("digits_ct").mu_divisor == "paper"
-    assert CMAdaptiveSchedule(mu0=0.9, total_steps=800_000)(0)[1] == pytest.approx(0.9)
+    assert _published_ct_curriculum("digits_ct").mu_divisor == "paper"
+    assert CMCurriculum(mu0=0.9, total_steps=800_000)(0)[1] == pytest.approx(0.9)
     with pytest.raises(ConfigError, match="mu_divisor='authors'.*'paper'.*'code'"):
-        CMAdaptiveSchedule(mu_divisor="authors")
+        CMCurriculum(mu_divisor="authors")
     with pytest.raises(ConfigError, match="s0=1 with mu_divisor=code"):
-        CMAdaptiveSchedule(s0=1, mu_divisor="code")
+        CMCurriculum(s0=1, mu_divisor="code")

@@ -231,10 +231,10 @@ def test_default_run_logs_fid_and_is_to_csv_and_wandb(ct_run):
         for key in ("metrics/fid_1step", "metrics/fid_2step", "metrics/is_1step", "metrics/is_2step"):
             assert float(r[key]) > 0, key
     hparams = (ct_run / "csv/hparams.yaml").read_text()  # the resolved run config
-    assert "run_name: digits_ct" in hparams and "CTTarget" in hparams
+    assert "run_name: digits_ct" in hparams and "CTPairRule" in hparams
     (run,) = (ct_run / "wandb").glob("offline-run-*")
     record = next(run.glob("run-*.wandb")).read_bytes()
-    for needle in (b"metrics/fid_1step", b"metrics/is_2step", b"CTTarget", b"last.ckpt"):
+    for needle in (b"metrics/fid_1step", b"metrics/is_2step", b"CTPairRule", b"last.ckpt"):
         assert needle in record, needle  # metrics, the resolved config, the checkpoint artifact
     tables = [json.loads(p.read_text()) for p in (run / "files/media/table/metrics").glob("fid_vs_nfe_*.json")]
     table = max(tables, key=lambda t: len(t["data"]))  # the table grows with every measurement

@@ -26,7 +26,7 @@ def test_default_multistep_levels():
     assert two[0] == pytest.approx(80.0) and 0.002 < two[1] < 80.0
 
 
-def test_schedules_must_strictly_decrease():
+def test_sampling_plans_must_strictly_decrease():
     for bad in ([1.0, 2.0], [2.0, 2.0], [], [1.0, 0.0]):
         with pytest.raises(ValueError, match="strictly decreasing"):
             check_decreasing(bad)

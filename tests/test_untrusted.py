@@ -87,13 +87,13 @@ def gadgets(marker: Path) -> dict:
 
 
 def with_gadget(real: Path, dest: Path, where: str, gadget: dict) -> Path:
-    """Our own checkpoint with the gadget put into its stored config at ``where`` (net, data or schedule)."""
+    """Our own checkpoint with the gadget put into its stored config at ``where`` (net, data or curriculum)."""
     ckpt = torch.load(real, map_location="cpu", weights_only=True)
     config = copy.deepcopy(ckpt["cm_lightning"]["config"])
     parent = {
         "net": lambda: config["model"],
         "data": lambda: config,
-        "schedule": lambda: config["model"]["objective"]["pair"],
+        "curriculum": lambda: config["model"]["objective"]["pair"],
     }
     parent[where]()[where] = gadget
     ckpt["cm_lightning"]["config"] = config
@@ -145,7 +145,8 @@ def test_targets_outside_the_allow_list_are_refused(target):
     [
         "cm_lightning.nets.adm.ADMUNet",
         "cm_lightning.data.digits.DigitsDataModule",
-        "cm_lightning.diffusion.karras.ECTSchedule",
+        "cm_lightning.diffusion.curricula.ECTCurriculum",
+        "cm_lightning.diffusion.karras.ECTSchedule",  # renamed since: stored configs still name it
         "torch.optim.RAdam",
         "torch.optim.Adam",
         "torch.optim.AdamW",
@@ -273,15 +274,15 @@ def test_fid_refuses_a_gadget_in_the_stored_data(cd_run, tmp_path, marker):
     )
 
 
-def test_editing_refuses_a_gadget_in_the_stored_schedule(cd_run, tmp_path, marker):
+def test_editing_refuses_a_gadget_in_the_stored_curriculum(cd_run, tmp_path, marker):
     from cm_lightning.loading import read_checkpoint
     from cm_lightning.tasks.editing import run_method
 
     evil = with_gadget(
-        cd_run / "checkpoints/last.ckpt", tmp_path / "evil.ckpt", "schedule", gadgets(marker)["os.system"]
+        cd_run / "checkpoints/last.ckpt", tmp_path / "evil.ckpt", "curriculum", gadgets(marker)["os.system"]
     )
     refuses(
-        lambda: run_method(read_checkpoint(evil)), "the checkpoint's model.objective.pair.schedule._target_=os.system"
+        lambda: run_method(read_checkpoint(evil)), "the checkpoint's model.objective.pair.curriculum._target_=os.system"
     )
 
 

@@ -1,5 +1,5 @@
 """The authors' ternary search for the best two-step midpoint (how the CM paper picks its published
-``ts`` such as (0, 22, 39); their ``scripts/ternary_search.py``): FID of the schedule (begin, p, end)
+``ts`` such as (0, 22, 39); their ``scripts/ternary_search.py``): FID of the sampling plan (begin, p, end)
 is taken as unimodal in the grid index p, and the bracket shrinks by a third per round. Every
 candidate is scored once, with the same seed, so that candidates differ only by their midpoint.
 """

@@ -26,7 +26,7 @@ from cm_lightning.loading import META_KEY, is_plain, read_checkpoint
 from cm_lightning.sampler import Sampler
 from cm_lightning.tasks.common import load_sampler, pick_device, speed_up
 from cm_lightning.tasks.editing_inputs import build_masks, read_images, to_tensor
-from cm_lightning.untrusted import instantiate_trusted
+from cm_lightning.untrusted import current, instantiate_trusted
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +69,15 @@ def run_method(ckpt: dict) -> tuple[str, int] | None:
     config = ckpt[META_KEY]["config"]
     model = config["model"]
     key = "target" if "target" in model else "objective.pair"  # the layout before and since objectives
-    target = model["target"] if "target" in model else (model.get("objective") or {}).get("pair")
-    if target is None:
+    pair = model["target"] if "target" in model else (model.get("objective") or {}).get("pair")
+    if pair is None:
         return None
-    schedule = None
-    if "schedule" in target:
-        schedule = instantiate_trusted(target["schedule"], f"the checkpoint's model.{key}.schedule")
-    final = schedule(config["trainer"]["max_steps"]) if callable(schedule) else None
-    method = "cd" if target["_target_"].endswith("CDTarget") else "ct"
+    stored = "curriculum" if "curriculum" in pair else "schedule"  # its name before the curriculum was one
+    curriculum = None
+    if stored in pair:
+        curriculum = instantiate_trusted(pair[stored], f"the checkpoint's model.{key}.{stored}")
+    final = curriculum(config["trainer"]["max_steps"]) if callable(curriculum) else None
+    method = "cd" if current(pair["_target_"]).endswith(".CDPairRule") else "ct"
     return method, (int(final[0]) if isinstance(final, tuple) else 0)
 
 

@@ -2,7 +2,7 @@
 
     loss = lambda(t, r) * d( f_theta(x0 + t z, t),  sg f_target(x_r, r) ),   target x0 where r = 0
 
-The pair rule (``diffusion/targets.py``) is all in which the four methods differ: how (t, r) are drawn, how
+The pair rule (``diffusion/pair_rules.py``) is all in which the four methods differ: how (t, r) are drawn, how
 x_r is built (a teacher's ODE step for CD, x0 + r z otherwise) and how the pair is weighted.
 """
 

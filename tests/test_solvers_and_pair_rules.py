@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
-from cm_lightning.diffusion.karras import FixedSchedule
+from cm_lightning.diffusion.curricula import FixedCurriculum
 from cm_lightning.diffusion.solvers import euler_step, heun_step
-from cm_lightning.diffusion.targets import CDTarget, CTTarget, inverse_gap_weight
+from cm_lightning.diffusion.pair_rules import CDPairRule, CTPairRule, inverse_gap_weight
 
 S2 = 0.7**2  # variance of Gaussian data: D(x, sigma) = s^2 / (s^2 + sigma^2) x exactly
 
@@ -38,7 +38,7 @@ def test_heun_is_second_order_on_the_exact_flow():
 
 
 def test_cd_target_is_a_teacher_heun_step():
-    target = CDTarget(FixedSchedule(18, 0.95), solver="heun")
+    target = CDPairRule(FixedCurriculum(18, 0.95), solver="heun")
     target.teacher = gaussian_denoiser
     x0, z = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
     t, r = torch.tensor([3.0, 0.8]), torch.tensor([2.0, 0.5])
@@ -47,14 +47,14 @@ def test_cd_target_is_a_teacher_heun_step():
 
 
 def test_ct_target_uses_the_same_noise():
-    target = CTTarget(FixedSchedule(18, 0.95))
+    target = CTPairRule(FixedCurriculum(18, 0.95))
     x0, z = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
     r = torch.tensor([0.1, 2.0])
     torch.testing.assert_close(target.target_input(x0, z, None, r, None), x0 + r.view(-1, 1, 1, 1) * z)
 
 
 def test_levels_are_adjacent_grid_points():
-    target = CTTarget(FixedSchedule(10, 0.9))
+    target = CTPairRule(FixedCurriculum(10, 0.9))
     g = torch.Generator().manual_seed(0)
     t, r = target.sample_levels(0, 1000, g)
     from cm_lightning.diffusion.karras import karras_sigmas
@@ -71,6 +71,6 @@ def test_inverse_gap_weight():
 
 def test_unknown_weighting_and_solver():
     with pytest.raises(ValueError, match="'bogus'"):
-        CTTarget(FixedSchedule(10), weighting="bogus")
+        CTPairRule(FixedCurriculum(10), weighting="bogus")
     with pytest.raises(ValueError, match="'rk4'"):
-        CDTarget(FixedSchedule(10), solver="rk4")
+        CDPairRule(FixedCurriculum(10), solver="rk4")

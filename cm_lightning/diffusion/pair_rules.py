@@ -1,8 +1,9 @@
-"""Target builders: the only thing in which CD, CT, iCT and ECT differ.
+"""Pair rules: the only thing in which CD, CT, iCT and ECT differ.
 
-A builder draws the pair of noise levels (t, r) for each sample (t = sigma_{n+1}, r = sigma_n on a
-discrete grid), builds the target network's input x_r from the clean image x0 and the shared noise
-z, and says how the pair is weighted. The training step (``modules/consistency.py``) does the rest:
+A pair rule draws the pair of noise levels (t, r) for each sample (t = sigma_{n+1}, r = sigma_n on a
+discrete grid, from its curriculum, ``curricula.py``), builds the target network's input x_r from the clean
+image x0 and the shared noise z, and says how the pair is weighted. The discrete consistency objective
+(``objectives/consistency.py``) does the rest:
 
     loss = lambda(t, r) * d( f_theta(x0 + t z, t),  sg f_target(x_r, r) ),   target x0 where r = 0
 """
@@ -50,27 +51,27 @@ def _check_p_std(p_std: float) -> None:
         raise ConfigError(f"model.objective.pair.p_std={p_std}: the lognormal needs a positive P_std (published: 2.0)")
 
 
-class DiscreteTarget(nn.Module):
-    """Shared by CD, CT and iCT: a pair index n on the Karras grid of the schedule's current N(k),
+class DiscretePairRule(nn.Module):
+    """Shared by CD, CT and iCT: a pair index n on the Karras grid of the curriculum's current N(k),
     n ~ U{1, ..., N-1} unless a subclass draws it otherwise.
 
-    Subclasses define ``target_input(x0, z, t, r, labels)``. A builder that sets ``requires_teacher``
+    Subclasses define ``target_input(x0, z, t, r, labels)``. A rule that sets ``requires_teacher``
     gets the frozen teacher (from ``model.teacher_ckpt``) as ``self.teacher`` before training.
     """
 
     uses_online_target = False
     requires_teacher = False
 
-    def __init__(self, schedule, sigma_min=0.002, sigma_max=80.0, rho=7.0, weighting: str = "uniform",
+    def __init__(self, curriculum, sigma_min=0.002, sigma_max=80.0, rho=7.0, weighting: str = "uniform",
                  sigma_data: float = 0.5):
         super().__init__()
-        self.schedule = schedule
+        self.curriculum = curriculum
         self.grid = dict(sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
         self.weight = make_weighting(weighting, sigma_data)
 
     def state(self, step: int) -> dict:
         """What the curriculum is at ``step``: the same on every rank, since it depends on the step alone."""
-        num_scales, mu = self.schedule(step)
+        num_scales, mu = self.curriculum(step)
         return {"num_scales": num_scales, "mu": mu}
 
     def sample_indices(self, sigmas: torch.Tensor, num: int, generator: torch.Generator) -> torch.Tensor:
@@ -85,20 +86,20 @@ class DiscreteTarget(nn.Module):
         return sigmas[n + 1], sigmas[n]
 
 
-class CTTarget(DiscreteTarget):
+class CTPairRule(DiscretePairRule):
     """Consistency training: x_r = x0 + r z with the same z as the student's input (the Euler step with D = x0)."""
 
     def target_input(self, x0, z, t, r, labels):
         return x0 + _bcast(r, x0) * z
 
 
-class CDTarget(DiscreteTarget):
+class CDPairRule(DiscretePairRule):
     """Consistency distillation: x_r is one step of the frozen teacher's probability-flow ODE from t to r."""
 
     requires_teacher = True
 
-    def __init__(self, schedule, solver: str = "heun", **grid):
-        super().__init__(schedule, **grid)
+    def __init__(self, curriculum, solver: str = "heun", **grid):
+        super().__init__(curriculum, **grid)
         self.teacher = None
         self.solve = get_solver(solver)
 
@@ -108,21 +109,21 @@ class CDTarget(DiscreteTarget):
             return self.solve(lambda x, s: self.teacher(x, s, labels), x_t, t, r)
 
 
-class ICTTarget(CTTarget):
+class ICTPairRule(CTPairRule):
     """Improved consistency training (Song & Dhariwal 2024): CT's target with the pair index drawn from the
     discrete lognormal (``index_sampling="lognormal"``, P_mean, P_std) over the current grid, and the
     weighting, distance, curriculum and EMA target each chosen in the config so that each can be ablated.
-    The target is the online network under stop-gradient when the schedule's mu is 0 (iCT's choice).
+    The target is the online network under stop-gradient when the curriculum's mu is 0 (iCT's choice).
     """
 
-    def __init__(self, schedule, p_mean: float = -1.1, p_std: float = 2.0, index_sampling: str = "lognormal",
+    def __init__(self, curriculum, p_mean: float = -1.1, p_std: float = 2.0, index_sampling: str = "lognormal",
                  weighting: str = "inverse_gap", **grid):
-        super().__init__(schedule, weighting=weighting, **grid)
+        super().__init__(curriculum, weighting=weighting, **grid)
         if index_sampling not in ("lognormal", "uniform"):
             raise ConfigError(f"model.objective.pair.index_sampling={index_sampling!r}; use 'lognormal' (iCT) or 'uniform'")
         _check_p_std(p_std)
         self.p_mean, self.p_std, self.index_sampling = p_mean, p_std, index_sampling
-        self.uses_online_target = getattr(schedule, "mu", None) == 0
+        self.uses_online_target = getattr(curriculum, "mu", None) == 0
 
     def sample_indices(self, sigmas, num, generator):
         if self.index_sampling == "uniform":
@@ -131,9 +132,9 @@ class ICTTarget(CTTarget):
         return torch.multinomial(probs, num, replacement=True, generator=generator)
 
 
-class ECTTarget(nn.Module):
+class ECTPairRule(nn.Module):
     """Easy consistency tuning (Geng et al. 2025): continuous t = exp(P_mean + P_std n), n ~ N(0, 1), and
-    r = r(t, stage) from ``ECTSchedule``; x_r = x0 + r z with the student's z, the online network as target.
+    r = r(t, stage) from ``ECTCurriculum``; x_r = x0 + r z with the student's z, the online network as target.
 
     t is clamped to [sigma_min, sigma_max], where the consistency function is defined (about 0.8 % of draws
     with the published P lie outside); r < sigma_min becomes 0, whose target is x0 itself (the module
@@ -143,21 +144,21 @@ class ECTTarget(nn.Module):
     uses_online_target = True
     requires_teacher = False
 
-    def __init__(self, schedule, p_mean: float = -1.1, p_std: float = 2.0, weighting: str = "inverse_gap",
+    def __init__(self, curriculum, p_mean: float = -1.1, p_std: float = 2.0, weighting: str = "inverse_gap",
                  sigma_min: float = 0.002, sigma_max: float = 80.0, sigma_data: float = 0.5):
         super().__init__()
         _check_p_std(p_std)
-        self.schedule, self.p_mean, self.p_std = schedule, p_mean, p_std
+        self.curriculum, self.p_mean, self.p_std = curriculum, p_mean, p_std
         self.sigma_min, self.sigma_max = sigma_min, sigma_max
         self.weight = make_weighting(weighting, sigma_data)
 
     def state(self, step: int) -> dict:
-        return {"stage": self.schedule.stage(step), "mu": 0.0}
+        return {"stage": self.curriculum.stage(step), "mu": 0.0}
 
     def sample_levels(self, step: int, num: int, generator: torch.Generator):
         n = torch.randn(num, generator=generator, device=generator.device)
         t = torch.exp(self.p_mean + self.p_std * n).clamp(self.sigma_min, self.sigma_max)
-        r = self.schedule.r_of_t(t, self.schedule.stage(step))
+        r = self.curriculum.r_of_t(t, self.curriculum.stage(step))
         return t, torch.where(r < self.sigma_min, torch.zeros_like(r), r)
 
     def target_input(self, x0, z, t, r, labels):
