@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torchvision.models.vgg import cfgs, make_layers
 from torch import nn
+from torchvision.models.vgg import cfgs, make_layers
 
 from cm_lightning.errors import ConfigError
 

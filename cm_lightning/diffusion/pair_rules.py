@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from cm_lightning.diffusion.karras import karras_sigmas, lognormal_index_probs
+from cm_lightning.diffusion.shapes import per_sample
 from cm_lightning.diffusion.solvers import get_solver
 from cm_lightning.errors import ConfigError
 
@@ -40,10 +41,6 @@ def make_weighting(name: str, sigma_data: float = 0.5):
     if name not in WEIGHTINGS:
         raise ConfigError(f"model.objective.pair.weighting={name!r} is unknown; choose one of {sorted(WEIGHTINGS)}")
     return functools.partial(WEIGHTINGS[name], sigma_data=sigma_data)
-
-
-def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return v.view(-1, *([1] * (x.ndim - 1)))
 
 
 def _check_p_std(p_std: float) -> None:
@@ -90,7 +87,7 @@ class CTPairRule(DiscretePairRule):
     """Consistency training: x_r = x0 + r z with the same z as the student's input (the Euler step with D = x0)."""
 
     def target_input(self, x0, z, t, r, labels):
-        return x0 + _bcast(r, x0) * z
+        return x0 + per_sample(r, x0) * z
 
 
 class CDPairRule(DiscretePairRule):
@@ -104,7 +101,7 @@ class CDPairRule(DiscretePairRule):
         self.solve = get_solver(solver)
 
     def target_input(self, x0, z, t, r, labels):
-        x_t = x0 + _bcast(t, x0) * z
+        x_t = x0 + per_sample(t, x0) * z
         with torch.no_grad():
             return self.solve(lambda x, s: self.teacher(x, s, labels), x_t, t, r)
 
@@ -162,4 +159,4 @@ class ECTPairRule(nn.Module):
         return t, torch.where(r < self.sigma_min, torch.zeros_like(r), r)
 
     def target_input(self, x0, z, t, r, labels):
-        return x0 + _bcast(r, x0) * z
+        return x0 + per_sample(r, x0) * z

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from cm_lightning.diffusion.karras import karras_sigmas
+from cm_lightning.diffusion.shapes import per_sample
 from cm_lightning.errors import ConfigError
 
 
@@ -38,13 +39,6 @@ def scalings(sigma: torch.Tensor, sigma_data: float, eps: float):
     c_out = (sigma - eps) * sigma_data / torch.sqrt(sigma**2 + sigma_data**2)
     c_in = 1 / torch.sqrt(sigma**2 + sigma_data**2)
     return c_skip, c_out, c_in
-
-
-def _bcast(v, x: torch.Tensor) -> torch.Tensor:
-    """A per-sample level (B,) or a float, shaped to broadcast against images (B, C, H, W)."""
-    if not torch.is_tensor(v):
-        return float(v)
-    return v.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
 
 
 def _working(x: torch.Tensor) -> torch.Tensor:
@@ -97,11 +91,11 @@ class Precond:
         return dict(sigma_min=self.sigma_min, sigma_max=self.sigma_max, rho=self.rho)
 
     def add_noise(self, x0, z, t):
-        return x0 + _bcast(t, x0) * z
+        return x0 + per_sample(t, x0) * z
 
     def renoise(self, x, t, z):
         """CM Algorithm 1: x + sqrt(t^2 - eps^2) z."""
-        t = _bcast(t, x)
+        t = per_sample(t, x)
         return x + (t**2 - self.sigma_min**2) ** 0.5 * z
 
     def levels(self, steps: int) -> list[float]:
@@ -177,7 +171,7 @@ class TrigFlow:
     def __call__(self, net: nn.Module, x: torch.Tensor, t: torch.Tensor, labels=None) -> torch.Tensor:
         F = self.F(net, x, t, labels)
         x = _working(x)
-        t = _bcast(t.flatten(), x)
+        t = per_sample(t.flatten(), x)
         return torch.cos(t) * x - torch.sin(t) * self.sigma_data * F
 
     @property
@@ -193,7 +187,7 @@ class TrigFlow:
         return dict(sigma_min=self.sigma_min, sigma_max=self.sigma_max, rho=self.rho)
 
     def add_noise(self, x0, z, t):
-        t = torch.as_tensor(_bcast(t, x0), device=x0.device)
+        t = torch.as_tensor(per_sample(t, x0), device=x0.device)
         return torch.cos(t) * x0 + torch.sin(t) * self.sigma_data * z
 
     def renoise(self, x, t, z):
@@ -211,7 +205,7 @@ class TrigFlow:
         return math.atan(float(sigma) / self.sigma_data)
 
     def from_edm(self, x_sigma, t):
-        return torch.cos(torch.as_tensor(_bcast(t, x_sigma), device=x_sigma.device)) * x_sigma
+        return torch.cos(torch.as_tensor(per_sample(t, x_sigma), device=x_sigma.device)) * x_sigma
 
     def to_meta(self) -> dict:
         return {"name": self.name, **asdict(self)}
@@ -246,7 +240,7 @@ class MeanFlowParam:
     def __call__(self, net: nn.Module, x: torch.Tensor, t: torch.Tensor, labels=None) -> torch.Tensor:
         t = t.flatten()
         u = self.u(net, x, torch.zeros_like(t), t, labels)
-        return _working(x) - _bcast(t, u) * u
+        return _working(x) - per_sample(t, u) * u
 
     @property
     def t_min(self) -> float:
@@ -261,7 +255,7 @@ class MeanFlowParam:
         return dict(sigma_min=self.sigma_min, sigma_max=self.sigma_max, rho=self.rho)
 
     def add_noise(self, x0, z, t):
-        t = _bcast(t, x0)
+        t = per_sample(t, x0)
         return (1 - t) * x0 + t * z
 
     def renoise(self, x, t, z):
@@ -277,7 +271,7 @@ class MeanFlowParam:
         return float(sigma) / (1 + float(sigma))
 
     def from_edm(self, x_sigma, t):
-        return (1 - _bcast(t, x_sigma)) * x_sigma
+        return (1 - per_sample(t, x_sigma)) * x_sigma
 
     def to_meta(self) -> dict:
         return {"name": self.name, **asdict(self)}

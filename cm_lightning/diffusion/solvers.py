@@ -5,16 +5,13 @@
 
 import torch
 
+from cm_lightning.diffusion.shapes import per_sample
 from cm_lightning.errors import ConfigError
-
-
-def _bcast(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return sigma.reshape(-1, *([1] * (x.ndim - 1)))
 
 
 def euler_step(denoiser, x: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
     """x' = x + (sigma' - sigma) d(x, sigma),  d = (x - D(x, sigma)) / sigma."""
-    s, s_next = _bcast(sigma, x), _bcast(sigma_next, x)
+    s, s_next = per_sample(sigma, x), per_sample(sigma_next, x)
     d = (x - denoiser(x, sigma)) / s
     return x + (s_next - s) * d
 
@@ -24,7 +21,7 @@ def heun_step(denoiser, x: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.
 
     Where sigma' = 0 the second slope is undefined and the Euler step is returned, as in EDM.
     """
-    s, s_next = _bcast(sigma, x), _bcast(sigma_next, x)
+    s, s_next = per_sample(sigma, x), per_sample(sigma_next, x)
     d = (x - denoiser(x, sigma)) / s
     x_euler = x + (s_next - s) * d
     if bool((sigma_next == 0).all()):

@@ -25,7 +25,8 @@ import torch
 
 from cm_lightning.diffusion.jvp import eager, jvp, probe
 from cm_lightning.diffusion.objectives.base import Objective, StepContext
-from cm_lightning.diffusion.precond import MeanFlowParam, _bcast
+from cm_lightning.diffusion.precond import MeanFlowParam
+from cm_lightning.diffusion.shapes import per_sample
 from cm_lightning.errors import ConfigError
 
 
@@ -33,7 +34,7 @@ def mean_flow_target(u_fn, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor, v:
     """(u(z, r, t), u_tgt = v - (t - r) du/dt) with du/dt = v . d_z u + d_t u, the JVP along (v, 0, 1) in
     (z, r, t) (MeanFlow eq. 10); both without a graph."""
     u, du_dt = jvp(u_fn, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))
-    return u, v - _bcast(t - r, v) * du_dt
+    return u, v - per_sample(t - r, v) * du_dt
 
 
 class MeanFlow(Objective):
@@ -112,7 +113,7 @@ class MeanFlow(Objective):
             if self.kappa:
                 v_g = v_g + self.kappa * u(labels)
         student.train(was_training)
-        mask = _bcast(dropped, v).bool()
+        mask = per_sample(dropped, v).bool()
         return torch.where(mask, v, v_g), torch.where(dropped, none, labels)
 
     def loss(self, student, target_net, x0, labels, ctx: StepContext):

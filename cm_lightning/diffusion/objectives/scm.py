@@ -19,12 +19,9 @@ from torch import nn
 from cm_lightning.diffusion.jvp import eager, jvp, probe
 from cm_lightning.diffusion.objectives.base import Objective, StepContext
 from cm_lightning.diffusion.precond import TrigFlow
+from cm_lightning.diffusion.shapes import per_sample
 from cm_lightning.errors import ConfigError
 from cm_lightning.nets.adm import timestep_embedding
-
-
-def _bcast(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return t.view(-1, *([1] * (x.ndim - 1)))
 
 
 class LearnedWeighting(nn.Module):
@@ -46,17 +43,17 @@ def teacher_velocity(teacher, x_t: torch.Tensor, t: torch.Tensor, labels, sigma_
     """dx_t/dt of an EDM denoiser D(x, sigma) seen in TrigFlow: with sigma = sigma_d tan t and x_t / cos t =
     x0 + sigma eps, the PF-ODE velocity is sigma_d F_teacher = (cos(t) x_t - D(x_t / cos t, sigma)) / sin t."""
     cos, sin = torch.cos(t), torch.sin(t)
-    denoised = teacher(x_t / _bcast(cos, x_t), sigma_data * torch.tan(t), labels).to(x_t.dtype)
-    return (_bcast(cos, x_t) * x_t - denoised) / _bcast(sin, x_t)
+    denoised = teacher(x_t / per_sample(cos, x_t), sigma_data * torch.tan(t), labels).to(x_t.dtype)
+    return (per_sample(cos, x_t) * x_t - denoised) / per_sample(sin, x_t)
 
 
 def tangent(F_minus, dF_dt, x_t, dxt_dt, t, sigma_data: float, r: float, c: float) -> torch.Tensor:
     """sCM's normalised tangent g / (||g|| + c) with g = -cos^2 t (sigma_d F^- - dx_t/dt)
     - r cos t sin t (x_t + sigma_d dF^-/dt)."""
-    cos, sin = _bcast(torch.cos(t), x_t), _bcast(torch.sin(t), x_t)
+    cos, sin = per_sample(torch.cos(t), x_t), per_sample(torch.sin(t), x_t)
     g = -cos**2 * (sigma_data * F_minus - dxt_dt) - r * cos * sin * (x_t + sigma_data * dF_dt)
     norm = g.flatten(1).norm(dim=1)
-    return g / _bcast(norm + c, g)
+    return g / per_sample(norm + c, g)
 
 
 class SCM(Objective):
@@ -106,7 +103,7 @@ class SCM(Objective):
             with torch.no_grad():
                 dxt_dt = teacher_velocity(self.teacher, x_t, t, labels, sigma_data)
         else:
-            dxt_dt = _bcast(torch.cos(t), x0) * sigma_data * z - _bcast(torch.sin(t), x0) * x0
+            dxt_dt = per_sample(torch.cos(t), x0) * sigma_data * z - per_sample(torch.sin(t), x0) * x0
         ctx.reseed_dropout()
         F_minus, dF_dt = jvp(lambda x, s: param.F(eager(student), x, s, labels), (x_t, t), (dxt_dt, torch.ones_like(t)))
         target_step = tangent(F_minus, dF_dt, x_t, dxt_dt, t, sigma_data, self.warmup(ctx.step), self.tangent_c)
