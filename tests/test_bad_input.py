@@ -35,6 +35,12 @@ def test_teacher_with_another_architecture(edm_run, tmp_path):
     assert "does not match the configured network" in err and "model.init_from_teacher=false" in err
 
 
+def test_teacher_fed_another_conditioning(edm_run, tmp_path):
+    err = fails("train.py", "experiment=digits_cd", f"model.teacher_ckpt={edm_run / 'checkpoints/last.ckpt'}",
+                *TINY, "net.noise_kind=edm", "logger=none", f"hydra.run.dir={tmp_path}")
+    assert "noise_kind=edm here, adm for the teacher; set net.noise_kind=adm" in err
+
+
 def test_teacher_that_is_not_edm(cd_run, tmp_path):
     err = fails("train.py", "experiment=digits_cd", f"model.teacher_ckpt={cd_run / 'checkpoints/last.ckpt'}",
                 *TINY, "logger=none", f"hydra.run.dir={tmp_path}")

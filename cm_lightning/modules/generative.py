@@ -79,6 +79,12 @@ class GenerativeModule(L.LightningModule):
                     "use a teacher trained on the same data and image size"
                 )
         if init_from_teacher:
+            mine, theirs = getattr(self.parameterisation, "noise_kind", None), teacher.precond.noise_kind
+            if mine != theirs:
+                raise ConfigError(
+                    f"the student would start from the teacher's weights fed another conditioning: noise_kind={mine} "
+                    f"here, {theirs} for the teacher; set net.noise_kind={theirs} (or model.init_from_teacher=false)"
+                )
             load_matching(
                 self.net, teacher.net.state_dict(), "the teacher checkpoint (model.teacher_ckpt)",
                 "The student starts from the teacher's weights, so its net config must equal the teacher's; "
