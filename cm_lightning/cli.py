@@ -1,8 +1,6 @@
 """What the entry points share: Hydra resolvers and turning user mistakes into one clear message."""
 
 import functools
-import netrc
-import os
 import sys
 from importlib.resources import files
 from pathlib import Path
@@ -17,26 +15,9 @@ from cm_lightning import wandb_runs
 from cm_lightning.errors import ConfigError, TrainingError
 from cm_lightning.runtime.speed import auto_precision
 
-
-def wandb_offline() -> bool:
-    """Offline unless the user has configured W&B: an API key, WANDB_MODE, or a netrc login."""
-    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE"):
-        return False
-    try:
-        return netrc.netrc(Path.home() / ".netrc").authenticators("api.wandb.ai") is None
-    except (FileNotFoundError, netrc.NetrcParseError):
-        return True
-
-
-def wandb_mode() -> str:
-    """wandb.init's mode: WANDB_MODE when set, else offline unless W&B is configured. Lightning's own
-    ``offline`` flag refuses ``log_model``; W&B's offline mode keeps artifacts for ``wandb sync``."""
-    return os.environ.get("WANDB_MODE") or ("offline" if wandb_offline() else "online")
-
-
 # Optional dependencies (pyproject.toml's extras) and the extra that installs each.
 EXTRAS = {"lmdb": "lsun", "tensorboard": "tensorboard", "wandb_workspaces": "report"}
-RESOLVERS = {"wandb_mode": wandb_mode, "auto_precision": auto_precision, "wandb_name": wandb_runs.run_name,
+RESOLVERS = {"wandb_mode": wandb_runs.wandb_mode, "auto_precision": auto_precision, "wandb_name": wandb_runs.run_name,
              "wandb_group": wandb_runs.group, "wandb_tags": wandb_runs.tags}
 
 
@@ -99,7 +80,7 @@ def _run_hydra(config_name: str, task) -> None:
 
 def train_main() -> None:
     """``cm-train`` and ``python train.py``: conf/train.yaml with the command line's overrides."""
-    from cm_lightning.training import train  # imported here: training and evaluation import this module
+    from cm_lightning.training import train  # imported when run: cm-evaluate need not import the training stack
 
     _run_hydra("train", train)
 

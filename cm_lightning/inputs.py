@@ -51,18 +51,6 @@ def check_training(cfg) -> None:
     check_cpu_devices(cfg.trainer.get("devices", 1), cfg.trainer.get("accelerator", "auto"))
 
 
-def check_evaluation(cfg) -> None:
-    """evaluate.py's numbers: sample count, batch size, step counts, the device and CPU processes."""
-    whole(cfg.num, "num", example="64")
-    whole(cfg.batch_size, "batch_size", example="256")
-    bad = [s for s in cfg.steps if isinstance(s, bool) or not isinstance(s, int) or s < 1]
-    if bad or not cfg.steps:
-        raise ConfigError(f"steps={list(cfg.steps)}: each entry is a number of sampling steps >= 1 (a 0-step "
-                          "sample does not exist), e.g. steps=[1,2]")
-    check_device(cfg.device)
-    check_cpu_devices(cfg.trainer.devices, "cpu" if str(cfg.device) == "cpu" else "auto")
-
-
 def check_device(name) -> None:
     """``device=``: auto, cpu, or a CUDA device that exists."""
     try:

@@ -172,8 +172,12 @@ def plain_sampler(path, state: dict, net=None, kind: str | None = None) -> Sampl
 
 
 def sampler_from_checkpoint(path, ema: int | None = None, device="cpu", net=None, kind: str | None = None) -> Sampler:
-    """The sampler of a checkpoint; ``net`` and ``kind`` apply to plain state dicts only."""
-    ckpt = read_checkpoint(path, "ckpt")
+    """The sampler of a checkpoint file; ``net`` and ``kind`` apply to plain state dicts only."""
+    return sampler_from(read_checkpoint(path, "ckpt"), path, ema, device, net, kind)
+
+
+def sampler_from(ckpt: dict, path, ema: int | None = None, device="cpu", net=None, kind: str | None = None) -> Sampler:
+    """The sampler of ``ckpt``, the checkpoint ``path`` as read."""
     if is_plain(ckpt):
         if ema is not None:
             raise ConfigError(f"ema={ema}: ckpt={path} is a plain state dict with one set of weights; drop ema=")
@@ -184,10 +188,9 @@ def sampler_from_checkpoint(path, ema: int | None = None, device="cpu", net=None
     return Sampler(network_from_checkpoint(ckpt, "ema").to(device), from_meta(meta))
 
 
-def export_state_dict(path, out, ema: int | None = None) -> Path:
-    """Writes a run's EMA network (``ema``: index into its rates, default the one it samples with) as a
-    plain state dict, the format of the authors' released files."""
-    ckpt = read_checkpoint(path, "ckpt")
+def export_state_dict(ckpt: dict, path, out, ema: int | None = None) -> Path:
+    """Writes a run's EMA network (``ema``: index into its rates, default the one it samples with) from
+    ``ckpt``, the checkpoint ``path`` as read, as a plain state dict, the format of the authors' released files."""
     if is_plain(ckpt):
         raise ConfigError(f"ckpt={path} is already a plain state dict; export reads a run's checkpoint")
     prefix = f"ema.{select_ema(ckpt[META_KEY], ema)['sample_ema']}."

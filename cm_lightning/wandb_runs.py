@@ -6,9 +6,10 @@ A training run's name, group and tags are Hydra resolvers (``conf/logger/wandb.y
 config shows them and a user can override any of them; an evaluation run takes them from the checkpoint's.
 """
 
+import netrc
+import os
 from pathlib import Path
 
-import torch
 import wandb
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
@@ -21,6 +22,22 @@ MAX_TAG = 64
 GOALS = {"fid": "min", "kid": "min", "is": "max", "precision": "max", "recall": "max", "f_score": "max"}
 STEP = "trainer/global_step"  # the step metric Lightning's WandbLogger logs with every row
 OUTPUTS = (".json", ".npz", ".png")  # what an evaluation wrote that its artifact keeps (not exported weights)
+
+
+def wandb_offline() -> bool:
+    """Offline unless the user has configured W&B: an API key, WANDB_MODE, or a netrc login."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE"):
+        return False
+    try:
+        return netrc.netrc(Path.home() / ".netrc").authenticators("api.wandb.ai") is None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return True
+
+
+def wandb_mode() -> str:
+    """wandb.init's mode: WANDB_MODE when set, else offline unless W&B is configured. Lightning's own
+    ``offline`` flag refuses ``log_model``; W&B's offline mode keeps artifacts for ``wandb sync``."""
+    return os.environ.get("WANDB_MODE") or ("offline" if wandb_offline() else "online")
 
 
 def run_name(experiment: str, overrides: str) -> str:
@@ -70,17 +87,17 @@ def finish(loggers) -> None:
             logger.experiment.finish()  # a no-op stand-in on ranks other than 0
 
 
-def training_run(ckpt) -> dict:
-    """The W&B settings (project, name, group, tags) of the run that wrote ``ckpt``, from the resolved config
-    the checkpoint carries, and its run id from the run directory; empty for the authors' state dicts."""
-    state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)  # mapped: no weights are read
-    config = state.get(META_KEY, {}).get("config") or {}
+def training_run(path, ckpt: dict) -> dict:
+    """The W&B settings (project, name, group, tags) of the run that wrote ``ckpt`` (the checkpoint ``path`` as
+    read), from the resolved config it carries, and its run id from the run directory; empty for the authors'
+    state dicts."""
+    config = ckpt.get(META_KEY, {}).get("config") or {}
     found = dict((config.get("logger") or {}).get("wandb") or {})
-    id_file = Path(str(ckpt)).resolve().parent.parent / "wandb_run_id"
+    id_file = Path(str(path)).resolve().parent.parent / "wandb_run_id"
     return found | ({"id": id_file.read_text().strip()} if found and id_file.is_file() else {})
 
 
-def evaluation_logger(cfg: DictConfig) -> WandbLogger | None:
+def evaluation_logger(cfg: DictConfig, ckpt: dict) -> WandbLogger | None:
     """``wandb.id``: log into that run (e.g. the training run's, beside its curves). ``wandb.log=true``: a run
     of job type ``evaluate`` in the training run's project and group, named after the task and that run."""
     w = cfg.wandb
@@ -88,7 +105,7 @@ def evaluation_logger(cfg: DictConfig) -> WandbLogger | None:
         return WandbLogger(id=w.id, project=w.project or "cm-lightning", save_dir=cfg.out_dir, mode=w.mode)
     if not w.log:
         return None
-    trained = training_run(cfg.ckpt)
+    trained = training_run(cfg.ckpt, ckpt)
     config = OmegaConf.to_container(cfg, resolve=True) | {"checkpoint": str(Path(str(cfg.ckpt)).resolve()),
                                                           "checkpoint_run_id": trained.get("id")}
     return WandbLogger(project=w.project or trained.get("project") or "cm-lightning", save_dir=cfg.out_dir,
@@ -97,13 +114,13 @@ def evaluation_logger(cfg: DictConfig) -> WandbLogger | None:
                        tags=[cfg.task, *trained.get("tags", [])], config=config)
 
 
-def record_evaluation(cfg: DictConfig, written: list) -> None:
+def record_evaluation(cfg: DictConfig, written: list, ckpt: dict) -> None:
     """Ends an evaluation's W&B run (the one a task opened, else a new one): the checkpoint as its input
     artifact (online; W&B has no inputs offline, the run's config names it) and the files it wrote as its
     output artifact."""
     run = wandb.run
     if run is None:
-        logger = evaluation_logger(cfg) if written else None  # ranks other than 0 wrote nothing
+        logger = evaluation_logger(cfg, ckpt) if written else None  # ranks other than 0 wrote nothing
         if logger is None:
             return
         run = logger.experiment

@@ -23,6 +23,7 @@ from cm_lightning.loading import (
     kind_from_name,
     load_teacher,
     net_hint,
+    read_checkpoint,
     sampler_from_checkpoint,
     state_dict_mismatch,
 )
@@ -154,7 +155,7 @@ def test_export_writes_the_authors_format(tmp_path):
     plain = sampler_from_checkpoint(tmp_path / "cd_tiny.pt", net=NET)
     assert torch.equal(ours(3, steps=2, seed=1)[0], plain(3, steps=2, seed=1)[0])
     with pytest.raises(ConfigError, match="already a plain state dict"):
-        export_state_dict(tmp_path / "cd_tiny.pt", tmp_path / "again.pt")
+        export_state_dict(read_checkpoint(tmp_path / "cd_tiny.pt"), tmp_path / "cd_tiny.pt", tmp_path / "again.pt")
 
 
 def test_cd_from_a_plain_teacher_file(tmp_path):

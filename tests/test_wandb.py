@@ -56,3 +56,18 @@ def test_evaluation_run_joins_the_training_group_and_keeps_its_outputs(sweep, tm
         assert run.metrics["metrics/fid_1step"].summary.min
         (row,) = [r for r in run.history if "metrics/fid_1step" in r]
         assert row["trainer/global_step"] == 4
+
+
+@pytest.mark.parametrize("task", ["fid", "sample"])
+def test_an_evaluation_reads_its_checkpoint_once(sweep, tmp_path, monkeypatch, task):
+    """The task, its scorer and its W&B record share one read of ``ckpt=``."""
+    import cm_lightning.loading as loading
+    from cm_lightning.tasks import common
+    from inprocess import evaluate_here
+
+    ckpt, reads, real = sweep / "0/checkpoints/last.ckpt", [], loading.load_file
+    monkeypatch.setattr(common, "_READ", {})
+    monkeypatch.setattr(loading, "load_file", lambda path, *args, **kwargs: reads.append(str(path)) or real(
+        path, *args, **kwargs))
+    evaluate_here([f"task={task}", f"ckpt={ckpt}", "num=50", "steps=[1]", "wandb.log=true"], tmp_path)
+    assert reads == [str(ckpt)] and list(tmp_path.glob("wandb/offline-run-*"))

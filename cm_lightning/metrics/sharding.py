@@ -1,7 +1,7 @@
 """Sampling for metrics split over the processes of a DDP run (Lightning's trainer or Fabric).
 
 The ``num`` samples are cut into chunks of ``batch_size``; chunk ``c`` is drawn with seed
-``seed + c`` (as ``evaluation.sample_batched`` does), and each rank takes a contiguous run of chunks.
+``seed + c`` (as ``tasks.common.sample_batched`` does), and each rank takes a contiguous run of chunks.
 So every rank draws its share with its own seeds, the total is exactly ``num`` for any world size,
 and the samples themselves do not depend on the world size. Each rank extracts the features of its
 share; rank 0 gathers them in chunk order.

@@ -1,6 +1,6 @@
 """Speed options: precision, channels-last memory format, torch.compile and fused optimisers.
 
-Each is one config value (``model.speed.*``, ``trainer.precision``, ``speed.*`` in evaluate.yaml). ``auto``
+Each is one config value (``model.speed.*``, ``trainer.precision``, ``speed.*`` in conf/evaluate/device.yaml). ``auto``
 turns an option on where it pays, a CUDA device, and off on the CPU, where the tests and the default run use
 fp32 and eager kernels. None of them changes the model: the loss with and without them agrees to the
 tolerance of the precision (tests/test_speed.py).

@@ -13,11 +13,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from cm_lightning import wandb_runs
 from cm_lightning.diffusion.editing import check_levels
-from cm_lightning.diffusion.precond import from_meta
 from cm_lightning.diffusion.sampling import sigmas_from_indices
 from cm_lightning.errors import ConfigError
 from cm_lightning.inputs import check_cpu_devices, check_device, whole
-from cm_lightning.loading import META_KEY, is_plain, network_from_checkpoint, plain_sampler, read_checkpoint, select_ema
+from cm_lightning.loading import META_KEY, is_plain, read_checkpoint, sampler_from
 from cm_lightning.metrics.fidelity import Fidelity, to_uint8
 from cm_lightning.metrics.reference import ReferenceSource
 from cm_lightning.metrics.sharding import progress, sharded_features
@@ -52,18 +51,22 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_sampler(cfg: DictConfig, ckpt: dict, device) -> Sampler:
-    """The sampler of ``ckpt`` (``cfg.ckpt`` as read); ``net=`` and ``kind=`` say what a plain state dict is."""
-    if is_plain(ckpt):
-        if cfg.ema is not None:
-            raise ConfigError(
-                f"ema={cfg.ema}: ckpt={cfg.ckpt} is a plain state dict with one set of weights; drop ema="
-            )
-        sampler = plain_sampler(cfg.ckpt, ckpt, cfg.get("net"), cfg.get("kind"))
-        sampler.net.to(device)
-        return sampler
-    meta = select_ema(ckpt[META_KEY], cfg.ema)
-    return Sampler(network_from_checkpoint(ckpt, "ema").to(device), from_meta(meta))
+def checkpoint(path) -> dict:
+    """``ckpt=`` as read, once per command: the task, its scorer and its W&B record share it."""
+    file = Path(str(path))
+    stamp = file.stat() if file.is_file() else None
+    key = (str(path), stamp and (stamp.st_mtime_ns, stamp.st_size))
+    if _READ.get("key") != key:
+        _READ.update(key=key, ckpt=read_checkpoint(path, "ckpt"))
+    return _READ["ckpt"]
+
+
+_READ: dict = {}
+
+
+def load_sampler(cfg: DictConfig, device) -> Sampler:
+    """The sampler of ``ckpt=``; ``net=`` and ``kind=`` say what a plain state dict is."""
+    return sampler_from(checkpoint(cfg.ckpt), cfg.ckpt, cfg.ema, device, cfg.get("net"), cfg.get("kind"))
 
 
 def speed_up(sampler: Sampler, cfg: DictConfig, device) -> Sampler:
@@ -148,8 +151,8 @@ class Scorer:
             m.feature_extractor, m.feature_extractor_weights_path, m.fid, m.isc, m.kid, m.prc, m.kid_subset_size
         )
         self.fidelity.check_count(cfg.num, "num")
-        self.ckpt = read_checkpoint(cfg.ckpt, "ckpt")
-        self.sampler = load_sampler(cfg, self.ckpt, "cpu")
+        self.ckpt = checkpoint(cfg.ckpt)
+        self.sampler = load_sampler(cfg, "cpu")
         self.source = ReferenceSource.create(
             m.reference, self.training_data() if m.reference is None else None, m.reference_num
         )
@@ -200,4 +203,4 @@ class Scorer:
         return path
 
     def wandb(self) -> WandbLogger | None:
-        return wandb_runs.evaluation_logger(self.cfg)
+        return wandb_runs.evaluation_logger(self.cfg, self.ckpt)

@@ -22,9 +22,9 @@ from torchvision.utils import make_grid, save_image
 from cm_lightning.diffusion import editing
 from cm_lightning.diffusion.linear_transforms import LUMINANCE, ChannelBasis, Identity, PatchBasis
 from cm_lightning.errors import ConfigError
-from cm_lightning.loading import META_KEY, is_plain, read_checkpoint
+from cm_lightning.loading import META_KEY, is_plain
 from cm_lightning.sampler import Sampler
-from cm_lightning.tasks.common import load_sampler, pick_device, speed_up
+from cm_lightning.tasks.common import checkpoint, load_sampler, pick_device, speed_up
 from cm_lightning.tasks.editing_inputs import build_masks, read_images, to_tensor
 from cm_lightning.untrusted import current, instantiate_trusted
 
@@ -95,14 +95,14 @@ def edit_levels(edit_sigmas, ckpt, param) -> list[float]:
 
 
 def load_editor(cfg: DictConfig, task: str) -> Editor:
-    ckpt = read_checkpoint(cfg.ckpt, "ckpt")
+    ckpt = checkpoint(cfg.ckpt)
     if is_plain(ckpt):
         raise ConfigError(
             f"task={task} reads a checkpoint written by train.py, whose config names its method; "
             f"ckpt={cfg.ckpt} is a plain state dict"
         )
     device = pick_device(cfg.device)
-    sampler = speed_up(load_sampler(cfg, ckpt, device), cfg, device)
+    sampler = speed_up(load_sampler(cfg, device), cfg, device)
     param = sampler.param
     if not param.few_step:
         raise ConfigError(

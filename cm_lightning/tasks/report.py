@@ -20,8 +20,8 @@ from matplotlib.ticker import MaxNLocator
 from omegaconf import DictConfig
 from PIL import Image
 
-from cm_lightning.cli import wandb_mode
 from cm_lightning.errors import ConfigError
+from cm_lightning.wandb_runs import wandb_mode
 
 log = logging.getLogger(__name__)
 

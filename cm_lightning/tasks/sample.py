@@ -10,7 +10,6 @@ from torchvision.utils import save_image
 from cm_lightning.callbacks.metrics import log_results
 from cm_lightning.callbacks.sample_grid import image_grid
 from cm_lightning.errors import ConfigError
-from cm_lightning.loading import read_checkpoint
 from cm_lightning.sampler import Sampler
 from cm_lightning.tasks.common import (
     Scorer,
@@ -40,7 +39,7 @@ def class_labels(classes, num: int, sampler: Sampler) -> torch.Tensor | None:
 
 def sample_task(cfg: DictConfig) -> list[Path]:
     device = pick_device(cfg.device)
-    sampler = speed_up(load_sampler(cfg, read_checkpoint(cfg.ckpt, "ckpt"), device), cfg, device)
+    sampler = speed_up(load_sampler(cfg, device), cfg, device)
     given = class_labels(cfg.classes, cfg.num, sampler)
     plans = sampling_plans(cfg, sampler)
     out = Path(cfg.out_dir)
