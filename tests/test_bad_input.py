@@ -24,32 +24,65 @@ def fails(script, *overrides):
 def test_missing_teacher_checkpoint(tmp_path):
     err = fails("train.py", "experiment=digits_cd", *TINY, "logger=none", f"hydra.run.dir={tmp_path}")
     assert "model.teacher_ckpt is not set" in err and "experiment=digits_edm" in err
-    err = fails("train.py", "experiment=digits_cd", "model.teacher_ckpt=/no/such.ckpt", *TINY, "logger=none",
-                f"hydra.run.dir={tmp_path}")
+    err = fails(
+        "train.py",
+        "experiment=digits_cd",
+        "model.teacher_ckpt=/no/such.ckpt",
+        *TINY,
+        "logger=none",
+        f"hydra.run.dir={tmp_path}",
+    )
     assert "model.teacher_ckpt=/no/such.ckpt does not exist" in err
 
 
 def test_teacher_with_another_architecture(edm_run, tmp_path):
-    err = fails("train.py", "experiment=digits_cd", f"model.teacher_ckpt={edm_run / 'checkpoints/last.ckpt'}",
-                *TINY, "net.model_channels=32", "logger=none", f"hydra.run.dir={tmp_path}")
+    err = fails(
+        "train.py",
+        "experiment=digits_cd",
+        f"model.teacher_ckpt={edm_run / 'checkpoints/last.ckpt'}",
+        *TINY,
+        "net.model_channels=32",
+        "logger=none",
+        f"hydra.run.dir={tmp_path}",
+    )
     assert "does not match the configured network" in err and "model.init_from_teacher=false" in err
 
 
 def test_teacher_fed_another_conditioning(edm_run, tmp_path):
-    err = fails("train.py", "experiment=digits_cd", f"model.teacher_ckpt={edm_run / 'checkpoints/last.ckpt'}",
-                *TINY, "net.noise_kind=edm", "logger=none", f"hydra.run.dir={tmp_path}")
-    assert "noise_kind=edm here, adm for the teacher; set net.noise_kind=adm" in err
+    err = fails(
+        "train.py",
+        "experiment=digits_cd",
+        f"model.teacher_ckpt={edm_run / 'checkpoints/last.ckpt'}",
+        *TINY,
+        "net.noise_kind=adm",
+        "logger=none",
+        f"hydra.run.dir={tmp_path}",
+    )
+    assert "noise_kind=adm here, edm for the teacher; set net.noise_kind=edm" in err
 
 
 def test_teacher_that_is_not_edm(cd_run, tmp_path):
-    err = fails("train.py", "experiment=digits_cd", f"model.teacher_ckpt={cd_run / 'checkpoints/last.ckpt'}",
-                *TINY, "logger=none", f"hydra.run.dir={tmp_path}")
+    err = fails(
+        "train.py",
+        "experiment=digits_cd",
+        f"model.teacher_ckpt={cd_run / 'checkpoints/last.ckpt'}",
+        *TINY,
+        "logger=none",
+        f"hydra.run.dir={tmp_path}",
+    )
     assert "is a consistency model's checkpoint" in err
 
 
 def test_data_path_that_does_not_exist(tmp_path):
-    err = fails("train.py", "data=image_folder", "data.root=/no/such/folder", "data.image_size=16", *TINY,
-                "logger=none", f"hydra.run.dir={tmp_path}")
+    err = fails(
+        "train.py",
+        "data=image_folder",
+        "data.root=/no/such/folder",
+        "data.image_size=16",
+        *TINY,
+        "logger=none",
+        f"hydra.run.dir={tmp_path}",
+    )
     assert "data.root=/no/such/folder is not a directory" in err
 
 
@@ -67,11 +100,13 @@ def test_unknown_experiment(tmp_path):
 @pytest.mark.parametrize("script", ["train.py", "evaluate.py"])
 def test_multistep_plan_not_decreasing(script, cd_run, tmp_path):
     if script == "train.py":
-        err = fails(script, *TINY, "callbacks.sample_grid.sigmas=[[1.0,2.0]]", "logger=none",
-                    f"hydra.run.dir={tmp_path}")
+        err = fails(
+            script, *TINY, "callbacks.sample_grid.sigmas=[[1.0,2.0]]", "logger=none", f"hydra.run.dir={tmp_path}"
+        )
     else:
-        err = fails(script, f"ckpt={cd_run / 'checkpoints/last.ckpt'}", "sigmas=[80.0,80.0]",
-                    f"hydra.run.dir={tmp_path}")
+        err = fails(
+            script, f"ckpt={cd_run / 'checkpoints/last.ckpt'}", "sigmas=[80.0,80.0]", f"hydra.run.dir={tmp_path}"
+        )
     assert "strictly decreasing" in err
 
 
@@ -81,8 +116,14 @@ def test_evaluate_missing_checkpoint(tmp_path):
 
 
 def test_unknown_mu_divisor(tmp_path):
-    err = fails("train.py", "experiment=digits_ct", "model.objective.pair.curriculum.mu_divisor=authors", *TINY,
-                "logger=none", f"hydra.run.dir={tmp_path}")
+    err = fails(
+        "train.py",
+        "experiment=digits_ct",
+        "model.objective.pair.curriculum.mu_divisor=authors",
+        *TINY,
+        "logger=none",
+        f"hydra.run.dir={tmp_path}",
+    )
     assert [line for line in err.splitlines() if "mu_divisor" in line] == [err.strip().splitlines()[-1]]
     assert "mu_divisor='authors'" in err and "'code'" in err
 
@@ -105,14 +146,21 @@ def one_line(script, *overrides, names: str, watch=(), code: int = 2) -> str:
     return errors[0]
 
 
-@pytest.mark.parametrize("override,names", [
-    ("data.batch_size=abc", "data.batch_size=abc"), ("data.batch_size=0", "data.batch_size=0"),
-    ("data.batch_size=-4", "data.batch_size=-4"), ("model.optimizer.lr=-1", "model.optimizer.lr=-1"),
-    ("trainer.max_steps=abc", "trainer.max_steps=abc"), ("trainer.devices=64", "trainer.devices=64"),
-])
+@pytest.mark.parametrize(
+    "override,names",
+    [
+        ("data.batch_size=abc", "data.batch_size=abc"),
+        ("data.batch_size=0", "data.batch_size=0"),
+        ("data.batch_size=-4", "data.batch_size=-4"),
+        ("model.optimizer.lr=-1", "model.optimizer.lr=-1"),
+        ("trainer.max_steps=abc", "trainer.max_steps=abc"),
+        ("trainer.devices=64", "trainer.devices=64"),
+    ],
+)
 def test_training_numbers(override, names, tmp_path):
-    one_line("train.py", *TINY, override, "trainer.accelerator=cpu", "logger=none", f"hydra.run.dir={tmp_path}",
-             names=names)
+    one_line(
+        "train.py", *TINY, override, "trainer.accelerator=cpu", "logger=none", f"hydra.run.dir={tmp_path}", names=names
+    )
 
 
 @pytest.mark.parametrize("content", [b"", b"this is a text file, not a checkpoint\n"])
@@ -121,25 +169,40 @@ def test_a_file_that_is_not_a_checkpoint(script, key, content, tmp_path):
     bad = tmp_path / "model.ckpt"
     bad.write_bytes(content)
     extra = ["experiment=digits_cd", *TINY, "logger=none"] if script == "train.py" else []
-    message = one_line(script, *extra, f"{key}={bad}", f"hydra.run.dir={tmp_path / 'run'}", names=f"{key}={bad}",
-                       watch=[tmp_path])
+    message = one_line(
+        script, *extra, f"{key}={bad}", f"hydra.run.dir={tmp_path / 'run'}", names=f"{key}={bad}", watch=[tmp_path]
+    )
     assert "not a PyTorch checkpoint" in message
 
 
-@pytest.mark.parametrize("override,names", [
-    ("num=0", "num=0"), ("num=-5", "num=-5"), ("batch_size=0", "batch_size=0"), ("steps=[0]", "steps=[0]"),
-    ("sigmas=[1000.0,0.0001]", "sigmas=[1000.0, 0.0001]"), ("task=fid trainer.devices=64", "trainer.devices=64"),
-    ("device=cuda", "device=cuda"),
-])
+@pytest.mark.parametrize(
+    "override,names",
+    [
+        ("num=0", "num=0"),
+        ("num=-5", "num=-5"),
+        ("batch_size=0", "batch_size=0"),
+        ("steps=[0]", "steps=[0]"),
+        ("sigmas=[1000.0,0.0001]", "sigmas=[1000.0, 0.0001]"),
+        ("task=fid trainer.devices=64", "trainer.devices=64"),
+        ("device=cuda", "device=cuda"),
+    ],
+)
 def test_sampling_numbers(override, names, cd_run, tmp_path):
     if override == "device=cuda" and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    one_line("evaluate.py", f"ckpt={cd_run / 'checkpoints/last.ckpt'}", *override.split(), f"hydra.run.dir={tmp_path}",
-             names=names, watch=[cd_run])
+    one_line(
+        "evaluate.py",
+        f"ckpt={cd_run / 'checkpoints/last.ckpt'}",
+        *override.split(),
+        f"hydra.run.dir={tmp_path}",
+        names=names,
+        watch=[cd_run],
+    )
 
 
 def png_header(width: int, height: int) -> bytes:
     """A PNG whose header declares ``width`` x ``height`` pixels and that holds no pixel data."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -178,15 +241,29 @@ def finished_run(edm_run, tmp_path) -> Path:
 
 def test_export_onto_an_existing_file(finished_run, tmp_path):
     ckpt = finished_run / "checkpoints/last.ckpt"
-    message = one_line("evaluate.py", "task=export", f"ckpt={ckpt}", f"export_to={ckpt}",
-                       f"hydra.run.dir={tmp_path / 'out'}", names=f"export_to={ckpt}", watch=[finished_run])
+    message = one_line(
+        "evaluate.py",
+        "task=export",
+        f"ckpt={ckpt}",
+        f"export_to={ckpt}",
+        f"hydra.run.dir={tmp_path / 'out'}",
+        names=f"export_to={ckpt}",
+        watch=[finished_run],
+    )
     assert "overwrite=true" in message and "another export_to" in message
 
 
 def test_a_fresh_start_into_a_finished_run(finished_run):
     before = snapshot_run(finished_run)
-    message = one_line("train.py", "experiment=digits_edm", *TINY, "logger=none", "ckpt_path=null",
-                       f"hydra.run.dir={finished_run}", names=str(finished_run / "checkpoints"))
+    message = one_line(
+        "train.py",
+        "experiment=digits_edm",
+        *TINY,
+        "logger=none",
+        "ckpt_path=null",
+        f"hydra.run.dir={finished_run}",
+        names=str(finished_run / "checkpoints"),
+    )
     assert "overwrite=true" in message and "hydra.run.dir" in message and snapshot_run(finished_run) == before
 
 
@@ -201,21 +278,32 @@ def test_evaluate_into_a_directory_that_holds_work(into, finished_run, tmp_path)
     assert "overwrite=true" in message and snapshot_run(out) == before
 
 
-@pytest.mark.parametrize("change,names", [
-    (["experiment=digits_edm", "net.model_channels=32"], "model.net.model_channels: 16 -> 32"),
-    (["experiment=digits_ct", "net.model_channels=16"],
-     "model.objective._target_: cm_lightning.diffusion.objectives.denoising.Denoising -> "),
-])
+@pytest.mark.parametrize(
+    "change,names",
+    [
+        (["experiment=digits_edm", "net.model_channels=32"], "model.net.model_channels: 16 -> 32"),
+        (
+            ["experiment=digits_ct", "net.model_channels=16"],
+            "model.objective._target_: cm_lightning.diffusion.objectives.denoising.Denoising -> ",
+        ),
+    ],
+)
 def test_resume_with_another_network_or_method(change, names, finished_run):
     before = snapshot_run(finished_run)
-    message = one_line("train.py", *TINY, *change, "logger=none",
-                       f"hydra.run.dir={finished_run}", names=names)
+    message = one_line("train.py", *TINY, *change, "logger=none", f"hydra.run.dir={finished_run}", names=names)
     assert "start a new run" in message and snapshot_run(finished_run) == before
 
 
 def test_resume_applies_a_changed_learning_rate(finished_run):
-    proc = run_script("train.py", "experiment=digits_edm", *TINY, "trainer.max_steps=6", "model.optimizer.lr=3e-5",
-                      "logger=none", f"hydra.run.dir={finished_run}")
+    proc = run_script(
+        "train.py",
+        "experiment=digits_edm",
+        *TINY,
+        "trainer.max_steps=6",
+        "model.optimizer.lr=3e-5",
+        "logger=none",
+        f"hydra.run.dir={finished_run}",
+    )
     assert "resuming with model.optimizer.lr=3e-05" in proc.stderr + proc.stdout
     ckpt = torch.load(finished_run / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 6 and ckpt["optimizer_states"][0]["param_groups"][0]["lr"] == 3e-5
