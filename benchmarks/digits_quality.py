@@ -56,8 +56,15 @@ DISTILLED = ("cd", "ect", "scd")  # rows that read the teacher
 
 def train(experiment: str, out: Path, extra: list[str]) -> tuple[Path, float]:
     start = time.time()
-    cmd = [sys.executable, str(ROOT / "train.py"), f"experiment={experiment}", f"hydra.run.dir={out}",
-           "logger=csv", "trainer.enable_progress_bar=false", *extra]
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        f"experiment={experiment}",
+        f"hydra.run.dir={out}",
+        "logger=csv",
+        "trainer.enable_progress_bar=false",
+        *extra,
+    ]
     subprocess.run(cmd, cwd=ROOT, check=True)
     return out / "checkpoints/last.ckpt", time.time() - start
 
@@ -105,8 +112,13 @@ def main() -> None:
             how, found = searched_two_step(ckpt, reference)
             samplings = [*samplings, (f"{samplings[-1][0]}, searched midpoint", how)]
         for name, how in samplings:
-            result = {"row": name, "experiment": experiment, "train_seconds": seconds and round(seconds, 1),
-                      **score(ckpt, how, reference), **(found if "searched" in name else {})}
+            result = {
+                "row": name,
+                "experiment": experiment,
+                "train_seconds": seconds and round(seconds, 1),
+                **score(ckpt, how, reference),
+                **(found if "searched" in name else {}),
+            }
             print(json.dumps(result), flush=True)
             results.append(result)
     print("\n| row | FID (digits classifier) | IS | train s |\n|---|---|---|---|")

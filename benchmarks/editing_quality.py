@@ -54,8 +54,10 @@ def main() -> None:
 
     sampler = sampler_from_checkpoint(args.ckpt)
     if sampler.image_shape != (1, 16, 16):
-        sys.exit(f"--ckpt {args.ckpt} makes {sampler.image_shape} images; this benchmark needs a 1x16x16 digits "
-                 "model such as the default `python train.py`")
+        sys.exit(
+            f"--ckpt {args.ckpt} makes {sampler.image_shape} images; this benchmark needs a 1x16x16 digits "
+            "model such as the default `python train.py`"
+        )
     levels = edit_levels(args.edit_sigmas, read_checkpoint(args.ckpt), sampler.param)
     x, y = digits_tensor(16)
     mean_digit = x.mean(0, keepdim=True)
@@ -68,16 +70,25 @@ def main() -> None:
         omega = masks(name, len(y), 16, args.seed)
         background, mean_fill = x * (1 - omega) - omega, x * (1 - omega) + mean_digit * omega
         out = editing.edit(f, x, Identity(), omega, levels, sampler.param, torch.Generator().manual_seed(args.seed))
-        row = {"mask": name, "hidden": round(omega.mean().item(), 3), "levels": [round(s, 3) for s in levels],
-               "original": rate(classifier, x, y), "hole at -1": rate(classifier, background, y),
-               "hole at mean digit": rate(classifier, mean_fill, y),
-               "inpainted": rate(classifier, out, y), "chance": 0.1, "num": len(y)}
+        row = {
+            "mask": name,
+            "hidden": round(omega.mean().item(), 3),
+            "levels": [round(s, 3) for s in levels],
+            "original": rate(classifier, x, y),
+            "hole at -1": rate(classifier, background, y),
+            "hole at mean digit": rate(classifier, mean_fill, y),
+            "inpainted": rate(classifier, out, y),
+            "chance": 0.1,
+            "num": len(y),
+        }
         print(json.dumps(row), flush=True)
         rows.append(row)
     print(f"\n{'mask':16}{'hidden':>8}{'original':>10}{'hole -1':>9}{'hole mean':>11}{'inpainted':>11}   (chance 0.10)")
     for r in rows:
-        print(f"{r['mask']:16}{r['hidden']:8.2f}{r['original']:10.3f}{r['hole at -1']:9.3f}"
-              f"{r['hole at mean digit']:11.3f}{r['inpainted']:11.3f}")
+        print(
+            f"{r['mask']:16}{r['hidden']:8.2f}{r['original']:10.3f}{r['hole at -1']:9.3f}"
+            f"{r['hole at mean digit']:11.3f}{r['inpainted']:11.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -30,10 +30,10 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from max_batch import largest_batch, out_of_memory  # noqa: E402
+
 from cm_lightning.cli import register_resolvers, user_errors  # noqa: E402
 from cm_lightning.training import needs_teacher  # noqa: E402
-
-from max_batch import largest_batch, out_of_memory  # noqa: E402
 
 register_resolvers()
 
@@ -101,10 +101,21 @@ def count_flops(model, batch: int, device: torch.device) -> tuple[float, float]:
 
 
 def build_trainer(cfg: DictConfig, steps: int, callbacks, workdir: Path) -> L.Trainer:
-    return L.Trainer(accelerator=cfg.trainer.accelerator, devices=1, precision=cfg.trainer.precision,
-                     max_steps=steps, gradient_clip_val=cfg.trainer.gradient_clip_val, logger=False,
-                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                     limit_val_batches=0, num_sanity_val_steps=0, callbacks=callbacks, default_root_dir=workdir)
+    return L.Trainer(
+        accelerator=cfg.trainer.accelerator,
+        devices=1,
+        precision=cfg.trainer.precision,
+        max_steps=steps,
+        gradient_clip_val=cfg.trainer.gradient_clip_val,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=callbacks,
+        default_root_dir=workdir,
+    )
 
 
 def train_run(cfg: DictConfig, batch: int, warmup: int, steps: int, workdir: Path, flops: bool = False):
@@ -115,8 +126,7 @@ def train_run(cfg: DictConfig, batch: int, warmup: int, steps: int, workdir: Pat
     trainer = build_trainer(cfg, warmup + steps, [timer], workdir)
     device = trainer.strategy.root_device
     counted = count_flops(model.to(device), cfg.bench.flop_batch, device) if flops else None
-    loader = torch.utils.data.DataLoader(Synthetic(batch, model.net), batch_size=None,
-                                         pin_memory=device.type == "cuda")
+    loader = torch.utils.data.DataLoader(Synthetic(batch, model.net), batch_size=None, pin_memory=device.type == "cuda")
     trainer.fit(model, train_dataloaders=loader)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return model, timer.seconds, peak, counted
@@ -155,7 +165,7 @@ def time_sampling(model, cfg: DictConfig, device: torch.device) -> dict:
     for steps in cfg.bench.sample_steps:
         how = {"steps": steps} if sampler.param.few_step else {"steps": steps, "solver": "heun"}
 
-        def call(seed: int):
+        def call(seed: int, how=how):
             sampler(cfg.bench.sample_batch, seed=seed, device=device, **how)
 
         for seed in range(3):
@@ -190,13 +200,16 @@ def main(cfg: DictConfig) -> None:
         workdir = Path(tmp)
         teacher_for(cfg, workdir)
         try:
-            model, seconds, peak, (step_flops, forward_flops) = train_run(cfg, bench.batch, bench.warmup,
-                                                                          bench.steps, workdir, flops=True)
+            model, seconds, peak, (step_flops, forward_flops) = train_run(
+                cfg, bench.batch, bench.warmup, bench.steps, workdir, flops=True
+            )
         except Exception as error:  # noqa: BLE001 - re-raised unless it is running out of memory
             if not out_of_memory(error):
                 raise
-            raise SystemExit(f"error: bench.batch={bench.batch} does not train within the device's memory; "
-                             "lower bench.batch or add net.use_checkpoint=true") from error
+            raise SystemExit(
+                f"error: bench.batch={bench.batch} does not train within the device's memory; "
+                "lower bench.batch or add net.use_checkpoint=true"
+            ) from error
         device = model.device
         images_per_s = bench.batch * bench.steps / seconds
         result = {
@@ -216,17 +229,27 @@ def main(cfg: DictConfig) -> None:
         gc.collect()
         if bench.find_max_batch:
             largest, max_seconds, max_peak = max_batch(cfg, bench.batch, (seconds, peak), workdir)
-            result.update(max_batch=largest, max_batch_images_per_s=sig(largest * bench.steps / max_seconds),
-                          max_batch_peak_memory_gib=round(max_peak, 2), memory_cap_gib=bench.memory_gib)
+            result.update(
+                max_batch=largest,
+                max_batch_images_per_s=sig(largest * bench.steps / max_seconds),
+                max_batch_peak_memory_gib=round(max_peak, 2),
+                memory_cap_gib=bench.memory_gib,
+            )
     result["settings"] = {
-        "precision": cfg.trainer.precision, "channels_last": speed.channels_last, "compile": speed.compile,
-        "compile_mode": speed.compile_mode, "sample_compile_mode": speed.sample_compile_mode,
-        "fused_optimizer": speed.fused_optimizer, "frozen_dtype": speed.frozen_dtype,
+        "precision": cfg.trainer.precision,
+        "channels_last": speed.channels_last,
+        "compile": speed.compile,
+        "compile_mode": speed.compile_mode,
+        "sample_compile_mode": speed.sample_compile_mode,
+        "fused_optimizer": speed.fused_optimizer,
+        "frozen_dtype": speed.frozen_dtype,
         "activation_checkpointing": bool(cfg.net.get("use_checkpoint", False)),
         "objective": cfg.model.objective._target_.rsplit(".", 1)[-1],
         "distance": (cfg.model.objective.get("distance") or {}).get("_target_", "").rsplit(".", 1)[-1] or None,
         "optimizer": cfg.model.optimizer._target_,
-        "torch": torch.__version__, "steps_timed": bench.steps, "warmup": bench.warmup,
+        "torch": torch.__version__,
+        "steps_timed": bench.steps,
+        "warmup": bench.warmup,
     }
     line = json.dumps(result)
     print(line, flush=True)

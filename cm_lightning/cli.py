@@ -17,8 +17,13 @@ from cm_lightning.runtime.speed import auto_precision
 
 # Optional dependencies (pyproject.toml's extras) and the extra that installs each.
 EXTRAS = {"lmdb": "lsun", "tensorboard": "tensorboard", "wandb_workspaces": "report"}
-RESOLVERS = {"wandb_mode": wandb_runs.wandb_mode, "auto_precision": auto_precision, "wandb_name": wandb_runs.run_name,
-             "wandb_group": wandb_runs.group, "wandb_tags": wandb_runs.tags}
+RESOLVERS = {
+    "wandb_mode": wandb_runs.wandb_mode,
+    "auto_precision": auto_precision,
+    "wandb_name": wandb_runs.run_name,
+    "wandb_group": wandb_runs.group,
+    "wandb_tags": wandb_runs.tags,
+}
 
 
 def register_resolvers() -> None:
@@ -53,7 +58,8 @@ def user_errors(fn):
             cause = _root_cause(exc)
             message = missing_extra(exc) or cause
             if not isinstance(message, str) and not isinstance(
-                    cause, (ConfigError, MissingMandatoryValue, FileNotFoundError, ValueError)):
+                cause, (ConfigError, MissingMandatoryValue, FileNotFoundError, ValueError)
+            ):
                 raise
             print(f"error: {message}", file=sys.stderr)
             sys.exit(2)

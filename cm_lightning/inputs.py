@@ -38,8 +38,10 @@ def check_cpu_devices(devices, accelerator, key: str = "trainer.devices") -> Non
         return  # auto, -1, "0,1" and GPU counts are Lightning's and SLURM's to check
     count = whole(int(devices) if isinstance(devices, str) else devices, key, example=1)
     if count > cores():
-        raise ConfigError(f"{key}={devices} processes on the CPU, but this machine has {cores()} core(s); "
-                          f"use {key}=1 (or at most {cores()}), or run on GPUs")
+        raise ConfigError(
+            f"{key}={devices} processes on the CPU, but this machine has {cores()} core(s); "
+            f"use {key}=1 (or at most {cores()}), or run on GPUs"
+        )
 
 
 def check_training(cfg) -> None:

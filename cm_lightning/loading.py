@@ -46,8 +46,10 @@ def read_checkpoint(path, what: str = "checkpoint") -> dict:
     ckpt = load_file(path, what)
     plain = isinstance(ckpt, dict) and ckpt and all(isinstance(k, str) and torch.is_tensor(v) for k, v in ckpt.items())
     if not isinstance(ckpt, dict) or not (plain or META_KEY in ckpt):
-        raise ConfigError(f"{what}={path} is neither a cm-lightning checkpoint (no '{META_KEY}' entry) nor a plain "
-                          "state dict of tensors (the authors' .pt format)")
+        raise ConfigError(
+            f"{what}={path} is neither a cm-lightning checkpoint (no '{META_KEY}' entry) nor a plain "
+            "state dict of tensors (the authors' .pt format)"
+        )
     return ckpt
 
 
@@ -73,8 +75,11 @@ def state_dict_mismatch(expected: dict, given: dict, limit: int = 6) -> list[str
     kinds = [
         [f"missing {k} {tuple(v.shape)}" for k, v in expected.items() if k not in given],
         [f"unexpected {k} {tuple(v.shape)}" for k, v in given.items() if k not in expected],
-        [f"{k}: expected {tuple(v.shape)}, got {tuple(given[k].shape)}"
-         for k, v in expected.items() if k in given and tuple(v.shape) != tuple(given[k].shape)],
+        [
+            f"{k}: expected {tuple(v.shape)}, got {tuple(given[k].shape)}"
+            for k, v in expected.items()
+            if k in given and tuple(v.shape) != tuple(given[k].shape)
+        ],
     ]
     if not any(kinds):
         return []
@@ -116,8 +121,7 @@ class Teacher(nn.Module):
 
 
 def load_plain(net: nn.Module, state: dict, what: str, path) -> nn.Module:
-    load_matching(net, state, f"{what}={path}",
-                  f"Name the network it was trained with: {net_hint(path)}")
+    load_matching(net, state, f"{what}={path}", f"Name the network it was trained with: {net_hint(path)}")
     return net.eval().requires_grad_(False)
 
 
@@ -132,8 +136,10 @@ def load_teacher(path, like: nn.Module | None = None, sigma_data: float = 0.5) -
     ckpt = read_checkpoint(path, "model.teacher_ckpt")
     if is_plain(ckpt):
         if kind_from_name(path) == "consistency":
-            raise ConfigError(f"model.teacher_ckpt={path} is named as a consistency model; the teacher must be "
-                              "an EDM model, e.g. the authors' edm_imagenet64_ema.pt")
+            raise ConfigError(
+                f"model.teacher_ckpt={path} is named as a consistency model; the teacher must be "
+                "an EDM model, e.g. the authors' edm_imagenet64_ema.pt"
+            )
         if like is None:
             raise ConfigError(f"model.teacher_ckpt={path} is a plain state dict; it needs the run's net config")
         net = load_plain(copy.deepcopy(like), ckpt, "model.teacher_ckpt", path)
@@ -161,11 +167,14 @@ def plain_sampler(path, state: dict, net=None, kind: str | None = None) -> Sampl
     sigma_max 80, rho 7)."""
     kind = kind or kind_from_name(path)
     if kind not in ("consistency", "edm"):
-        raise ConfigError(f"ckpt={path} is a plain state dict whose name does not say what it is; add "
-                          "kind=consistency (a CD/CT model) or kind=edm (a diffusion teacher)")
+        raise ConfigError(
+            f"ckpt={path} is a plain state dict whose name does not say what it is; add "
+            "kind=consistency (a CD/CT model) or kind=edm (a diffusion teacher)"
+        )
     if net is None:
-        raise ConfigError(f"ckpt={path} is a plain state dict (the authors' format); name its network: "
-                          f"{net_hint(path)}")
+        raise ConfigError(
+            f"ckpt={path} is a plain state dict (the authors' format); name its network: {net_hint(path)}"
+        )
     net = load_plain(net if isinstance(net, nn.Module) else instantiate(net), state, "ckpt", path)
     make = edm_denoiser if kind == "edm" else consistency_function
     return Sampler(net, make(noise_kind=net.noise_kind))
@@ -194,7 +203,7 @@ def export_state_dict(ckpt: dict, path, out, ema: int | None = None) -> Path:
     if is_plain(ckpt):
         raise ConfigError(f"ckpt={path} is already a plain state dict; export reads a run's checkpoint")
     prefix = f"ema.{select_ema(ckpt[META_KEY], ema)['sample_ema']}."
-    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     out = Path(str(out)).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, out)

@@ -12,11 +12,11 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from cm_lightning import wandb_runs
-from cm_lightning.runtime import ddp, slurm
 from cm_lightning.callbacks.checkpoint import AtomicCheckpointIO, check_writable, checkpoint_dir, resume_path
 from cm_lightning.callbacks.telemetry import usable
 from cm_lightning.errors import ConfigError
 from cm_lightning.inputs import check_training
+from cm_lightning.runtime import ddp, slurm
 from cm_lightning.runtime.run_dir import OptimizerSettings, check_fresh_start, check_resume, write_hydra_files
 from cm_lightning.untrusted import fit_options
 
@@ -42,8 +42,11 @@ def needs_teacher(model: DictConfig) -> bool:
     objective distils the teacher (CD's pair rule, sCD)."""
     objective = model.get("objective") or {}
     pair = (objective.get("pair") or {}).get("_target_")
-    return bool(model.get("init_from_teacher") or objective.get("distill")
-                or (pair is not None and get_class(pair).requires_teacher))
+    return bool(
+        model.get("init_from_teacher")
+        or objective.get("distill")
+        or (pair is not None and get_class(pair).requires_teacher)
+    )
 
 
 def wandb_run_id(run_dir) -> str:
@@ -69,8 +72,9 @@ def build(cfg: DictConfig):
     """Data, model, callbacks, loggers and trainer, each with ``hydra.utils.instantiate``; the checks that
     need them run here, before any process is started or any step is taken."""
     # Inside a SLURM job the allocation binds first: its message names what SLURM started.
-    slurm.check_allocation(cfg.trainer.get("devices", 1), cfg.trainer.get("num_nodes", 1),
-                           cfg.trainer.get("accelerator", "auto"))
+    slurm.check_allocation(
+        cfg.trainer.get("devices", 1), cfg.trainer.get("num_nodes", 1), cfg.trainer.get("accelerator", "auto")
+    )
     check_training(cfg)
     data = instantiate(cfg.data, seed=cfg.seed)
     model = instantiate(cfg.model)

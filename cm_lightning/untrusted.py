@@ -44,9 +44,11 @@ def refusal(exc: Exception) -> str:
     if "Weights only load failed" in text:
         found = re.search(r"GLOBAL (\S+)|Unsupported (?:operand|class) (\S+)", text)
         name = next((g for g in found.groups() if g), "") if found else ""
-        return (f"holds a Python object{f' ({name})' if name else ''} besides tensors and plain data; it is "
-                "refused because loading it could run code. Use a checkpoint written by train.py or a plain "
-                "state dict of tensors")
+        return (
+            f"holds a Python object{f' ({name})' if name else ''} besides tensors and plain data; it is "
+            "refused because loading it could run code. Use a checkpoint written by train.py or a plain "
+            "state dict of tensors"
+        )
     first = text.splitlines()[0] if text.strip() else "empty or cut short"
     return f"is not a PyTorch checkpoint file ({type(exc).__name__}: {first})"
 

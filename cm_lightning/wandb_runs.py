@@ -106,12 +106,20 @@ def evaluation_logger(cfg: DictConfig, ckpt: dict) -> WandbLogger | None:
     if not w.log:
         return None
     trained = training_run(cfg.ckpt, ckpt)
-    config = OmegaConf.to_container(cfg, resolve=True) | {"checkpoint": str(Path(str(cfg.ckpt)).resolve()),
-                                                          "checkpoint_run_id": trained.get("id")}
-    return WandbLogger(project=w.project or trained.get("project") or "cm-lightning", save_dir=cfg.out_dir,
-                       mode=w.mode, name=f"{cfg.task} {trained.get('name') or Path(str(cfg.ckpt)).name}",
-                       group=trained.get("group") or cfg.task, job_type="evaluate",
-                       tags=[cfg.task, *trained.get("tags", [])], config=config)
+    config = OmegaConf.to_container(cfg, resolve=True) | {
+        "checkpoint": str(Path(str(cfg.ckpt)).resolve()),
+        "checkpoint_run_id": trained.get("id"),
+    }
+    return WandbLogger(
+        project=w.project or trained.get("project") or "cm-lightning",
+        save_dir=cfg.out_dir,
+        mode=w.mode,
+        name=f"{cfg.task} {trained.get('name') or Path(str(cfg.ckpt)).name}",
+        group=trained.get("group") or cfg.task,
+        job_type="evaluate",
+        tags=[cfg.task, *trained.get("tags", [])],
+        config=config,
+    )
 
 
 def record_evaluation(cfg: DictConfig, written: list, ckpt: dict) -> None:

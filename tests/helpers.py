@@ -4,20 +4,28 @@ import functools
 
 import torch
 
-from cm_lightning.diffusion.distances import L2
 from cm_lightning.diffusion.curricula import FixedCurriculum
+from cm_lightning.diffusion.distances import L2
 from cm_lightning.diffusion.objectives.consistency import DiscreteConsistency
 from cm_lightning.diffusion.objectives.denoising import Denoising
-from cm_lightning.diffusion.precond import consistency_function, edm_denoiser
 from cm_lightning.diffusion.pair_rules import CTPairRule
+from cm_lightning.diffusion.precond import consistency_function, edm_denoiser
 from cm_lightning.modules.generative import GenerativeModule
 from cm_lightning.nets.adm import ADMUNet
 
 
 def tiny_net(dropout: float = 0.0, image_size: int = 8, channels: int = 1, num_classes: int = 0) -> ADMUNet:
-    return ADMUNet(image_size=image_size, in_channels=channels, model_channels=16, channel_mult=(1, 2),
-                   num_res_blocks=1, attention_resolutions=(4,), num_head_channels=16, dropout=dropout,
-                   num_classes=num_classes)
+    return ADMUNet(
+        image_size=image_size,
+        in_channels=channels,
+        model_channels=16,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_resolutions=(4,),
+        num_head_channels=16,
+        dropout=dropout,
+        num_classes=num_classes,
+    )
 
 
 def randomise(net: torch.nn.Module, std: float = 0.1) -> torch.nn.Module:
@@ -35,8 +43,11 @@ def consistency_module(net, pair, distance=None, **kwargs) -> GenerativeModule:
 
 def ct_module(net, mu: float = 0.9, ema_rates=(0.99,), num_scales: int = 10) -> GenerativeModule:
     return consistency_module(
-        net, CTPairRule(FixedCurriculum(num_scales, mu)),
-        optimizer=functools.partial(torch.optim.SGD, lr=0.1), ema_rates=ema_rates)
+        net,
+        CTPairRule(FixedCurriculum(num_scales, mu)),
+        optimizer=functools.partial(torch.optim.SGD, lr=0.1),
+        ema_rates=ema_rates,
+    )
 
 
 def edm_module(net, p_std: float = 1.2, **kwargs) -> GenerativeModule:

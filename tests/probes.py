@@ -10,9 +10,8 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.fabric.plugins.io import torch_io
-
 from conftest import run_script
+from lightning.fabric.plugins.io import torch_io
 
 HERE = Path(__file__).resolve().parent
 
@@ -126,11 +125,20 @@ def every_evaluate_task(train_overrides, tmp_path: Path) -> None:
     folder.mkdir()
     for i, image in enumerate(colour_digits_tensor(16)[0][:2]):
         save_image((image + 1) / 2, folder / f"d{i}.png")
-    common = [f"ckpt={tmp_path / 'run/checkpoints/last.ckpt'}", "num=20", "batch_size=10", f"input={folder}",
-              f"hydra.sweep.dir={tmp_path / 'eval'}", "hydra.sweep.subdir=${task}", "metrics.reference_num=40",
-              "search_budget=40", "ts_num_scales=5"]
-    run("evaluate.py", "-m", f"task={','.join(['sample', 'fid', 'search_midpoint', *EDIT_TASKS])}", *common,
-        timeout=600)
+    common = [
+        f"ckpt={tmp_path / 'run/checkpoints/last.ckpt'}",
+        "num=20",
+        "batch_size=10",
+        f"input={folder}",
+        f"hydra.sweep.dir={tmp_path / 'eval'}",
+        "hydra.sweep.subdir=${task}",
+        "metrics.reference_num=40",
+        "search_budget=40",
+        "ts_num_scales=5",
+    ]
+    run(
+        "evaluate.py", "-m", f"task={','.join(['sample', 'fid', 'search_midpoint', *EDIT_TASKS])}", *common, timeout=600
+    )
     out = tmp_path / "eval"
     assert (out / "sample/samples_2step.npz").exists() and (out / "fid/metrics.json").exists()
     assert (out / "search_midpoint/search_midpoint.json").exists()
@@ -145,8 +153,14 @@ def last_checkpoint(run_dir: Path) -> dict:
 def two_ranks_and_one(overrides, tmp_path: Path) -> tuple[dict, dict]:
     """One optimiser step with ``overrides`` on 2 CPU processes and on 1: both state dicts, checked equal."""
     for name, devices in (("ddp", 2), ("single", 1)):
-        run("train.py", *overrides, "trainer.max_steps=1", f"trainer.devices={devices}",
-            f"hydra.run.dir={tmp_path / name}", timeout=400)
+        run(
+            "train.py",
+            *overrides,
+            "trainer.max_steps=1",
+            f"trainer.devices={devices}",
+            f"hydra.run.dir={tmp_path / name}",
+            timeout=400,
+        )
     ddp, single = (last_checkpoint(tmp_path / name) for name in ("ddp", "single"))
     assert ddp["global_step"] == 1 and ddp["state_dict"].keys() == single["state_dict"].keys()
     for key in ddp["state_dict"]:
@@ -159,8 +173,14 @@ def killed_and_resumed(overrides, tmp_path: Path, steps: int = 6, kill_at: int =
     (weights, EMAs, the objective's own parameters, the optimiser); returns the uninterrupted checkpoint."""
     every = [*overrides, f"trainer.max_steps={steps}", "callbacks.checkpoint.every_n_train_steps=2"]
     run("train.py", *every, f"hydra.run.dir={tmp_path / 'full'}")
-    killed = run("train.py", *every, f"hydra.run.dir={tmp_path / 'resumed'}", "+callbacks.kill._target_=probes.KillAt",
-                 f"+callbacks.kill.step={kill_at}", check=False)
+    killed = run(
+        "train.py",
+        *every,
+        f"hydra.run.dir={tmp_path / 'resumed'}",
+        "+callbacks.kill._target_=probes.KillAt",
+        f"+callbacks.kill.step={kill_at}",
+        check=False,
+    )
     assert killed.returncode == -signal.SIGKILL
     run("train.py", *every, f"hydra.run.dir={tmp_path / 'resumed'}")
     full, resumed = last_checkpoint(tmp_path / "full"), last_checkpoint(tmp_path / "resumed")

@@ -33,10 +33,27 @@ from cm_lightning.tasks.common import authors_uint8
 from cm_lightning.tasks.sample import class_labels
 
 LAYOUT = json.loads((Path(__file__).parent / "data" / "adm-state-dict-layout.json").read_text())
-NET = dict(_target_="cm_lightning.nets.adm.ADMUNet", image_size=8, in_channels=3, model_channels=16,
-           channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[4], num_head_channels=16, num_classes=3)
-NET_CLI = ["net=adm_tiny", "net.image_size=8", "net.in_channels=3", "net.model_channels=16", "net.channel_mult=[1,2]",
-           "net.attention_resolutions=[4]", "net.num_head_channels=16", "net.num_classes=3"]
+NET = dict(
+    _target_="cm_lightning.nets.adm.ADMUNet",
+    image_size=8,
+    in_channels=3,
+    model_channels=16,
+    channel_mult=[1, 2],
+    num_res_blocks=1,
+    attention_resolutions=[4],
+    num_head_channels=16,
+    num_classes=3,
+)
+NET_CLI = [
+    "net=adm_tiny",
+    "net.image_size=8",
+    "net.in_channels=3",
+    "net.model_channels=16",
+    "net.channel_mult=[1,2]",
+    "net.attention_resolutions=[4]",
+    "net.num_head_channels=16",
+    "net.num_classes=3",
+]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -68,15 +85,24 @@ def test_another_architecture_names_the_first_differing_keys(tmp_path):
         imagenet = instantiate(OmegaConf.load(ROOT / "conf" / "net" / "adm_imagenet64.yaml")).state_dict()
         lsun = {k: torch.empty(shape) for k, shape in LAYOUT["lsun256_uncond"]["keys"]}
     diff = state_dict_mismatch(imagenet, lsun)
-    assert diff[:3] == ["missing label_emb.weight (1000, 768)",
-                        "unexpected input_blocks.7.0.skip_connection.weight (512, 256, 1, 1)",
-                        "time_embed.0.weight: expected (768, 192), got (1024, 256)"]
+    assert diff[:3] == [
+        "missing label_emb.weight (1000, 768)",
+        "unexpected input_blocks.7.0.skip_connection.weight (512, 256, 1, 1)",
+        "time_embed.0.weight: expected (768, 192), got (1024, 256)",
+    ]
     assert diff[-1] == "in all 83 missing, 108 unexpected, 457 of another shape"
 
-    torch.save(NCSNpp(image_size=8, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
-                      attention_resolutions=(4,)).state_dict(), tmp_path / "cd_other.pt")
-    with pytest.raises(ConfigError, match=r"ckpt=.*cd_other.pt does not match the configured network: "
-                                          r"missing time_embed.0.weight \(64, 16\);.*unexpected map_noise.freqs"):
+    torch.save(
+        NCSNpp(
+            image_size=8, model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,)
+        ).state_dict(),
+        tmp_path / "cd_other.pt",
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"ckpt=.*cd_other.pt does not match the configured network: "
+        r"missing time_embed.0.weight \(64, 16\);.*unexpected map_noise.freqs",
+    ):
         sampler_from_checkpoint(tmp_path / "cd_other.pt", net=NET)
     save_plain(tmp_path / "cd_wide.pt", model_channels=32)
     with pytest.raises(ConfigError, match=r"time_embed.0.weight: expected \(64, 16\), got \(128, 32\)"):
@@ -119,8 +145,17 @@ def test_plain_teacher_loads_into_a_copy_of_the_runs_net(tmp_path):
 
 def test_evaluate_samples_a_plain_state_dict(tmp_path):
     state = save_plain(tmp_path / "cd_tiny.pt")
-    run_script("evaluate.py", f"ckpt={tmp_path / 'cd_tiny.pt'}", "task=sample", *NET_CLI, "num=4", "steps=[1]",
-               "classes=[2,0]", "device=cpu", f"hydra.run.dir={tmp_path / 'eval'}")
+    run_script(
+        "evaluate.py",
+        f"ckpt={tmp_path / 'cd_tiny.pt'}",
+        "task=sample",
+        *NET_CLI,
+        "num=4",
+        "steps=[1]",
+        "classes=[2,0]",
+        "device=cpu",
+        f"hydra.run.dir={tmp_path / 'eval'}",
+    )
     out = np.load(tmp_path / "eval" / "samples_1step.npz")
     assert out["arr_0"].shape == (4, 8, 8, 3) and out["arr_1"].tolist() == [2, 0, 2, 0]
     # The same images as the authors' parameterisation around the same weights: f(x, sigma) with eps = 0.002
@@ -128,7 +163,8 @@ def test_evaluate_samples_a_plain_state_dict(tmp_path):
     net = instantiate(NET)
     net.load_state_dict(state)
     images, _ = Sampler(net.eval(), consistency_function(0.5, 0.002, "adm"))(
-        4, steps=1, labels=torch.tensor([2, 0, 2, 0]), seed=0)
+        4, steps=1, labels=torch.tensor([2, 0, 2, 0]), seed=0
+    )
     assert np.array_equal(out["arr_0"], authors_uint8(images))
 
 
@@ -136,19 +172,27 @@ def fake_run_checkpoint(path: Path) -> dict:
     """A checkpoint as train.py wrote it before parameterisations were stored by name (``kind``, ``precond``
     and ``grid``; see GenerativeModule.on_save_checkpoint for today's), with two EMAs: it still loads."""
     nets = [randomise(instantiate(NET)) for _ in range(3)]
-    state = {f"{prefix}.{k}": v for prefix, net in zip(("net", "ema.0", "ema.1"), nets)
-             for k, v in net.state_dict().items()}
-    meta = {"config": {"model": {"net": NET}}, "kind": "consistency",
-            "precond": {"sigma_data": 0.5, "eps": 0.002, "noise_kind": "adm"}, "ema_rates": [0.9, 0.99], "sample_ema": 0,
-            "grid": dict(sigma_min=0.002, sigma_max=80.0, rho=7.0)}
+    state = {
+        f"{prefix}.{k}": v for prefix, net in zip(("net", "ema.0", "ema.1"), nets) for k, v in net.state_dict().items()
+    }
+    meta = {
+        "config": {"model": {"net": NET}},
+        "kind": "consistency",
+        "precond": {"sigma_data": 0.5, "eps": 0.002, "noise_kind": "adm"},
+        "ema_rates": [0.9, 0.99],
+        "sample_ema": 0,
+        "grid": dict(sigma_min=0.002, sigma_max=80.0, rho=7.0),
+    }
     torch.save({"state_dict": state, META_KEY: meta}, path)
     return nets[2].state_dict()
 
 
 def test_export_writes_the_authors_format(tmp_path):
     ema1 = fake_run_checkpoint(tmp_path / "last.ckpt")
-    evaluate_here(["task=export", f"ckpt={tmp_path / 'last.ckpt'}", "ema=1", f"export_to={tmp_path / 'cd_tiny.pt'}"],
-                  tmp_path / "eval")
+    evaluate_here(
+        ["task=export", f"ckpt={tmp_path / 'last.ckpt'}", "ema=1", f"export_to={tmp_path / 'cd_tiny.pt'}"],
+        tmp_path / "eval",
+    )
     exported = torch.load(tmp_path / "cd_tiny.pt", weights_only=True)
     assert list(exported) == list(ema1) and all(torch.equal(exported[k], ema1[k]) for k in ema1)
     ours = sampler_from_checkpoint(tmp_path / "last.ckpt", ema=1)
@@ -163,8 +207,16 @@ def test_cd_from_a_plain_teacher_file(tmp_path):
         cfg = compose("train", overrides=["experiment=digits_cd", *TINY])
     torch.manual_seed(0)
     torch.save(randomise(instantiate(cfg.net)).state_dict(), tmp_path / "edm_digits_ema.pt")
-    train_here(["experiment=digits_cd", f"model.teacher_ckpt={tmp_path / 'edm_digits_ema.pt'}", *TINY,
-                "trainer.max_steps=2", "logger=none"], tmp_path / "cd")
+    train_here(
+        [
+            "experiment=digits_cd",
+            f"model.teacher_ckpt={tmp_path / 'edm_digits_ema.pt'}",
+            *TINY,
+            "trainer.max_steps=2",
+            "logger=none",
+        ],
+        tmp_path / "cd",
+    )
     ckpt = torch.load(tmp_path / "cd" / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 2 and ckpt[META_KEY]["config"]["model"]["teacher_ckpt"].endswith("edm_digits_ema.pt")
 

@@ -4,9 +4,8 @@ import csv
 
 import numpy as np
 import torch
-from PIL import Image
-
 from conftest import TINY, run_script
+from PIL import Image
 
 
 def test_edm_then_cd_then_evaluate(edm_run, cd_run, tmp_path):
@@ -43,8 +42,10 @@ def test_resume_continues_from_the_checkpoint(edm_run, tmp_path):
     start = edm_run / "checkpoints/last.ckpt"
     run_script("train.py", *common, f"ckpt_path={start}", f"hydra.run.dir={tmp_path / 'resumed'}")
     run_script("train.py", *common, f"hydra.run.dir={tmp_path / 'straight'}")
-    resumed, straight, before = (torch.load(path, map_location="cpu", weights_only=True) for path in (
-        tmp_path / "resumed/checkpoints/last.ckpt", tmp_path / "straight/checkpoints/last.ckpt", start))
+    resumed, straight, before = (
+        torch.load(path, map_location="cpu", weights_only=True)
+        for path in (tmp_path / "resumed/checkpoints/last.ckpt", tmp_path / "straight/checkpoints/last.ckpt", start)
+    )
     assert resumed["global_step"] == straight["global_step"] == 6
     assert resumed["state_dict"].keys() == straight["state_dict"].keys()
     for key, value in straight["state_dict"].items():
@@ -53,7 +54,21 @@ def test_resume_continues_from_the_checkpoint(edm_run, tmp_path):
 
 
 def test_wandb_offline_and_tensorboard_loggers(tmp_path):
-    run_script("train.py", "experiment=digits_ct", *TINY, "trainer.max_steps=2", "logger=wandb", f"hydra.run.dir={tmp_path / 'w'}")
+    run_script(
+        "train.py",
+        "experiment=digits_ct",
+        *TINY,
+        "trainer.max_steps=2",
+        "logger=wandb",
+        f"hydra.run.dir={tmp_path / 'w'}",
+    )
     assert list((tmp_path / "w/wandb").glob("offline-run-*"))
-    run_script("train.py", "experiment=digits_ct", *TINY, "trainer.max_steps=2", "logger=tensorboard", f"hydra.run.dir={tmp_path / 't'}")
+    run_script(
+        "train.py",
+        "experiment=digits_ct",
+        *TINY,
+        "trainer.max_steps=2",
+        "logger=tensorboard",
+        f"hydra.run.dir={tmp_path / 't'}",
+    )
     assert list((tmp_path / "t/tensorboard").glob("events.*"))

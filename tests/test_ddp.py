@@ -6,15 +6,22 @@ import json
 
 import pytest
 import torch
+from conftest import TINY
+from probes import run
 
 from cm_lightning.data.epoch_sampler import EpochSampler
 from cm_lightning.runtime.ddp import config_flags
 from cm_lightning.runtime.slurm import count_devices
-from conftest import TINY
-from probes import run
 
-ONE_STEP = ["experiment=digits_ct", *TINY, "trainer.max_steps=1", "trainer.accelerator=cpu",
-            "trainer.deterministic=true", "logger=csv", "+callbacks.probe._target_=probes.RankProbe"]
+ONE_STEP = [
+    "experiment=digits_ct",
+    *TINY,
+    "trainer.max_steps=1",
+    "trainer.accelerator=cpu",
+    "trainer.deterministic=true",
+    "logger=csv",
+    "+callbacks.probe._target_=probes.RankProbe",
+]
 
 
 def weights(run_dir):

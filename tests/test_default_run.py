@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 import torch
+from conftest import run_script
 
 from cm_lightning.metrics.digits_classifier import load_pretrained_digits_classifier
-from conftest import run_script
 
 
 @pytest.mark.slow
@@ -16,7 +16,9 @@ def test_default_training_run_makes_recognisable_digits(tmp_path):
     assert list((tmp_path / "wandb").glob("offline-run-*"))
 
     # Into a directory of its own: evaluate.py does not write into a training run's directory.
-    run_script("evaluate.py", f"ckpt={tmp_path / 'checkpoints/last.ckpt'}", "num=500", f"hydra.run.dir={tmp_path / 'eval'}")
+    run_script(
+        "evaluate.py", f"ckpt={tmp_path / 'checkpoints/last.ckpt'}", "num=500", f"hydra.run.dir={tmp_path / 'eval'}"
+    )
     classifier = load_pretrained_digits_classifier()
     for k in (1, 2):
         images = np.load(tmp_path / "eval" / f"samples_{k}step.npz")["arr_0"]

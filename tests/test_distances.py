@@ -39,8 +39,10 @@ def lpips_files(tmp_path_factory):
     d = tmp_path_factory.mktemp("lpips")
     features = make_layers(cfgs["D"])
     torch.save({f"features.{k}": v for k, v in features.state_dict().items()}, d / "vgg16.pth")
-    torch.save({f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) for i, c in enumerate((64, 128, 256, 512, 512))},
-               d / "vgg.pth")
+    torch.save(
+        {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) for i, c in enumerate((64, 128, 256, 512, 512))},
+        d / "vgg.pth",
+    )
     return d
 
 
@@ -75,7 +77,7 @@ def test_lpips_avg_pooling_matches_the_authors_piq(lpips_files, monkeypatch):
 
     def vgg16(**_):
         features = make_layers(cfgs["D"])
-        features.load_state_dict({k[len("features."):]: v for k, v in vgg.items()})
+        features.load_state_dict({k[len("features.") :]: v for k, v in vgg.items()})
         return SimpleNamespace(features=features)
 
     monkeypatch.setattr(piq.perceptual, "vgg16", vgg16)
@@ -90,8 +92,9 @@ def test_lpips_avg_pooling_matches_the_authors_piq(lpips_files, monkeypatch):
     # Unresized noise, where the two poolings differ by far more than the tolerance.
     x, y = torch.rand(2, 3, 64, 64) * 2 - 1, torch.rand(2, 3, 64, 64) * 2 - 1
     expected = theirs((x + 1) / 2, (y + 1) / 2)
-    torch.testing.assert_close(LPIPS(vgg_weights=lpips_files / "vgg16.pth", pooling="avg", resize_to=64)(x, y),
-                               expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        LPIPS(vgg_weights=lpips_files / "vgg16.pth", pooling="avg", resize_to=64)(x, y), expected, rtol=0, atol=1e-5
+    )
     max_pooled = LPIPS(vgg_weights=lpips_files / "vgg16.pth", pooling="max", resize_to=64)(x, y)
     assert (max_pooled - expected).abs().min() > 1e-3
 

@@ -222,5 +222,6 @@ def test_run_method_reads_the_stored_config(tmp_path):
     # Since the curriculum got its name and the pair rules theirs:
     fixed["_target_"] = "cm_lightning.diffusion.curricula.FixedCurriculum"
     cd = {"_target_": "cm_lightning.diffusion.pair_rules.CDPairRule", "curriculum": fixed}
-    assert run_method({"cm_lightning": {"config": {"model": {"objective": {"pair": cd}}, "trainer": {"max_steps": 1}}}}) == (
-        "cd", 40)
+    assert run_method(
+        {"cm_lightning": {"config": {"model": {"objective": {"pair": cd}}, "trainer": {"max_steps": 1}}}}
+    ) == ("cd", 40)

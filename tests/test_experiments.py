@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from torchvision.models.vgg import cfgs, make_layers
-
-from cm_lightning.training import needs_teacher
 from conftest import ROOT, run_script
+from hydra import compose, initialize_config_dir
 from inprocess import train_here
 from test_data import write_cifar_fixture
 from test_imagenet_lsun import write_imagenet_batches, write_lsun_lmdb
+from torchvision.models.vgg import cfgs, make_layers
+
+from cm_lightning.training import needs_teacher
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
 IMAGENET_EMA = [0.999, 0.9999, 0.9999432189950708]
@@ -86,10 +86,16 @@ def test_published_meanflow_settings():
 def test_published_teachers_and_lsun_cat():
     cfg = composed("experiment=imagenet64_edm")
     assert (cfg.data.batch_size, cfg.model.optimizer.lr, cfg.net.dropout) == (4096, 1e-4, 0.1)
-    assert (cfg.model.objective.p_mean, cfg.model.objective.p_std, list(cfg.model.ema_rates)) == (-1.2, 1.2, IMAGENET_EMA)
+    assert (cfg.model.objective.p_mean, cfg.model.objective.p_std, list(cfg.model.ema_rates)) == (
+        -1.2,
+        1.2,
+        IMAGENET_EMA,
+    )
     assert cfg.net.num_classes == 1000 and cfg.data.num_classes == 1000
     cfg = composed("experiment=cifar10_edm")
-    assert cfg.hydra.runtime.choices.net == "ncsnpp_cifar10" and cfg.model.objective.parameterisation.noise_kind == "edm"
+    assert (
+        cfg.hydra.runtime.choices.net == "ncsnpp_cifar10" and cfg.model.objective.parameterisation.noise_kind == "edm"
+    )
     cfg = composed("experiment=lsun_cd", "data=lsun_cat")
     assert cfg.data.root.endswith("lsun/cat") and cfg.data._target_.endswith("LSUNDataModule")
 
@@ -124,15 +130,30 @@ def shrink(cfg, disk: dict) -> list[str]:
     """Overrides that make an experiment's data and network tiny while keeping its data format."""
     root, data, net = disk["root"], cfg.data._target_.rsplit(".", 1)[-1], cfg.net._target_.rsplit(".", 1)[-1]
     size = {"CIFAR10DataModule": 32}.get(data, 16)
-    out = ["trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.log_every_n_steps=1",
-           "trainer.enable_progress_bar=false", "trainer.accelerator=cpu", "logger=none", "data.batch_size=4",
-           "data.num_workers=0", "data.val_size=4", "callbacks.sample_grid.num=2",
-           "callbacks.sample_grid.teacher_steps=2", "callbacks.metrics=null", f"net.image_size={size}",
-           "net.model_channels=16", "net.channel_mult=[1,2]", "net.num_res_blocks=1",
-           f"net.attention_resolutions=[{size // 2}]"]
-    out += {"CIFAR10DataModule": [f"data.root={root / 'cifar10'}"],
-            "ImageNet64DataModule": [f"data.root={root / 'imagenet64'}", f"data.image_size={size}"],
-            "LSUNDataModule": [f"data.root={root / 'lsun'}", f"data.image_size={size}"]}.get(data, [])
+    out = [
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "trainer.log_every_n_steps=1",
+        "trainer.enable_progress_bar=false",
+        "trainer.accelerator=cpu",
+        "logger=none",
+        "data.batch_size=4",
+        "data.num_workers=0",
+        "data.val_size=4",
+        "callbacks.sample_grid.num=2",
+        "callbacks.sample_grid.teacher_steps=2",
+        "callbacks.metrics=null",
+        f"net.image_size={size}",
+        "net.model_channels=16",
+        "net.channel_mult=[1,2]",
+        "net.num_res_blocks=1",
+        f"net.attention_resolutions=[{size // 2}]",
+    ]
+    out += {
+        "CIFAR10DataModule": [f"data.root={root / 'cifar10'}"],
+        "ImageNet64DataModule": [f"data.root={root / 'imagenet64'}", f"data.image_size={size}"],
+        "LSUNDataModule": [f"data.root={root / 'lsun'}", f"data.image_size={size}"],
+    }.get(data, [])
     per_net = {"ADMUNet": ["net.num_head_channels=16"], "NCSNpp": []}
     if net not in per_net:
         pytest.fail(f"no shrinking overrides for net {net}: add them to shrink() in tests/test_experiments.py")
@@ -140,8 +161,11 @@ def shrink(cfg, disk: dict) -> list[str]:
     distance = cfg.model.objective.get("distance")
     if distance is not None and distance._target_.endswith("LPIPS"):
         key = "model.objective.distance"
-        out += [f"{key}.lin_weights={root / 'lin.pth'}", f"{key}.vgg_weights={root / 'vgg16.pth'}",
-                f"{key}.resize_to={size}"]
+        out += [
+            f"{key}.lin_weights={root / 'lin.pth'}",
+            f"{key}.vgg_weights={root / 'vgg16.pth'}",
+            f"{key}.resize_to={size}",
+        ]
     return out
 
 
@@ -175,8 +199,14 @@ def test_experiment_trains_two_steps(name, disk, tmp_path):
 def test_two_processes_split_the_global_batch(disk, tmp_path):
     """ImageNet 64 CT (class-conditional, LPIPS) with 2 CPU processes: the global batch of 4 is 2 per process."""
     cfg = composed("experiment=imagenet64_ct")
-    proc = run_script("train.py", "experiment=imagenet64_ct", *shrink(cfg, disk), "trainer.devices=2",
-                      "callbacks.sample_grid.num=1", f"hydra.run.dir={tmp_path}")
+    proc = run_script(
+        "train.py",
+        "experiment=imagenet64_ct",
+        *shrink(cfg, disk),
+        "trainer.devices=2",
+        "callbacks.sample_grid.num=1",
+        f"hydra.run.dir={tmp_path}",
+    )
     ckpt = torch.load(Path(tmp_path) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 2
     assert "Starting with 2 processes" in proc.stdout + proc.stderr

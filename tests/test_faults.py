@@ -11,16 +11,24 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import ROOT, TINY
+from probes import run
 
 from cm_lightning.callbacks.checkpoint import check_writable, latest_readable, resume_path, unreadable
 from cm_lightning.callbacks.finite_loss import FiniteLoss, NonFiniteLoss
 from cm_lightning.errors import ConfigError
 from cm_lightning.runtime.slurm import check_allocation
-from conftest import ROOT, TINY
-from probes import run
 
-SLURM_STEP = {"SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NUM_NODES": "1", "SLURM_STEP_ID": "0",
-              "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NAME": "train.sh", "SLURM_JOB_ID": "7", "SLURM_PROCID": "0"}
+SLURM_STEP = {
+    "SLURM_NTASKS": "2",
+    "SLURM_STEP_NUM_TASKS": "2",
+    "SLURM_STEP_NUM_NODES": "1",
+    "SLURM_STEP_ID": "0",
+    "SLURM_JOB_NUM_NODES": "1",
+    "SLURM_JOB_NAME": "train.sh",
+    "SLURM_JOB_ID": "7",
+    "SLURM_PROCID": "0",
+}
 
 
 def fails(*overrides, code: int = 2) -> str:
@@ -29,10 +37,13 @@ def fails(*overrides, code: int = 2) -> str:
     return proc.stderr
 
 
-@pytest.mark.parametrize("devices, nodes, match", [
-    (4, 1, r"trainer.devices=4 x trainer.num_nodes=1 = 4 processes, but SLURM started 2 task\(s\)"),
-    (2, 2, r"trainer.num_nodes=2 but SLURM allocated 1 node"),
-])
+@pytest.mark.parametrize(
+    "devices, nodes, match",
+    [
+        (4, 1, r"trainer.devices=4 x trainer.num_nodes=1 = 4 processes, but SLURM started 2 task\(s\)"),
+        (2, 2, r"trainer.num_nodes=2 but SLURM allocated 1 node"),
+    ],
+)
 def test_devices_that_do_not_match_the_allocation(monkeypatch, devices, nodes, match):
     for key, value in SLURM_STEP.items():
         monkeypatch.setenv(key, value)
@@ -86,8 +97,12 @@ def test_unreadable_checkpoints(tmp_path):
 
 @pytest.mark.parametrize("value", [math.nan, math.inf])
 def test_non_finite_loss_names_the_step(value, tmp_path):
-    trainer = SimpleNamespace(strategy=SimpleNamespace(reduce_boolean_decision=lambda d, all: d), global_step=12,
-                              current_epoch=0, checkpoint_callback=SimpleNamespace(dirpath=str(tmp_path)))
+    trainer = SimpleNamespace(
+        strategy=SimpleNamespace(reduce_boolean_decision=lambda d, all: d),
+        global_step=12,
+        current_epoch=0,
+        checkpoint_callback=SimpleNamespace(dirpath=str(tmp_path)),
+    )
     FiniteLoss().on_before_backward(trainer, None, torch.tensor(1.0))
     with pytest.raises(NonFiniteLoss, match=f"loss is {value} at step 12 .*no checkpoint had been written"):
         FiniteLoss().on_before_backward(trainer, None, torch.tensor(value))
@@ -97,11 +112,17 @@ def test_nan_loss_names_the_checkpoint_from_before_the_divergence(tmp_path):
     """The loss climbed before it became NaN: last.ckpt (smoothed loss 50) is finite but already diverged,
     so the message names step 4 (1.1, within 10x of the median 1.1) and resuming from it."""
     for i, (name, smoothed) in enumerate([("step0000002.ckpt", 1.0), ("step0000004.ckpt", 1.1), ("last.ckpt", 50.0)]):
-        torch.save({"state_dict": {}, "global_step": 2 * i + 2,
-                    "callbacks": {"FiniteLoss": {"smoothed": smoothed}}}, tmp_path / name)
+        torch.save(
+            {"state_dict": {}, "global_step": 2 * i + 2, "callbacks": {"FiniteLoss": {"smoothed": smoothed}}},
+            tmp_path / name,
+        )
         os.utime(tmp_path / name, (1000 + i, 1000 + i))
-    trainer = SimpleNamespace(strategy=SimpleNamespace(reduce_boolean_decision=lambda d, all: d), global_step=7,
-                              current_epoch=0, checkpoint_callback=SimpleNamespace(dirpath=str(tmp_path)))
+    trainer = SimpleNamespace(
+        strategy=SimpleNamespace(reduce_boolean_decision=lambda d, all: d),
+        global_step=7,
+        current_epoch=0,
+        checkpoint_callback=SimpleNamespace(dirpath=str(tmp_path)),
+    )
     with pytest.raises(NonFiniteLoss) as info:
         FiniteLoss().on_before_backward(trainer, None, torch.tensor(math.nan))
     message = str(info.value)
@@ -111,8 +132,14 @@ def test_nan_loss_names_the_checkpoint_from_before_the_divergence(tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    err = fails("callbacks.checkpoint.every_n_train_steps=2", "+callbacks.poison._target_=probes.PoisonAt",
-                "+callbacks.poison.step=3", "logger=none", f"hydra.run.dir={tmp_path}", code=1)
+    err = fails(
+        "callbacks.checkpoint.every_n_train_steps=2",
+        "+callbacks.poison._target_=probes.PoisonAt",
+        "+callbacks.poison.step=3",
+        "logger=none",
+        f"hydra.run.dir={tmp_path}",
+        code=1,
+    )
     last = tmp_path / "checkpoints/last.ckpt"
     assert "error: the training loss is nan at step 3 (epoch 0)" in err and f"last good checkpoint is {last}" in err
     ckpt = torch.load(last, map_location="cpu", weights_only=True)
@@ -123,12 +150,20 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous(tmp_path):
     path = tmp_path / "last.ckpt"
     torch.save({"state_dict": {"w": torch.zeros(3)}, "global_step": 4}, path)
     before = path.read_bytes()
-    code = ("import torch; from probes import kill_during_writes; kill_during_writes(); "
-            "from cm_lightning.callbacks.checkpoint import AtomicCheckpointIO; "
-            "AtomicCheckpointIO().save_checkpoint({'state_dict': {'w': torch.ones(10**6)}, 'global_step': 6}, "
-            f"'{path}')")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT / "tests", env={"PYTHONPATH": str(ROOT)},
-                          capture_output=True, text=True, timeout=120)
+    code = (
+        "import torch; from probes import kill_during_writes; kill_during_writes(); "
+        "from cm_lightning.callbacks.checkpoint import AtomicCheckpointIO; "
+        "AtomicCheckpointIO().save_checkpoint({'state_dict': {'w': torch.ones(10**6)}, 'global_step': 6}, "
+        f"'{path}')"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT / "tests",
+        env={"PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == -9, proc.stderr[-2000:]
     partial = tmp_path / ".last.ckpt.partial"
     assert partial.stat().st_size > 0 and unreadable(partial)  # killed halfway through the new file...

@@ -9,17 +9,17 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from conftest import ROOT, TINY, run_script
+from helpers import consistency_module, pair_outputs, randomise, tiny_net
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from torch.utils.data import DataLoader, TensorDataset
 
-from cm_lightning.diffusion.distances import L2
 from cm_lightning.diffusion.curricula import ECTCurriculum, ICTCurriculum
+from cm_lightning.diffusion.distances import L2
 from cm_lightning.diffusion.karras import karras_sigmas, lognormal_index_probs
 from cm_lightning.diffusion.pair_rules import ECTPairRule, ICTPairRule, make_weighting
 from cm_lightning.errors import ConfigError
-from conftest import ROOT, TINY, run_script
-from helpers import consistency_module, pair_outputs, randomise, tiny_net
 
 
 def compose_cfg(*overrides: str):
@@ -120,15 +120,23 @@ def test_ect_levels_stay_on_the_consistency_function_domain():
 
 
 def ect_module(net):
-    return consistency_module(net, ECTPairRule(ECTCurriculum(double_every=1)), L2(),
-                             optimizer=functools.partial(torch.optim.Adam, lr=1e-3), ema_rates=(0.9,))
+    return consistency_module(
+        net,
+        ECTPairRule(ECTCurriculum(double_every=1)),
+        L2(),
+        optimizer=functools.partial(torch.optim.Adam, lr=1e-3),
+        ema_rates=(0.9,),
+    )
 
 
 def test_r_zero_makes_the_target_exactly_x0():
     torch.manual_seed(0)
     module = ect_module(randomise(tiny_net()))
     assert module.target_net is None  # the online network is the target
-    module.objective.pair.sample_levels = lambda step, num, g: (torch.full((num,), 1.0), torch.tensor([0.0, 0.5, 0.0, 0.5]))
+    module.objective.pair.sample_levels = lambda step, num, g: (
+        torch.full((num,), 1.0),
+        torch.tensor([0.0, 0.5, 0.0, 0.5]),
+    )
     x0 = torch.randn(4, 1, 8, 8)
     _, target, _, r = pair_outputs(module, x0)
     assert torch.equal(target[r == 0], x0[r == 0])
@@ -139,8 +147,14 @@ def test_ect_trains_and_logs_stage_mu_and_weight():
     torch.manual_seed(0)
     module = ect_module(randomise(tiny_net()))
     data = DataLoader(TensorDataset(torch.randn(8, 1, 8, 8), torch.zeros(8, dtype=torch.long)), batch_size=4)
-    trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, accelerator="cpu")
+    trainer = L.Trainer(
+        max_steps=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
     trainer.fit(module, data)
     logged = trainer.callback_metrics
     assert logged["train/stage"] == 2 and logged["train/mu"] == 0 and logged["train/weight"] > 0
@@ -148,8 +162,7 @@ def test_ect_trains_and_logs_stage_mu_and_weight():
 
 
 def test_ect_starts_from_the_teacher(edm_run):
-    cfg = compose_cfg("experiment=digits_ect", f"model.teacher_ckpt={edm_run / 'checkpoints/last.ckpt'}",
-                      *TINY)
+    cfg = compose_cfg("experiment=digits_ect", f"model.teacher_ckpt={edm_run / 'checkpoints/last.ckpt'}", *TINY)
     module = instantiate(cfg.model)
     teacher = torch.load(edm_run / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
     for key, value in module.net.state_dict().items():
@@ -159,26 +172,34 @@ def test_ect_starts_from_the_teacher(edm_run):
 
 # --- bad input ------------------------------------------------------------------------------------------
 def test_ect_without_teacher_stops_before_training(tmp_path):
-    proc = run_script("train.py", "experiment=digits_ect", *TINY, "logger=none", f"hydra.run.dir={tmp_path}",
-                      check=False)
+    proc = run_script(
+        "train.py", "experiment=digits_ect", *TINY, "logger=none", f"hydra.run.dir={tmp_path}", check=False
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "model.teacher_ckpt is not set" in proc.stderr and "ECT" in proc.stderr
     assert "Epoch 0" not in proc.stdout + proc.stderr
 
 
 def test_ect_with_another_architecture(edm_run):
-    cfg = compose_cfg("experiment=digits_ect", f"model.teacher_ckpt={edm_run / 'checkpoints/last.ckpt'}",
-                      *TINY, "net.model_channels=32")
+    cfg = compose_cfg(
+        "experiment=digits_ect",
+        f"model.teacher_ckpt={edm_run / 'checkpoints/last.ckpt'}",
+        *TINY,
+        "net.model_channels=32",
+    )
     assert "does not match the configured network" in build_error(cfg.model)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("model.objective.pair.curriculum.s0=2000", "s0=2000, s1=80"),
-    ("model.objective.pair.p_std=0", "p_std=0"),
-    ("model.objective.pair.p_std=-1.5", "p_std=-1.5"),
-    ("model.objective.distance.c_scale=0", "c_scale=0"),
-    ("model.objective.pair.index_sampling=normal", "'normal'"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.objective.pair.curriculum.s0=2000", "s0=2000, s1=80"),
+        ("model.objective.pair.p_std=0", "p_std=0"),
+        ("model.objective.pair.p_std=-1.5", "p_std=-1.5"),
+        ("model.objective.distance.c_scale=0", "c_scale=0"),
+        ("model.objective.pair.index_sampling=normal", "'normal'"),
+    ],
+)
 def test_ict_bad_values_name_themselves(override, message):
     cfg = compose_cfg("experiment=digits_ict", override)
     assert message in build_error(cfg.model.objective.distance if "distance" in override else cfg.model.objective.pair)
@@ -195,18 +216,29 @@ def test_ect_bad_values_name_themselves():
 
 # --- resume and the published experiments ------------------------------------------------------------------
 def logged_num_scales(run: Path) -> list[float]:
-    return [float(r["train/num_scales"]) for r in csv.DictReader(open(run / "csv/metrics.csv"))
-            if r.get("train/num_scales")]
+    return [
+        float(r["train/num_scales"]) for r in csv.DictReader(open(run / "csv/metrics.csv")) if r.get("train/num_scales")
+    ]
 
 
 def test_ict_curriculum_survives_resume(tmp_path):
     # s0 = 10, s1 = 80, K = 8: K' = floor(8 / (log2 8 + 1)) = 2, so N = 11, 11, 21, 21, 41, 41, 81, 81.
     first, resumed = tmp_path / "first", tmp_path / "resumed"
-    common = ["experiment=digits_ict", *TINY, "model.objective.pair.curriculum.s1=80", "model.objective.pair.curriculum.total_steps=8",
-              "logger=csv"]
+    common = [
+        "experiment=digits_ict",
+        *TINY,
+        "model.objective.pair.curriculum.s1=80",
+        "model.objective.pair.curriculum.total_steps=8",
+        "logger=csv",
+    ]
     run_script("train.py", *common, "trainer.max_steps=4", f"hydra.run.dir={first}")
-    run_script("train.py", *common, "trainer.max_steps=8", f"ckpt_path={first / 'checkpoints/last.ckpt'}",
-               f"hydra.run.dir={resumed}")
+    run_script(
+        "train.py",
+        *common,
+        "trainer.max_steps=8",
+        f"ckpt_path={first / 'checkpoints/last.ckpt'}",
+        f"hydra.run.dir={resumed}",
+    )
     assert logged_num_scales(first) == [11, 11, 21, 21]
     assert logged_num_scales(resumed) == [41, 41, 81, 81]  # steps 4 to 7
     ckpt = torch.load(resumed / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
@@ -221,7 +253,9 @@ def test_cifar10_experiments_compose_with_the_published_settings():
     assert isinstance(target, ICTPairRule) and target.uses_online_target
     assert target.curriculum.total_steps == 400_000 and target.state(0) == {"num_scales": 11, "mu": 0.0}
     assert target.state(400_000)["num_scales"] == 1281
-    assert instantiate(ict.model.objective.distance).c(torch.zeros(1, 3, 32, 32)) == pytest.approx(0.00054 * math.sqrt(3072))
+    assert instantiate(ict.model.objective.distance).c(torch.zeros(1, 3, 32, 32)) == pytest.approx(
+        0.00054 * math.sqrt(3072)
+    )
 
     ect = compose_cfg("experiment=cifar10_ect")
     assert ect.data.batch_size == 128 and ect.net.dropout == 0.2 and ect.model.init_from_teacher

@@ -9,13 +9,13 @@ import lmdb
 import numpy as np
 import pytest
 import torch
+from conftest import run_script
 from PIL import Image
 
 from cm_lightning.data.imagenet64 import ImageNet64DataModule, batch_files
 from cm_lightning.data.lsun import LSUNDataModule, adm_center_crop
 from cm_lightning.errors import ConfigError
 from cm_lightning.training import check_data_matches_net
-from conftest import run_script
 
 
 def write_imagenet_batches(root, size=16, n=6, batches=2, first_label=1, seed=0):
@@ -69,8 +69,11 @@ def test_batches_in_numeric_order(tmp_path):
 
 def test_npz_with_the_wrong_shape(tmp_path):
     write_imagenet_batches(tmp_path, size=8)
-    with pytest.raises(ConfigError, match=r"'data' is uint8 of shape \(6, 192\).*data.image_size=16.*"
-                                          r"\(N, 768\).*set data.image_size=8"):
+    with pytest.raises(
+        ConfigError,
+        match=r"'data' is uint8 of shape \(6, 192\).*data.image_size=16.*"
+        r"\(N, 768\).*set data.image_size=8",
+    ):
         ImageNet64DataModule(root=str(tmp_path), image_size=16)
 
 
@@ -96,8 +99,9 @@ def test_labels_that_do_not_fit_num_classes(tmp_path):
 def test_class_map_renumbers_in_sorted_synset_order(tmp_path):
     np.savez(tmp_path / "train_data_batch_1.npz", data=np.zeros((3, 12), np.uint8), labels=[1, 2, 3])
     (tmp_path / "map_clsloc.txt").write_text("n0300 1 c\nn0100 2 a\nn0200 3 b\n")
-    dm = ImageNet64DataModule(root=str(tmp_path), image_size=2, num_classes=3,
-                              class_map=str(tmp_path / "map_clsloc.txt"))
+    dm = ImageNet64DataModule(
+        root=str(tmp_path), image_size=2, num_classes=3, class_map=str(tmp_path / "map_clsloc.txt")
+    )
     assert dm.labels.tolist() == [2, 0, 1]
 
 
@@ -183,9 +187,16 @@ def fails(*overrides) -> str:
 
 
 def test_user_path_bad_data(tmp_path):
-    shrink = ["data.image_size=16", "net.image_size=16", "net.model_channels=16", "net.channel_mult=[1,2]",
-              "net.attention_resolutions=[8]", "net.num_head_channels=16", "model/objective/distance=l2",
-              f"hydra.run.dir={tmp_path / 'run'}"]
+    shrink = [
+        "data.image_size=16",
+        "net.image_size=16",
+        "net.model_channels=16",
+        "net.channel_mult=[1,2]",
+        "net.attention_resolutions=[8]",
+        "net.num_head_channels=16",
+        "model/objective/distance=l2",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
     write_imagenet_batches(tmp_path / "in8", size=8)
     err = fails("experiment=imagenet64_ct", f"data.root={tmp_path / 'in8'}", *shrink)
     assert "train_data_batch_1.npz" in err and "set data.image_size=8" in err

@@ -16,8 +16,9 @@ def test_karras_endpoints_and_spacing():
     # sigma^(1/rho) is evenly spaced between the endpoints' roots.
     roots = s.pow(1 / 7)
     step = (80.0 ** (1 / 7) - 0.002 ** (1 / 7)) / 17
-    torch.testing.assert_close(roots[1:] - roots[:-1], torch.full((17,), step, dtype=torch.float64), rtol=1e-5,
-                               atol=1e-6)
+    torch.testing.assert_close(
+        roots[1:] - roots[:-1], torch.full((17,), step, dtype=torch.float64), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_karras_point_by_formula():
@@ -54,11 +55,10 @@ def test_fixed_curriculum_and_validation():
 
 def _published_ct_curriculum(experiment: str) -> CMCurriculum:
     """The experiment's CT curriculum as composed (searched for, so it is found wherever the model nests it)."""
+    from conftest import ROOT
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
     from omegaconf import DictConfig, OmegaConf
-
-    from conftest import ROOT
 
     def find(node):
         if isinstance(node, DictConfig):
@@ -72,9 +72,14 @@ def _published_ct_curriculum(experiment: str) -> CMCurriculum:
     return instantiate(OmegaConf.to_container(find(cfg.model), resolve=True))
 
 
-@pytest.mark.parametrize("experiment, expected", [
-    ("cifar10_ct", (0.81, 0.9, 0.9587)), ("imagenet64_ct", (0.9025, 0.95, 0.9855)), ("lsun_ct", (0.9025, 0.95, None)),
-])
+@pytest.mark.parametrize(
+    "experiment, expected",
+    [
+        ("cifar10_ct", (0.81, 0.9, 0.9587)),
+        ("imagenet64_ct", (0.9025, 0.95, 0.9855)),
+        ("lsun_ct", (0.9025, 0.95, None)),
+    ],
+)
 def test_published_ct_mu_follows_the_authors_code(experiment, expected):
     # The authors' create_ema_and_scales_fn: exp(s0 ln mu0 / (N(k) - 1)), values at k = 0, 1, 1000.
     sched = _published_ct_curriculum(experiment)

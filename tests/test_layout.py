@@ -20,7 +20,9 @@ def imports(path: Path, known: dict) -> set[str]:
     out = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("cm_lightning"):
-            out |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in known else node.module for a in node.names}
+            out |= {
+                f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in known else node.module for a in node.names
+            }
         elif isinstance(node, ast.Import):
             out |= {a.name for a in node.names if a.name.startswith("cm_lightning")}
     return {m for m in out if m in known}
@@ -35,7 +37,7 @@ def test_no_import_circle():
         state[name] = "open"
         for dep in sorted(graph[name]):
             if state.get(dep) == "open":
-                raise AssertionError("import circle: " + " -> ".join([*trail[trail.index(dep):], dep]))
+                raise AssertionError("import circle: " + " -> ".join([*trail[trail.index(dep) :], dep]))
             if dep not in state:
                 visit(dep, [*trail, dep])
         state[name] = "done"
@@ -46,5 +48,7 @@ def test_no_import_circle():
 
 
 def test_no_module_over_300_lines_but_the_networks():
-    long = {str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > 300}
+    long = {
+        str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > 300
+    }
     assert set(long) <= LONG_ALLOWED, long

@@ -3,6 +3,7 @@ analytic u, flow matching at r = t, the (t, r) sampler, the folded guidance, the
 
 import pytest
 import torch
+from helpers import randomise
 from torch import nn
 
 from cm_lightning.diffusion.objectives.base import StepContext
@@ -12,13 +13,21 @@ from cm_lightning.errors import ConfigError
 from cm_lightning.modules.generative import GenerativeModule
 from cm_lightning.nets.adm import ADMUNet
 from cm_lightning.nets.ncsnpp import NCSNpp
-from helpers import randomise
 
 
 def two_time_net(num_classes: int = 0, null_class: bool = False) -> ADMUNet:
-    return ADMUNet(image_size=8, in_channels=1, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
-                   attention_resolutions=(4,), num_head_channels=16, num_times=2, num_classes=num_classes,
-                   null_class=null_class)
+    return ADMUNet(
+        image_size=8,
+        in_channels=1,
+        model_channels=16,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_resolutions=(4,),
+        num_head_channels=16,
+        num_times=2,
+        num_classes=num_classes,
+        null_class=null_class,
+    )
 
 
 def context(seed: int = 0) -> StepContext:
@@ -109,8 +118,11 @@ def test_times_follow_the_published_sampler():
 
 def test_adaptive_weight_and_gradients():
     torch.manual_seed(0)
-    module = GenerativeModule(randomise(two_time_net()), MeanFlow(MeanFlowParam(), norm_p=1.0, norm_c=1e-3),
-                              optimizer=lambda params: torch.optim.Adam(params))
+    module = GenerativeModule(
+        randomise(two_time_net()),
+        MeanFlow(MeanFlowParam(), norm_p=1.0, norm_c=1e-3),
+        optimizer=lambda params: torch.optim.Adam(params),
+    )
     x0 = torch.randn(4, 1, 8, 8).clamp(-1, 1)
     losses, extra = module.losses(x0, None, 0)
     # p = 1: loss = ||delta||^2 / (||delta||^2 + c) < 1 in value, with the gradient of ||delta||^2 / sg(.)
@@ -153,10 +165,17 @@ def test_one_time_nets_keep_their_layout_and_two_time_nets_take_two_times():
             two(x, torch.rand(2))
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(norm_p=-0.5), "norm_p=-0.5"), (dict(norm_c=0.0), "norm_c=0.0"), (dict(fraction=1.5), "fraction=1.5"),
-    (dict(fraction=-0.1), "fraction=-0.1"), (dict(p_std=0.0), "p_std=0.0"),
-    (dict(label_dropout=1.0), "label_dropout=1.0")])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(norm_p=-0.5), "norm_p=-0.5"),
+        (dict(norm_c=0.0), "norm_c=0.0"),
+        (dict(fraction=1.5), "fraction=1.5"),
+        (dict(fraction=-0.1), "fraction=-0.1"),
+        (dict(p_std=0.0), "p_std=0.0"),
+        (dict(label_dropout=1.0), "label_dropout=1.0"),
+    ],
+)
 def test_bad_meanflow_settings_stop_with_one_line(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         MeanFlow(MeanFlowParam(), **kwargs)
@@ -164,9 +183,18 @@ def test_bad_meanflow_settings_stop_with_one_line(kwargs, message):
 
 def test_a_one_time_net_or_a_guided_net_without_a_null_class_stops_with_one_line():
     with pytest.raises(ConfigError, match="net.num_times=1"):
-        MeanFlow(MeanFlowParam()).check(randomise(ADMUNet(image_size=8, in_channels=1, model_channels=16,
-                                                          channel_mult=(1, 2), attention_resolutions=(4,),
-                                                          num_head_channels=16)))
+        MeanFlow(MeanFlowParam()).check(
+            randomise(
+                ADMUNet(
+                    image_size=8,
+                    in_channels=1,
+                    model_channels=16,
+                    channel_mult=(1, 2),
+                    attention_resolutions=(4,),
+                    num_head_channels=16,
+                )
+            )
+        )
     with pytest.raises(ConfigError, match="null_class=true"):
         MeanFlow(MeanFlowParam(), omega=2.0).check(two_time_net(num_classes=3))
     with pytest.raises(ConfigError, match="parameterisation=meanflow"):

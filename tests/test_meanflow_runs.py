@@ -6,8 +6,15 @@ step with one line."""
 from conftest import TINY
 from probes import every_evaluate_task, killed_and_resumed, two_ranks_and_one
 
-MEANFLOW = ["experiment=digits_meanflow", *TINY, "trainer.accelerator=cpu", "trainer.deterministic=true",
-            "logger=csv", "callbacks.metrics.every_n_steps=null", "callbacks.metrics.at_end=false"]
+MEANFLOW = [
+    "experiment=digits_meanflow",
+    *TINY,
+    "trainer.accelerator=cpu",
+    "trainer.deterministic=true",
+    "logger=csv",
+    "callbacks.metrics.every_n_steps=null",
+    "callbacks.metrics.at_end=false",
+]
 
 
 def test_two_ranks_take_the_single_process_meanflow_step(tmp_path):

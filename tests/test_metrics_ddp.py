@@ -9,16 +9,16 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import run_script
+from helpers import randomise, tiny_net
 
-from cm_lightning.loading import sampler_from_checkpoint
 from cm_lightning.data.digits import DigitsDataModule
 from cm_lightning.diffusion.precond import consistency_function
+from cm_lightning.loading import sampler_from_checkpoint
 from cm_lightning.metrics.fidelity import Fidelity
 from cm_lightning.metrics.reference import ReferenceSource
 from cm_lightning.metrics.sharding import gather_rows, sample_shard, sharded_features
 from cm_lightning.sampler import Sampler
-from conftest import run_script
-from helpers import randomise, tiny_net
 
 CASES = [(13, 4), (3, 4)]  # (num, batch): uneven shares; a single chunk leaves rank 0 without samples
 
@@ -75,8 +75,17 @@ def test_two_processes_draw_exactly_the_samples_of_one(tmp_path):
 def test_evaluate_on_two_devices_equals_one_process(edm_run, tmp_path):
     """The teacher, sampled with its 18-step Heun sampler over two processes (Lightning Fabric)."""
     ckpt = edm_run / "checkpoints/last.ckpt"
-    run_script("evaluate.py", "task=fid", f"ckpt={ckpt}", "num=12", "batch_size=5", "device=cpu",
-               "trainer.devices=2", f"metrics.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path}")
+    run_script(
+        "evaluate.py",
+        "task=fid",
+        f"ckpt={ckpt}",
+        "num=12",
+        "batch_size=5",
+        "device=cpu",
+        "trainer.devices=2",
+        f"metrics.cache_dir={tmp_path / 'cache'}",
+        f"hydra.run.dir={tmp_path}",
+    )
     result = json.loads((tmp_path / "metrics.json").read_text())["results"]
     assert list(result) == ["18step"] and result["18step"]["nfe"] == 35
 

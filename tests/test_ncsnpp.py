@@ -10,12 +10,13 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from cm_lightning.nets.ncsnpp import NCSNpp, FourierEmbedding, PositionalEmbedding, Resample, ResBlock
+from cm_lightning.nets.ncsnpp import FourierEmbedding, NCSNpp, PositionalEmbedding, Resample, ResBlock
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "net"
 TINY = dict(image_size=16, model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,))
-DDPMPP = dict(embedding="positional", embedding_scale=1.0, noise_channel_mult=1, encoder="standard",
-              resample_filter=(1, 1))
+DDPMPP = dict(
+    embedding="positional", embedding_scale=1.0, noise_channel_mult=1, encoder="standard", resample_filter=(1, 1)
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -48,8 +49,12 @@ def test_fourier_embedding_by_hand_and_scale():
     emb = FourierEmbedding(4, scale=16.0)
     f0, f1 = emb.freqs.tolist()
     c = 0.3
-    expected = [math.cos(2 * math.pi * f0 * c), math.cos(2 * math.pi * f1 * c),
-                math.sin(2 * math.pi * f0 * c), math.sin(2 * math.pi * f1 * c)]
+    expected = [
+        math.cos(2 * math.pi * f0 * c),
+        math.cos(2 * math.pi * f1 * c),
+        math.sin(2 * math.pi * f0 * c),
+        math.sin(2 * math.pi * f1 * c),
+    ]
     assert emb(torch.tensor([c]))[0].tolist() == pytest.approx(expected, abs=1e-5)
     torch.manual_seed(0)
     wide = FourierEmbedding(20000, scale=0.02)  # iCT's scale: the frequencies' standard deviation

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, TINY
 
 
@@ -29,10 +28,22 @@ def test_installed_commands_train_and_evaluate_elsewhere(tmp_path):
     # bundled setuptools would shadow them), so nothing is downloaded.
     _run(sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv, cwd=tmp_path)
     bin_dir = venv / "bin"
-    _run(sys.executable, "-m", "pip", "--python", bin_dir / "python", "install", "-q", "--no-deps",
-         "--no-build-isolation", ROOT, cwd=work)
-    where = _run(bin_dir / "python", "-c", "import cm_lightning.cli as c; print(c.__file__); print(c.config_dir())",
-                 cwd=work).split()
+    _run(
+        sys.executable,
+        "-m",
+        "pip",
+        "--python",
+        bin_dir / "python",
+        "install",
+        "-q",
+        "--no-deps",
+        "--no-build-isolation",
+        ROOT,
+        cwd=work,
+    )
+    where = _run(
+        bin_dir / "python", "-c", "import cm_lightning.cli as c; print(c.__file__); print(c.config_dir())", cwd=work
+    ).split()
     assert all(p.startswith(str(venv)) for p in where), where  # the installed package and its configs
 
     _run(bin_dir / "cm-train", *TINY, "trainer.max_steps=5", "logger=csv", "hydra.run.dir=run", cwd=work)

@@ -3,11 +3,11 @@
 import json
 
 import pytest
+from conftest import run_script
 from omegaconf import OmegaConf
 
 from cm_lightning.errors import ConfigError
 from cm_lightning.tasks import report
-from conftest import run_script
 
 
 def measured(run_dir) -> dict:
@@ -62,11 +62,18 @@ def test_wandb_report_spec_is_built_offline(sweep):
 
 
 def test_report_bad_input_says_which(sweep, tmp_path, monkeypatch):
-    err = run_script("evaluate.py", "task=report", f"runs=[{tmp_path}]", f"hydra.run.dir={tmp_path / 'r'}",
-                     check=False).stderr
+    err = run_script(
+        "evaluate.py", "task=report", f"runs=[{tmp_path}]", f"hydra.run.dir={tmp_path / 'r'}", check=False
+    ).stderr
     assert err.strip().splitlines()[-1].startswith("error: runs=[") and "no training run" in err
-    err = run_script("evaluate.py", "task=report", f"runs=[{sweep}]", "report.wandb=true",
-                     f"hydra.run.dir={tmp_path / 'r'}", check=False).stderr
+    err = run_script(
+        "evaluate.py",
+        "task=report",
+        f"runs=[{sweep}]",
+        "report.wandb=true",
+        f"hydra.run.dir={tmp_path / 'r'}",
+        check=False,
+    ).stderr
     assert err.strip().splitlines()[-1].startswith("error: report.wandb=true but W&B is not configured")
     other = tmp_path / "other"
     other.mkdir()

@@ -8,15 +8,23 @@ import signal
 
 import pytest
 import torch
-
-from cm_lightning.data.digits import DigitsDataModule
-from cm_lightning.data.epoch_sampler import EpochSampler
 from conftest import TINY
 from probes import run
 
-RUN = ["experiment=digits_ct", *TINY, "data.batch_size=448", "trainer.max_steps=7", "+trainer.limit_train_batches=3",
-       "callbacks.checkpoint.every_n_train_steps=2", "trainer.deterministic=true", "trainer.accelerator=cpu",
-       "data.hflip=true"]
+from cm_lightning.data.digits import DigitsDataModule
+from cm_lightning.data.epoch_sampler import EpochSampler
+
+RUN = [
+    "experiment=digits_ct",
+    *TINY,
+    "data.batch_size=448",
+    "trainer.max_steps=7",
+    "+trainer.limit_train_batches=3",
+    "callbacks.checkpoint.every_n_train_steps=2",
+    "trainer.deterministic=true",
+    "trainer.accelerator=cpu",
+    "data.hflip=true",
+]
 
 
 def load(run_dir, name="last.ckpt"):
@@ -47,8 +55,13 @@ def test_sigkill_then_sigterm_resume_exactly(uninterrupted, tmp_path):
     assert killed.returncode == -signal.SIGKILL
     assert load(tmp_path)["global_step"] == 4 and load(tmp_path)["DigitsDataModule"] == {"epoch": 0, "samples": 4 * 448}
     # SIGTERM during step 6: that step is finished and written to last.ckpt, then the run exits cleanly.
-    stopped = run("train.py", *out, "+callbacks.kill._target_=probes.KillAt", "+callbacks.kill.step=5",
-                  "+callbacks.kill.signal_name=SIGTERM")
+    stopped = run(
+        "train.py",
+        *out,
+        "+callbacks.kill._target_=probes.KillAt",
+        "+callbacks.kill.step=5",
+        "+callbacks.kill.signal_name=SIGTERM",
+    )
     log = stopped.stdout + stopped.stderr
     assert "SIGTERM at step 6: wrote" in log and "not requeued" in log, log[-3000:]
     assert load(tmp_path)["global_step"] == 6 and not (tmp_path / "checkpoints/step0000006.ckpt").exists()

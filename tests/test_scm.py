@@ -5,13 +5,13 @@ import math
 
 import pytest
 import torch
+from helpers import randomise, tiny_net
 
 from cm_lightning.diffusion.jvp import jvp
 from cm_lightning.diffusion.objectives.scm import SCM, tangent, teacher_velocity
 from cm_lightning.diffusion.precond import Precond, TrigFlow, edm_denoiser, from_meta
 from cm_lightning.errors import ConfigError
 from cm_lightning.modules.generative import GenerativeModule
-from helpers import randomise, tiny_net
 
 
 def test_boundary_is_exact_at_t_zero():
@@ -87,8 +87,9 @@ def test_tangent_is_the_published_formula_normalised_per_sample():
 
 def test_loss_at_initialisation_is_the_tangent_term_and_gradients_reach_the_weighting():
     torch.manual_seed(0)
-    module = GenerativeModule(randomise(tiny_net()), SCM(TrigFlow(), warmup_steps=0),
-                              optimizer=lambda params: torch.optim.Adam(params))
+    module = GenerativeModule(
+        randomise(tiny_net()), SCM(TrigFlow(), warmup_steps=0), optimizer=lambda params: torch.optim.Adam(params)
+    )
     x0 = torch.randn(4, 1, 8, 8).clamp(-1, 1)
     losses, extra = module.losses(x0, None, 0)
     # w = 0 at initialisation and F_theta = F^-, so the loss is ||g||^2 / D with ||g|| < 1.
@@ -102,13 +103,18 @@ def test_loss_at_initialisation_is_the_tangent_term_and_gradients_reach_the_weig
 def test_trigflow_survives_the_checkpoint_metadata():
     f = TrigFlow(t_mid=0.9, noise_kind="adm")
     assert from_meta({"parameterisation": f.to_meta()}) == f
-    old = {"kind": "consistency", "precond": {"sigma_data": 0.5, "eps": 0.002, "noise_kind": "adm"},
-           "grid": {"sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0}}
+    old = {
+        "kind": "consistency",
+        "precond": {"sigma_data": 0.5, "eps": 0.002, "noise_kind": "adm"},
+        "grid": {"sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0},
+    }
     assert from_meta(old) == Precond()
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(t_mid=1.6), "t_mid=1.6"), (dict(t_mid=0.0), "t_mid=0.0"), (dict(noise_kind="fourier"), "'fourier'")])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [(dict(t_mid=1.6), "t_mid=1.6"), (dict(t_mid=0.0), "t_mid=0.0"), (dict(noise_kind="fourier"), "'fourier'")],
+)
 def test_bad_trigflow_settings_stop_with_one_line(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         TrigFlow(**kwargs)
@@ -140,8 +146,15 @@ def test_double_normalisation_keeps_the_state_dict_and_pixel_normalises_scale_an
     from cm_lightning.nets.adm import ADMUNet
 
     torch.manual_seed(0)
-    shape = dict(image_size=8, in_channels=1, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
-                 attention_resolutions=(4,), num_head_channels=16)
+    shape = dict(
+        image_size=8,
+        in_channels=1,
+        model_channels=16,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_resolutions=(4,),
+        num_head_channels=16,
+    )
     plain = randomise(ADMUNet(**shape))
     double = ADMUNet(**shape, double_norm=True)
     double.load_state_dict(plain.state_dict())  # the same keys: checkpoints move between the two

@@ -5,8 +5,15 @@ resumes bit for bit, the learned weighting and the tangent warm-up included."""
 from conftest import TINY
 from probes import every_evaluate_task, killed_and_resumed, two_ranks_and_one
 
-SCT = ["experiment=digits_sct", *TINY, "trainer.accelerator=cpu", "trainer.deterministic=true", "logger=csv",
-       "callbacks.metrics.every_n_steps=null", "callbacks.metrics.at_end=false"]
+SCT = [
+    "experiment=digits_sct",
+    *TINY,
+    "trainer.accelerator=cpu",
+    "trainer.deterministic=true",
+    "logger=csv",
+    "callbacks.metrics.every_n_steps=null",
+    "callbacks.metrics.at_end=false",
+]
 
 
 def test_two_ranks_take_the_single_process_sct_step(tmp_path):
@@ -32,8 +39,10 @@ def test_bad_scm_settings_stop_before_any_step_with_one_line(edm_run, tmp_path):
     teacher = f"model.teacher_ckpt={edm_run / 'checkpoints/last.ckpt'}"
     cases = [
         (["experiment=digits_scd"], "model.teacher_ckpt is not set"),
-        (["experiment=digits_scd", teacher, "data.image_size=8", "net.attention_resolutions=[4]"],
-         "the teacher's net.image_size=16 differs from this run's net.image_size=8"),
+        (
+            ["experiment=digits_scd", teacher, "data.image_size=8", "net.attention_resolutions=[4]"],
+            "the teacher's net.image_size=16 differs from this run's net.image_size=8",
+        ),
         (["experiment=digits_sct", "model.objective.p_std=0"], "model.objective.p_std=0"),
         (["experiment=digits_sct", "model.objective.parameterisation.t_mid=2.0"], "t_mid=2.0 is outside (0, t_max"),
     ]

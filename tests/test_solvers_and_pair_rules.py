@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from cm_lightning.diffusion.curricula import FixedCurriculum
-from cm_lightning.diffusion.solvers import euler_step, heun_step
 from cm_lightning.diffusion.pair_rules import CDPairRule, CTPairRule, inverse_gap_weight
+from cm_lightning.diffusion.solvers import euler_step, heun_step
 
 S2 = 0.7**2  # variance of Gaussian data: D(x, sigma) = s^2 / (s^2 + sigma^2) x exactly
 

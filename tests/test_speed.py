@@ -6,17 +6,24 @@ import math
 import lightning as L
 import pytest
 import torch
+from conftest import TINY
+from helpers import ct_module, randomise, tiny_net
 from lightning.pytorch.plugins.precision import MixedPrecision
 
 from cm_lightning.errors import ConfigError
 from cm_lightning.runtime.speed import Speed, amp_dtype, auto_precision
-from conftest import TINY
-from helpers import ct_module, randomise, tiny_net
 
 
 def cpu_trainer(**kwargs) -> L.Trainer:
-    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                     enable_progress_bar=False, enable_model_summary=False, **kwargs)
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
 
 
 def prepared(speed: Speed, dropout: float = 0.1):
@@ -97,11 +104,20 @@ def test_compiled_student_and_target_draw_the_same_dropout_masks():
 
 def test_bf16_mixed_training_keeps_the_teacher_in_bf16_and_the_weights_in_fp32(tmp_path, edm_run):
     from hydra.utils import instantiate
-
     from inprocess import compose_run
 
-    cfg = compose_run("train", ["experiment=digits_cd", *TINY, "trainer.max_steps=2", "trainer.precision=bf16-mixed",
-                                f"model.teacher_ckpt={edm_run / 'checkpoints/last.ckpt'}", "logger=none"], tmp_path)
+    cfg = compose_run(
+        "train",
+        [
+            "experiment=digits_cd",
+            *TINY,
+            "trainer.max_steps=2",
+            "trainer.precision=bf16-mixed",
+            f"model.teacher_ckpt={edm_run / 'checkpoints/last.ckpt'}",
+            "logger=none",
+        ],
+        tmp_path,
+    )
     model, data = instantiate(cfg.model), instantiate(cfg.data, seed=0)
     trainer = cpu_trainer(max_steps=2, precision="bf16-mixed", limit_val_batches=0)
     trainer.fit(model, datamodule=data)
@@ -133,8 +149,12 @@ def test_fp16_loss_scaler_skips_an_overflowing_step(tmp_path):
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=8)
     probe = OverflowAt(2)
     scaler = torch.amp.GradScaler("cpu")
-    trainer = cpu_trainer(max_steps=5, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
-                          callbacks=[FiniteLoss(), probe], default_root_dir=tmp_path)
+    trainer = cpu_trainer(
+        max_steps=5,
+        plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
+        callbacks=[FiniteLoss(), probe],
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, train_dataloaders=data)
     assert trainer.global_step == 5
     assert torch.equal(probe.weights[2], probe.weights[3])  # the overflowing step changed nothing
@@ -152,7 +172,8 @@ def test_sampler_speed_up_samples_the_same_images_to_bf16_tolerance():
     plain = Sampler(net, consistency_function())
     reference, _ = plain(8, steps=2, seed=3)
     fast = Sampler(net, consistency_function()).speed_up(
-        Speed(channels_last=True, compile=False), "bf16-mixed", torch.device("cpu"))
+        Speed(channels_last=True, compile=False), "bf16-mixed", torch.device("cpu")
+    )
     assert fast.amp == torch.bfloat16 and not fast.cuda_graphs
     images, _ = fast(8, steps=2, seed=3)
     assert images.dtype == torch.float32

@@ -3,15 +3,22 @@ over optimiser steps with the time left, and evaluate.py's bar in images/s."""
 
 import csv
 
+from conftest import TINY, run_script
 from lightning.pytorch.callbacks import LearningRateMonitor
 
 from cm_lightning.callbacks.telemetry import StepProgressBar, Throughput, usable
-from conftest import TINY, run_script
 
 
 def test_training_logs_throughput_and_shows_steps_out_of_max_steps(tmp_path):
-    proc = run_script("train.py", *TINY, "trainer.enable_progress_bar=true", "trainer.max_steps=6", "callbacks.throughput.window_size=2", "logger=csv",
-                      f"hydra.run.dir={tmp_path}")
+    proc = run_script(
+        "train.py",
+        *TINY,
+        "trainer.enable_progress_bar=true",
+        "trainer.max_steps=6",
+        "callbacks.throughput.window_size=2",
+        "logger=csv",
+        f"hydra.run.dir={tmp_path}",
+    )
     assert "Step: 100%" in proc.stdout and "6/6 [" in proc.stdout  # steps out of max_steps, elapsed<left
     rows = list(csv.DictReader(open(tmp_path / "csv/metrics.csv")))
     for key in ("train/device/samples_per_sec", "train/sec_per_step", "train/grad_norm", "lr-RAdam"):
@@ -30,6 +37,7 @@ def test_callbacks_the_trainer_would_refuse_are_left_out():
 
 
 def test_evaluate_shows_images_per_second(cd_run, tmp_path):
-    proc = run_script("evaluate.py", f"ckpt={cd_run / 'checkpoints/last.ckpt'}", "num=6", "batch_size=3",
-                      f"hydra.run.dir={tmp_path}")
+    proc = run_script(
+        "evaluate.py", f"ckpt={cd_run / 'checkpoints/last.ckpt'}", "num=6", "batch_size=3", f"hydra.run.dir={tmp_path}"
+    )
     assert "sampling: 100%" in proc.stderr and "6/6" in proc.stderr and "img/s" in proc.stderr

@@ -8,11 +8,10 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, TINY, run_script
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from torch.utils.flop_counter import FlopCounterMode
-
-from conftest import ROOT, TINY, run_script
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from max_batch import largest_batch, out_of_memory  # noqa: E402
@@ -39,16 +38,24 @@ def test_imagenet64_network_is_the_one_the_authors_numbers_are_for():
 
 def test_throughput_benchmark_prints_one_json_line(tmp_path):
     out = tmp_path / "throughput.json"
-    proc = run_script("benchmarks/throughput.py", "experiment=digits_cd", *TINY, "bench.batch=8",
-                      "bench.steps=2", "bench.warmup=1", "bench.sample_batch=8", "bench.sample_repeats=1",
-                      f"bench.out={out}", f"hydra.run.dir={tmp_path}")
+    proc = run_script(
+        "benchmarks/throughput.py",
+        "experiment=digits_cd",
+        *TINY,
+        "bench.batch=8",
+        "bench.steps=2",
+        "bench.warmup=1",
+        "bench.sample_batch=8",
+        "bench.sample_repeats=1",
+        f"bench.out={out}",
+        f"hydra.run.dir={tmp_path}",
+    )
     line = json.loads(proc.stdout.strip().splitlines()[-1])
     assert line == json.loads(out.read_text())
     assert line["experiment"] == "digits_cd" and line["batch_per_device"] == 8 and "CPU" in line["device"]
     assert line["train_images_per_s"] > 0 and line["train_tflops"] > 0
     # The CPU's attention kernel is invisible to the flop counter; the benchmark counts it all the same.
-    assert line["net_forward_gflop_per_image"] == pytest.approx(forward_gflop("experiment=digits_cd", *TINY),
-                                                                rel=1e-3)
+    assert line["net_forward_gflop_per_image"] == pytest.approx(forward_gflop("experiment=digits_cd", *TINY), rel=1e-3)
     # Student forward + backward (3 forwards), two Heun evaluations of the teacher and the target's forward.
     assert line["train_gflop_per_image"] == pytest.approx(6 * line["net_forward_gflop_per_image"], rel=0.05)
     assert set(line["sample_images_per_s"]) == {"1", "2"}
@@ -56,8 +63,13 @@ def test_throughput_benchmark_prints_one_json_line(tmp_path):
 
 
 def test_max_batch_search_needs_cuda(tmp_path):
-    proc = run_script("benchmarks/throughput.py", "experiment=digits_cd", "bench.find_max_batch=true",
-                      f"hydra.run.dir={tmp_path}", check=False)
+    proc = run_script(
+        "benchmarks/throughput.py",
+        "experiment=digits_cd",
+        "bench.find_max_batch=true",
+        f"hydra.run.dir={tmp_path}",
+        check=False,
+    )
     assert proc.returncode != 0 and "bench.find_max_batch=true needs a CUDA device" in proc.stderr
 
 
@@ -114,13 +126,35 @@ def test_out_of_memory_is_told_from_other_errors():
 
 def test_gpu_suite_script_appends_one_line_per_run(tmp_path):
     # benchmarks/gpu.sh is what a GPU session runs as is: the runs, shrunk here by EXTRA to a tiny net.
-    tiny = " ".join(["net.model_channels=16", "net.channel_mult=[1,2]", "net.attention_resolutions=[32]",
-                     "net.num_head_channels=16", "bench.batch=2", "bench.steps=1", "bench.warmup=1",
-                     "bench.flop_batch=1", "bench.sample_batch=2", "bench.sample_repeats=1"])
-    env = {**os.environ, "DIR": str(tmp_path), "EXTRA": tiny, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
-           "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
-    proc = subprocess.run(["bash", str(ROOT / "benchmarks/gpu.sh"), "cd", "ct", "sct"], env=env, capture_output=True,
-                          text=True, timeout=600)
+    tiny = " ".join(
+        [
+            "net.model_channels=16",
+            "net.channel_mult=[1,2]",
+            "net.attention_resolutions=[32]",
+            "net.num_head_channels=16",
+            "bench.batch=2",
+            "bench.steps=1",
+            "bench.warmup=1",
+            "bench.flop_batch=1",
+            "bench.sample_batch=2",
+            "bench.sample_repeats=1",
+        ]
+    )
+    env = {
+        **os.environ,
+        "DIR": str(tmp_path),
+        "EXTRA": tiny,
+        "PYTHON": sys.executable,
+        "OMP_NUM_THREADS": "1",
+        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
+    }
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks/gpu.sh"), "cd", "ct", "sct"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, (tmp_path / "log.txt").read_text()[-3000:]
     lines = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert [line["experiment"] for line in lines] == ["imagenet64_cd", "imagenet64_ct", "imagenet64_sct"]
@@ -128,6 +162,7 @@ def test_gpu_suite_script_appends_one_line_per_run(tmp_path):
     assert [line["settings"]["distance"] for line in lines] == ["L2", "L2", None]
     assert lines[2]["settings"]["objective"] == "SCM" and lines[2]["train_gflop_per_image"] > 0
 
-    unknown = subprocess.run(["bash", str(ROOT / "benchmarks/gpu.sh"), "imagenet"], env=env, capture_output=True,
-                             text=True)
+    unknown = subprocess.run(
+        ["bash", str(ROOT / "benchmarks/gpu.sh"), "imagenet"], env=env, capture_output=True, text=True
+    )
     assert unknown.returncode == 2 and "choose from" in unknown.stderr

@@ -1,7 +1,6 @@
 """A Hydra sweep as a W&B user sees it: read back from the offline runs' files."""
 
 import pytest
-
 from conftest import run_script
 from wandb_records import OfflineRun
 
@@ -32,7 +31,7 @@ def test_sweep_runs_log_what_a_w_and_b_user_compares(sweep):
             assert metrics[f"metrics/fid_{k}"].step_metric == "trainer/global_step"
         assert metrics["*"].step_metric == "trainer/global_step"  # every other key against the optimiser step
         rows = run.history
-        logged = lambda key: [r[key] for r in rows if key in r]  # noqa: E731
+        logged = lambda key, rows=rows: [r[key] for r in rows if key in r]  # noqa: E731
         assert [r["trainer/global_step"] for r in rows if "metrics/fid_1step" in r] == [2, 4]
         assert logged("lr-RAdam")[0] == pytest.approx((1e-3, 2e-3)[i])
         assert logged("train/grad_norm") and all(g > 0 for g in logged("train/grad_norm"))
@@ -44,8 +43,15 @@ def test_sweep_runs_log_what_a_w_and_b_user_compares(sweep):
 def test_evaluation_run_joins_the_training_group_and_keeps_its_outputs(sweep, tmp_path, task, outputs):
     trained = offline_run(sweep / "0")
     ckpt = sweep / "0/checkpoints/last.ckpt"
-    run_script("evaluate.py", f"task={task}", f"ckpt={ckpt}", "num=50", "steps=[1]", "wandb.log=true",
-               f"hydra.run.dir={tmp_path}")
+    run_script(
+        "evaluate.py",
+        f"task={task}",
+        f"ckpt={ckpt}",
+        "num=50",
+        "steps=[1]",
+        "wandb.log=true",
+        f"hydra.run.dir={tmp_path}",
+    )
     run = offline_run(tmp_path)
     assert run.run.job_type == "evaluate" and run.run.run_group == trained.run.run_group
     assert run.run.display_name == f"{task} {trained.run.display_name}" and task in run.run.tags
@@ -61,13 +67,15 @@ def test_evaluation_run_joins_the_training_group_and_keeps_its_outputs(sweep, tm
 @pytest.mark.parametrize("task", ["fid", "sample"])
 def test_an_evaluation_reads_its_checkpoint_once(sweep, tmp_path, monkeypatch, task):
     """The task, its scorer and its W&B record share one read of ``ckpt=``."""
+    from inprocess import evaluate_here
+
     import cm_lightning.loading as loading
     from cm_lightning.tasks import common
-    from inprocess import evaluate_here
 
     ckpt, reads, real = sweep / "0/checkpoints/last.ckpt", [], loading.load_file
     monkeypatch.setattr(common, "_READ", {})
-    monkeypatch.setattr(loading, "load_file", lambda path, *args, **kwargs: reads.append(str(path)) or real(
-        path, *args, **kwargs))
+    monkeypatch.setattr(
+        loading, "load_file", lambda path, *args, **kwargs: reads.append(str(path)) or real(path, *args, **kwargs)
+    )
     evaluate_here([f"task={task}", f"ckpt={ckpt}", "num=50", "steps=[1]", "wandb.log=true"], tmp_path)
     assert reads == [str(ckpt)] and list(tmp_path.glob("wandb/offline-run-*"))

@@ -46,8 +46,10 @@ class OfflineRun:
 
     @property
     def history(self) -> list[dict]:
-        return [{item.nested_key[0] if item.nested_key else item.key: json.loads(item.value_json)
-                 for item in h.item} for h in self.of("history")]
+        return [
+            {item.nested_key[0] if item.nested_key else item.key: json.loads(item.value_json) for item in h.item}
+            for h in self.of("history")
+        ]
 
     @property
     def metrics(self) -> dict:

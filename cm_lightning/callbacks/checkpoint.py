@@ -59,8 +59,10 @@ def check_writable(dirpath, what: str = "callbacks.checkpoint.dirpath") -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise ConfigError(f"{what}={dirpath} is not writable ({exc.strerror or exc}); choose a directory you can "
-                          f"write to with {what}=... (or hydra.run.dir=...)") from None
+        raise ConfigError(
+            f"{what}={dirpath} is not writable ({exc.strerror or exc}); choose a directory you can "
+            f"write to with {what}=... (or hydra.run.dir=...)"
+        ) from None
 
 
 def unreadable(path: Path) -> str | None:
@@ -98,8 +100,10 @@ def latest_readable(dirpath) -> Path | None:
             return path
         skipped.append(f"{path} is unreadable, probably truncated or corrupt ({problem})")
     if files:
-        raise ConfigError(f"no checkpoint in {dirpath} can be read: {'; '.join(skipped)}. Start afresh with "
-                          "ckpt_path=null (or another hydra.run.dir), or name a good file with ckpt_path=...")
+        raise ConfigError(
+            f"no checkpoint in {dirpath} can be read: {'; '.join(skipped)}. Start afresh with "
+            "ckpt_path=null (or another hydra.run.dir), or name a good file with ckpt_path=..."
+        )
     return None
 
 
@@ -115,10 +119,14 @@ def resume_path(ckpt_path, dirpath) -> str | None:
         return None if found is None else str(found)
     path = Path(str(ckpt_path)).expanduser()
     if not path.is_file():
-        raise ConfigError(f"ckpt_path={ckpt_path} does not exist; pass a run's checkpoints/last.ckpt, or "
-                          "ckpt_path=auto to resume the run in hydra.run.dir")
+        raise ConfigError(
+            f"ckpt_path={ckpt_path} does not exist; pass a run's checkpoints/last.ckpt, or "
+            "ckpt_path=auto to resume the run in hydra.run.dir"
+        )
     problem = unreadable(path)
     if problem:
-        raise ConfigError(f"ckpt_path={ckpt_path} cannot be read ({problem}); pass an earlier checkpoint of the "
-                          "run, or ckpt_path=auto to take the newest readable one")
+        raise ConfigError(
+            f"ckpt_path={ckpt_path} cannot be read ({problem}); pass an earlier checkpoint of the "
+            "run, or ckpt_path=auto to take the newest readable one"
+        )
     return str(path)

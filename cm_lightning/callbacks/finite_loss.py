@@ -61,8 +61,10 @@ class FiniteLoss(L.Callback):
         if loss_scaler(trainer) is not None and self.skipped < self.fp16_patience:
             # Non-finite gradients follow, so the scaler skips this step and halves its scale.
             self.skipped += 1
-            rank_zero_warn(f"non-finite fp16 loss at step {trainer.global_step}: the loss scaler skips the step "
-                           f"({self.skipped} in a row, at most {self.fp16_patience})")
+            rank_zero_warn(
+                f"non-finite fp16 loss at step {trainer.global_step}: the loss scaler skips the step "
+                f"({self.skipped} in a row, at most {self.fp16_patience})"
+            )
             return
         kept, resume = self.advice(checkpoint_dir(trainer))
         value = f"{loss.item()}" if bad else "non-finite on another rank"
@@ -79,8 +81,10 @@ class FiniteLoss(L.Callback):
             how = f"ckpt_path={good}" if passed_over else "ckpt_path=auto"
             return f"the last good checkpoint is {good}{passed_over}", f"resume with {how}"
         if passed_over:
-            return (f"no checkpoint from before the divergence is left{passed_over}",
-                    "start afresh with ckpt_path=null overwrite=true")
+            return (
+                f"no checkpoint from before the divergence is left{passed_over}",
+                "start afresh with ckpt_path=null overwrite=true",
+            )
         return "no checkpoint had been written yet", "resume with ckpt_path=auto"
 
     def last_good(self, dirpath) -> tuple[Path | None, str]:
@@ -111,5 +115,7 @@ def passed_over(skipped: list, factor: float, typical: float) -> str:
     if not skipped:
         return ""
     losses = "; ".join(f"{path.name}: {loss:.4g}" for path, loss in skipped)
-    return (f" (newer checkpoints were already diverging, their smoothed loss above {factor} x the median "
-            f"{typical:.4g} of the run's checkpoints: {losses})")
+    return (
+        f" (newer checkpoints were already diverging, their smoothed loss above {factor} x the median "
+        f"{typical:.4g} of the run's checkpoints: {losses})"
+    )

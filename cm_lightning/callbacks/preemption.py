@@ -21,9 +21,9 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 
-from cm_lightning.runtime import slurm
 from cm_lightning.callbacks.checkpoint import checkpoint_dir
 from cm_lightning.errors import ConfigError
+from cm_lightning.runtime import slurm
 
 log = logging.getLogger(__name__)
 REQUEUE, STOP = 2, 1
@@ -33,8 +33,9 @@ def signal_named(name: str) -> signal.Signals:
     try:
         return signal.Signals[str(name)]
     except KeyError:
-        raise ConfigError(f"callbacks.preemption: no signal named {name}; use names such as SIGUSR1, SIGUSR2, "
-                          "SIGTERM") from None
+        raise ConfigError(
+            f"callbacks.preemption: no signal named {name}; use names such as SIGUSR1, SIGUSR2, SIGTERM"
+        ) from None
 
 
 class Preempted(SystemExit):
@@ -44,8 +45,10 @@ class Preempted(SystemExit):
 
 class Preemption(L.Callback):
     def __init__(self, requeue_signals=("SIGUSR1",), stop_signals=("SIGTERM",)):
-        self.actions = {**{signal_named(s): STOP for s in stop_signals},
-                        **{signal_named(s): REQUEUE for s in requeue_signals}}
+        self.actions = {
+            **{signal_named(s): STOP for s in stop_signals},
+            **{signal_named(s): REQUEUE for s in requeue_signals},
+        }
         self.received: signal.Signals | None = None
         self._checked_step = -1
 

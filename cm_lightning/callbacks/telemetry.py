@@ -82,5 +82,8 @@ class StepProgressBar(TQDMProgressBar):
 def usable(callbacks: list, loggers: list, progress_bar: bool) -> list:
     """The callbacks the Trainer accepts: no progress bar with ``trainer.enable_progress_bar=false``, no
     learning-rate monitor without a logger."""
-    return [c for c in callbacks if (progress_bar or not isinstance(c, ProgressBar))
-            and (loggers or not isinstance(c, LearningRateMonitor))]
+    return [
+        c
+        for c in callbacks
+        if (progress_bar or not isinstance(c, ProgressBar)) and (loggers or not isinstance(c, LearningRateMonitor))
+    ]

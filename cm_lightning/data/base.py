@@ -36,8 +36,16 @@ class ImageDataModule(L.LightningDataModule, abc.ABC):
     num_classes = 0
     supported_channels: tuple[int, ...] = (1, 3)
 
-    def __init__(self, image_size: int, channels: int = 3, batch_size: int = 128, num_workers: int = 0,
-                 hflip: bool = False, val_size: int = 256, seed: int = 0):
+    def __init__(
+        self,
+        image_size: int,
+        channels: int = 3,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        hflip: bool = False,
+        val_size: int = 256,
+        seed: int = 0,
+    ):
         super().__init__()
         if channels not in self.supported_channels:
             raise ConfigError(
@@ -73,13 +81,19 @@ class ImageDataModule(L.LightningDataModule, abc.ABC):
             self.dataset = self.build_dataset()
 
     def _loader(self, dataset, **kwargs):
-        return DataLoader(dataset, batch_size=self.per_device_batch(), num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, **kwargs)
+        return DataLoader(
+            dataset,
+            batch_size=self.per_device_batch(),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            **kwargs,
+        )
 
     def train_dataloader(self):
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        self.sampler = EpochSampler(len(self.dataset), self.per_device_batch(), self.seed, rank, world,
-                                    mirror=self.hflip)
+        self.sampler = EpochSampler(
+            len(self.dataset), self.per_device_batch(), self.seed, rank, world, mirror=self.hflip
+        )
         if self._resume:
             self.sampler.resume(self._resume["epoch"], self._resume["samples"] // (self.sampler.batch_size * world))
             self._resume = None

@@ -47,11 +47,12 @@ class DigitsDataModule(ImageDataModule):
     num_classes = 10
     supported_channels = (1,)
 
-    def __init__(self, image_size: int = 16, channels: int = 1, colour: bool = False, colour_seed: int = 0,
-                 **kwargs):
+    def __init__(self, image_size: int = 16, channels: int = 1, colour: bool = False, colour_seed: int = 0, **kwargs):
         if colour and channels != 3:
-            raise ConfigError(f"data.colour=true draws RGB digits but data.channels={channels}; set data.channels=3 "
-                              "(or use data=digits_colour)")
+            raise ConfigError(
+                f"data.colour=true draws RGB digits but data.channels={channels}; set data.channels=3 "
+                "(or use data=digits_colour)"
+            )
         if channels == 3 and not colour:
             raise ConfigError("data.channels=3 needs the colour digits: set data.colour=true (data=digits_colour)")
         self.supported_channels = (3,) if colour else (1,)

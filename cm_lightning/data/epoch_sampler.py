@@ -19,8 +19,9 @@ class EpochSampler(DistributedSampler):
     """A ``DistributedSampler`` (so that Lightning keeps it rather than injecting its own) whose
     epochs are global-batch aligned, independent of the rank count, and resumable mid-epoch."""
 
-    def __init__(self, num_samples: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 mirror: bool = False):
+    def __init__(
+        self, num_samples: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1, mirror: bool = False
+    ):
         self.n, self.batch_size, self.seed, self.mirror = num_samples, batch_size, seed, mirror
         self.rank, self.num_replicas = rank, world_size
         self.epoch = 0

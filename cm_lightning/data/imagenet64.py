@@ -71,25 +71,38 @@ def read_class_map(path: Path) -> np.ndarray:
 class ImageNet64DataModule(ImageDataModule):
     supported_channels = (3,)
 
-    def __init__(self, root: str, image_size: int = 64, num_classes: int = 1000, label_offset: int = 1,
-                 class_map: str | None = None, **kwargs):
+    def __init__(
+        self,
+        root: str,
+        image_size: int = 64,
+        num_classes: int = 1000,
+        label_offset: int = 1,
+        class_map: str | None = None,
+        **kwargs,
+    ):
         super().__init__(image_size=image_size, **kwargs)
         self.root, self.num_classes, self.label_offset = Path(root).expanduser(), num_classes, label_offset
         self.class_map = None if class_map is None else read_class_map(Path(class_map).expanduser())
         if not self.root.is_dir():
-            raise ConfigError(f"data.root={self.root} is not a directory; point it at the folder holding "
-                              f"{BATCH_GLOB} (downsampled ImageNet) or one sub-folder of images per class")
+            raise ConfigError(
+                f"data.root={self.root} is not a directory; point it at the folder holding "
+                f"{BATCH_GLOB} (downsampled ImageNet) or one sub-folder of images per class"
+            )
         self.files = batch_files(self.root)
         if self.files:
             self.labels = torch.cat([self._check_batch(f) for f in self.files])
         else:
             self.paths, labels, found = scan(self.root, class_folders=True)
             if not self.paths:
-                raise ConfigError(f"data.root={self.root} holds neither downsampled-ImageNet batches "
-                                  f"({BATCH_GLOB}) nor class sub-folders of images")
+                raise ConfigError(
+                    f"data.root={self.root} holds neither downsampled-ImageNet batches "
+                    f"({BATCH_GLOB}) nor class sub-folders of images"
+                )
             if found != num_classes:
-                raise ConfigError(f"data.root={self.root} has {found} class folders but data.num_classes="
-                                  f"{num_classes}; set data.num_classes={found} (and net.num_classes={found})")
+                raise ConfigError(
+                    f"data.root={self.root} has {found} class folders but data.num_classes="
+                    f"{num_classes}; set data.num_classes={found} (and net.num_classes={found})"
+                )
             self.labels = torch.tensor(labels)
 
     def _check_batch(self, path: Path) -> torch.Tensor:
@@ -99,12 +112,15 @@ class ImageNet64DataModule(ImageDataModule):
             with zipfile.ZipFile(path) as archive:
                 keys = {Path(n).stem for n in archive.namelist()}
                 if not {"data", "labels"} <= keys:
-                    raise ConfigError(f"{path} has arrays {sorted(keys)}; a downsampled-ImageNet batch holds "
-                                      "'data' (N x 3*S*S uint8) and 'labels'")
+                    raise ConfigError(
+                        f"{path} has arrays {sorted(keys)}; a downsampled-ImageNet batch holds "
+                        "'data' (N x 3*S*S uint8) and 'labels'"
+                    )
                 shape, dtype = npy_shape(archive, "data")
         except zipfile.BadZipFile as exc:
-            raise ConfigError(f"{path} is not an .npz archive ({exc}); use the npz release of downsampled "
-                              "ImageNet") from None
+            raise ConfigError(
+                f"{path} is not an .npz archive ({exc}); use the npz release of downsampled ImageNet"
+            ) from None
         if len(shape) != 2 or shape[1] != width or dtype != np.uint8:
             side = int(round((shape[-1] / 3) ** 0.5)) if len(shape) == 2 else "?"
             raise ConfigError(

@@ -105,11 +105,15 @@ class LSUNDataModule(ImageDataModule):
         super().__init__(image_size=image_size, **kwargs)
         self.root = Path(root).expanduser()
         if self.root.suffix == ".zip":
-            raise ConfigError(f"data.root={self.root} is the zip of the release; unzip it and point data.root "
-                              "at the *_lmdb folder inside")
+            raise ConfigError(
+                f"data.root={self.root} is the zip of the release; unzip it and point data.root "
+                "at the *_lmdb folder inside"
+            )
         if not self.root.is_dir():
-            raise ConfigError(f"data.root={self.root} is not a directory; point it at an LSUN *_lmdb folder "
-                              "(with data.mdb) or at a folder of images exported from it")
+            raise ConfigError(
+                f"data.root={self.root} is not a directory; point it at an LSUN *_lmdb folder "
+                "(with data.mdb) or at a folder of images exported from it"
+            )
         self.keys = list_lsun_keys(self.root) if (self.root / "data.mdb").is_file() else None
         if self.keys is None:
             self.files = scan(self.root, class_folders=False)[0]

@@ -65,8 +65,9 @@ class CMCurriculum:
                 "or 'code' (N(k) - 1, the authors' implementation)"
             )
         if self.mu_divisor == "code" and self.s0 < 2:
-            raise ConfigError(f"{KEY}: s0={self.s0} with mu_divisor=code divides by "
-                              "N(0) - 1 = 0; set s0 >= 2 or mu_divisor=paper")
+            raise ConfigError(
+                f"{KEY}: s0={self.s0} with mu_divisor=code divides by N(0) - 1 = 0; set s0 >= 2 or mu_divisor=paper"
+            )
 
     def num_scales(self, step: int) -> int:
         k = min(step, self.total_steps)

@@ -22,9 +22,9 @@ from cm_lightning.errors import ConfigError
 # grid of num_scales points, keyed by (method, num_scales). A model trained on another grid gets its
 # method's ImageNet-64 entry evaluated on its own sigma_min, sigma_max, rho.
 PUBLISHED_TS = {
-    ("cd", 40): (0, 22, 39),     # CD, ImageNet 64
+    ("cd", 40): (0, 22, 39),  # CD, ImageNet 64
     ("ct", 201): (0, 106, 200),  # CT, ImageNet 64
-    ("ct", 151): (0, 67, 150),   # CT, LSUN Bedroom 256
+    ("ct", 151): (0, 67, 150),  # CT, LSUN Bedroom 256
 }
 FALLBACK_GRID = {"cd": 40, "ct": 201}
 
@@ -62,8 +62,9 @@ def degrade(y: torch.Tensor, transform, omega: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def edit(f, y: torch.Tensor, transform, omega: torch.Tensor, levels, param, generator=None,
-         clip: bool = True) -> torch.Tensor:
+def edit(
+    f, y: torch.Tensor, transform, omega: torch.Tensor, levels, param, generator=None, clip: bool = True
+) -> torch.Tensor:
     """CM Algorithm 4 for an orthogonal ``transform`` (A and its transpose A.inverse) and mask ``omega``."""
     check_mask(omega, y)
     levels = check_decreasing(levels, "edit_sigmas")

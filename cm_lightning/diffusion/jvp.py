@@ -20,9 +20,10 @@ def jvp(fn, primals: tuple, tangents: tuple):
             return torch.func.jvp(fn, primals, tangents)
     except NotImplementedError as e:
         op = str(e).split(" that does not support it")[0].replace("Trying to use forward AD with ", "")
-        raise ConfigError(f"the network uses {op}, which has no forward-mode AD, so the JVP of this objective "
-                          "cannot run; use a net whose layers all support it (net=adm_*) with model.speed.compile=false"
-                          ) from None
+        raise ConfigError(
+            f"the network uses {op}, which has no forward-mode AD, so the JVP of this objective "
+            "cannot run; use a net whose layers all support it (net=adm_*) with model.speed.compile=false"
+        ) from None
 
 
 def eager(net: torch.nn.Module):

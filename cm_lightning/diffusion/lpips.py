@@ -37,8 +37,10 @@ def torchmetrics_lin_weights() -> Path:
 def _vgg_trunk(pooling: str) -> nn.Sequential:
     """torchvision's VGG16 convolutions up to relu5_3, with max or (piq's replace_pooling) average pooling."""
     if pooling not in ("avg", "max"):
-        raise ConfigError(f"model.objective.distance.pooling={pooling!r}: use 'avg' (the CM authors' piq LPIPS) "
-                          "or 'max' (the original LPIPS)")
+        raise ConfigError(
+            f"model.objective.distance.pooling={pooling!r}: use 'avg' (the CM authors' piq LPIPS) "
+            "or 'max' (the original LPIPS)"
+        )
     trunk = make_layers(cfgs["D"])[: _TAPS[-1] + 1]
     if pooling == "avg":
         for i, layer in enumerate(trunk):
@@ -58,12 +60,18 @@ class LPIPS(nn.Module):
         super().__init__()
         # Only the convolutional trunk is built and read; the 120M-parameter classifier is never needed.
         self.features = _vgg_trunk(pooling)
-        vgg = _load(vgg_weights, "VGG16 weights",
-                    "Set model.objective.distance.vgg_weights to torchvision's vgg16-397923af.pth.")
-        self.features.load_state_dict({k[len("features."):]: v for k, v in vgg.items() if k.startswith("features.")})
+        vgg = _load(
+            vgg_weights,
+            "VGG16 weights",
+            "Set model.objective.distance.vgg_weights to torchvision's vgg16-397923af.pth.",
+        )
+        self.features.load_state_dict({k[len("features.") :]: v for k, v in vgg.items() if k.startswith("features.")})
         self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in _CHANNELS)
-        lin = _load(lin_weights or torchmetrics_lin_weights(), "linear-layer weights", "Set "
-                    "model.objective.distance.lin_weights to LPIPS v0.1 vgg.pth (null: the copy torchmetrics ships).")
+        lin = _load(
+            lin_weights or torchmetrics_lin_weights(),
+            "linear-layer weights",
+            "Set model.objective.distance.lin_weights to LPIPS v0.1 vgg.pth (null: the copy torchmetrics ships).",
+        )
         for i, conv in enumerate(self.lins):
             conv.weight.data.copy_(lin[f"lin{i}.model.1.weight"])
         self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1))

@@ -59,8 +59,9 @@ class DiscretePairRule(nn.Module):
     uses_online_target = False
     requires_teacher = False
 
-    def __init__(self, curriculum, sigma_min=0.002, sigma_max=80.0, rho=7.0, weighting: str = "uniform",
-                 sigma_data: float = 0.5):
+    def __init__(
+        self, curriculum, sigma_min=0.002, sigma_max=80.0, rho=7.0, weighting: str = "uniform", sigma_data: float = 0.5
+    ):
         super().__init__()
         self.curriculum = curriculum
         self.grid = dict(sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
@@ -113,11 +114,20 @@ class ICTPairRule(CTPairRule):
     The target is the online network under stop-gradient when the curriculum's mu is 0 (iCT's choice).
     """
 
-    def __init__(self, curriculum, p_mean: float = -1.1, p_std: float = 2.0, index_sampling: str = "lognormal",
-                 weighting: str = "inverse_gap", **grid):
+    def __init__(
+        self,
+        curriculum,
+        p_mean: float = -1.1,
+        p_std: float = 2.0,
+        index_sampling: str = "lognormal",
+        weighting: str = "inverse_gap",
+        **grid,
+    ):
         super().__init__(curriculum, weighting=weighting, **grid)
         if index_sampling not in ("lognormal", "uniform"):
-            raise ConfigError(f"model.objective.pair.index_sampling={index_sampling!r}; use 'lognormal' (iCT) or 'uniform'")
+            raise ConfigError(
+                f"model.objective.pair.index_sampling={index_sampling!r}; use 'lognormal' (iCT) or 'uniform'"
+            )
         _check_p_std(p_std)
         self.p_mean, self.p_std, self.index_sampling = p_mean, p_std, index_sampling
         self.uses_online_target = getattr(curriculum, "mu", None) == 0
@@ -141,8 +151,16 @@ class ECTPairRule(nn.Module):
     uses_online_target = True
     requires_teacher = False
 
-    def __init__(self, curriculum, p_mean: float = -1.1, p_std: float = 2.0, weighting: str = "inverse_gap",
-                 sigma_min: float = 0.002, sigma_max: float = 80.0, sigma_data: float = 0.5):
+    def __init__(
+        self,
+        curriculum,
+        p_mean: float = -1.1,
+        p_std: float = 2.0,
+        weighting: str = "inverse_gap",
+        sigma_min: float = 0.002,
+        sigma_max: float = 80.0,
+        sigma_data: float = 0.5,
+    ):
         super().__init__()
         _check_p_std(p_std)
         self.curriculum, self.p_mean, self.p_std = curriculum, p_mean, p_std

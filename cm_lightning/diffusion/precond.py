@@ -51,7 +51,8 @@ class Precond:
     """EDM's preconditioning and the CM consistency function (CM paper, Appendix C; EDM, Table 1 with eps = 0):
 
         out(x, sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x, c_noise(sigma))
-        c_skip = sigma_data^2 / ((sigma - eps)^2 + sigma_data^2),  c_out = (sigma - eps) sigma_data / sqrt(sigma^2 + sigma_data^2)
+        c_skip = sigma_data^2 / ((sigma - eps)^2 + sigma_data^2)
+        c_out = (sigma - eps) sigma_data / sqrt(sigma^2 + sigma_data^2)
         c_in = 1 / sqrt(sigma^2 + sigma_data^2),  c_noise = 1000 * 0.25 ln(sigma + 1e-44) (adm) | 0.25 ln(sigma) (edm)
 
     With eps = sigma_min, f(x, sigma_min) = x exactly (c_skip = 1, c_out = 0): a consistency function. With
@@ -119,8 +120,7 @@ def edm_denoiser(sigma_data: float = 0.5, noise_kind: str = "adm", **grid) -> Pr
     return Precond(sigma_data=sigma_data, eps=0.0, noise_kind=noise_kind, **grid)
 
 
-def consistency_function(sigma_data: float = 0.5, sigma_min: float = 0.002, noise_kind: str = "adm",
-                         **grid) -> Precond:
+def consistency_function(sigma_data: float = 0.5, sigma_min: float = 0.002, noise_kind: str = "adm", **grid) -> Precond:
     """f_theta(x, sigma) of the CM paper, with f(x, sigma_min) = x by construction."""
     return Precond(sigma_data=sigma_data, eps=sigma_min, noise_kind=noise_kind, sigma_min=sigma_min, **grid)
 
@@ -154,11 +154,14 @@ class TrigFlow:
 
     def __post_init__(self):
         if self.noise_kind not in ("t", "adm", "edm"):
-            raise ConfigError(f"noise_kind={self.noise_kind!r} is unknown for TrigFlow; use t (sCM), adm or edm "
-                              "(an EDM network's conditioning)")
+            raise ConfigError(
+                f"noise_kind={self.noise_kind!r} is unknown for TrigFlow; use t (sCM), adm or edm "
+                "(an EDM network's conditioning)"
+            )
         if not 0 < self.t_mid < self.t_max:
-            raise ConfigError(f"t_mid={self.t_mid} is outside (0, t_max={self.t_max:.4f}); the published two-step "
-                              "midpoint is 1.1")
+            raise ConfigError(
+                f"t_mid={self.t_mid} is outside (0, t_max={self.t_max:.4f}); the published two-step midpoint is 1.1"
+            )
 
     def F(self, net: nn.Module, x: torch.Tensor, t: torch.Tensor, labels=None) -> torch.Tensor:
         """The backbone's output F(x_t / sigma_d, c_noise(t)) in fp32; sigma_d F is the velocity dx_t/dt."""
@@ -287,6 +290,8 @@ def from_meta(meta: dict):
         fields = dict(meta["parameterisation"])
         name = fields.pop("name", None)
         if name not in PARAMETERISATIONS:
-            raise ConfigError(f"the checkpoint's parameterisation {name!r} is unknown; known: {sorted(PARAMETERISATIONS)}")
+            raise ConfigError(
+                f"the checkpoint's parameterisation {name!r} is unknown; known: {sorted(PARAMETERISATIONS)}"
+            )
         return PARAMETERISATIONS[name](**fields)
     return Precond(**meta["precond"], **meta.get("grid", {}))

@@ -53,8 +53,7 @@ def consistency_chain(f, x, levels, param, generator=None, project=None, clip: b
 def multistep_sample(f, z: torch.Tensor, levels, param, generator=None, clip: bool = True):
     """CM Algorithm 1 from pure noise: x = f(x_T, T) with x_T = ``param.add_noise(0, z, T)``, then re-noise."""
     levels = check_decreasing(levels)
-    return consistency_chain(f, param.add_noise(torch.zeros_like(z), z, levels[0]), levels, param, generator,
-                             clip=clip)
+    return consistency_chain(f, param.add_noise(torch.zeros_like(z), z, levels[0]), levels, param, generator, clip=clip)
 
 
 def teacher_sigmas(steps: int, sigma_min=0.002, sigma_max=80.0, rho=7.0) -> list[float]:

@@ -78,9 +78,17 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 class Fidelity:
     """Which metrics, on which features; ``features`` on any rank, ``compute`` where they were gathered."""
 
-    def __init__(self, feature_extractor: str = digits_fidelity.FEATURE_EXTRACTOR_NAME,
-                 feature_extractor_weights_path=None, fid: bool = True, isc: bool = True, kid: bool = False,
-                 prc: bool = False, kid_subset_size: int = 1000, batch_size: int = 256):
+    def __init__(
+        self,
+        feature_extractor: str = digits_fidelity.FEATURE_EXTRACTOR_NAME,
+        feature_extractor_weights_path=None,
+        fid: bool = True,
+        isc: bool = True,
+        kid: bool = False,
+        prc: bool = False,
+        kid_subset_size: int = 1000,
+        batch_size: int = 256,
+    ):
         self.extractor_name = feature_extractor
         self.weights = resolve_weights(feature_extractor, feature_extractor_weights_path)
         load_weights(self.weights, "feature_extractor_weights_path", mmap=True)  # refused now, not after sampling

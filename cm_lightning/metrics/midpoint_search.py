@@ -9,8 +9,9 @@ from collections.abc import Callable
 from cm_lightning.errors import ConfigError
 
 
-def ternary_search(score: Callable[[int], float], low: int, high: int,
-                   max_evals: int | None = None) -> tuple[int, dict[int, float]]:
+def ternary_search(
+    score: Callable[[int], float], low: int, high: int, max_evals: int | None = None
+) -> tuple[int, dict[int, float]]:
     """Argmin of ``score`` over the integers in [low, high] and every score taken, by index.
 
     Each round scores the two inner third-points m1 < m2 and keeps [low, m2] when score(m1) <

@@ -39,26 +39,34 @@ def read_npz_images(path) -> np.ndarray:
     """The ``arr_0`` images of an authors'-format .npz, checked: uint8, N x H x W x C with C in {1, 3}."""
     path = Path(str(path)).expanduser()
     if not path.is_file():
-        raise ConfigError(f"reference={path} does not exist; pass an .npz in the authors' format or null "
-                          "for the training set")
+        raise ConfigError(
+            f"reference={path} does not exist; pass an .npz in the authors' format or null for the training set"
+        )
     try:
         npz = np.load(path)
     except (ValueError, OSError) as exc:
         raise ConfigError(f"reference={path} is not a readable .npz file ({exc})") from None
     if not isinstance(npz, np.lib.npyio.NpzFile):
-        raise ConfigError(f"reference={path} holds a single array, not an .npz archive; save it with "
-                          "np.savez(path, arr_0=images)")
+        raise ConfigError(
+            f"reference={path} holds a single array, not an .npz archive; save it with np.savez(path, arr_0=images)"
+        )
     with npz:
         if "arr_0" not in npz.files:
-            raise ConfigError(f"reference={path} has no 'arr_0' array (it holds {sorted(npz.files)}); expected "
-                              "the authors' format: arr_0 = uint8 images N x H x W x C")
+            raise ConfigError(
+                f"reference={path} has no 'arr_0' array (it holds {sorted(npz.files)}); expected "
+                "the authors' format: arr_0 = uint8 images N x H x W x C"
+            )
         images = npz["arr_0"]
     if images.dtype != np.uint8:
-        raise ConfigError(f"reference={path}: arr_0 has dtype {images.dtype}; expected uint8 pixel values "
-                          "0..255 (convert with ((x + 1) * 127.5).round().clip(0, 255).astype(np.uint8))")
+        raise ConfigError(
+            f"reference={path}: arr_0 has dtype {images.dtype}; expected uint8 pixel values "
+            "0..255 (convert with ((x + 1) * 127.5).round().clip(0, 255).astype(np.uint8))"
+        )
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise ConfigError(f"reference={path}: arr_0 has shape {images.shape}; expected N x H x W x C with C = 1 or 3 "
-                          "(channels last, as evaluate.py task=sample writes)")
+        raise ConfigError(
+            f"reference={path}: arr_0 has shape {images.shape}; expected N x H x W x C with C = 1 or 3 "
+            "(channels last, as evaluate.py task=sample writes)"
+        )
     return images
 
 
@@ -73,8 +81,12 @@ class ReferenceSource:
         images = read_npz_images(path)
         digest = hashlib.sha1(images.tobytes()).hexdigest()[:10]
         shape = (images.shape[3], images.shape[1], images.shape[2])
-        return cls(f"{Path(str(path)).stem}-{digest}", shape, len(images),
-                   lambda: torch.from_numpy(images).permute(0, 3, 1, 2).contiguous())
+        return cls(
+            f"{Path(str(path)).stem}-{digest}",
+            shape,
+            len(images),
+            lambda: torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
+        )
 
     @classmethod
     def from_datamodule(cls, data, limit: int | None = None) -> "ReferenceSource":

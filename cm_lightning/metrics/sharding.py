@@ -72,8 +72,9 @@ def share(value):
 
 
 @torch.no_grad()
-def sharded_features(sampler, fidelity: Fidelity, num: int, batch_size: int, seed: int, device,
-                     **how) -> dict[str, torch.Tensor] | None:
+def sharded_features(
+    sampler, fidelity: Fidelity, num: int, batch_size: int, seed: int, device, **how
+) -> dict[str, torch.Tensor] | None:
     """Features of ``num`` samples drawn over all ranks, on rank 0 (None on the others)."""
     rank, world = rank_and_world()
     parts = []

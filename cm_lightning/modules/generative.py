@@ -9,14 +9,13 @@ import lightning as L
 import torch
 from torch import nn
 
-from cm_lightning.runtime import seeding
-from cm_lightning.loading import META_KEY, load_matching, load_teacher
 from cm_lightning.diffusion.objectives.base import Objective, StepContext
-from cm_lightning.diffusion.precond import edm_denoiser
-from cm_lightning.modules.ema import ema_update_
 from cm_lightning.errors import ConfigError
-from cm_lightning.sampler import Sampler
+from cm_lightning.loading import META_KEY, load_matching, load_teacher
+from cm_lightning.modules.ema import ema_update_
+from cm_lightning.runtime import seeding
 from cm_lightning.runtime.speed import Speed
+from cm_lightning.sampler import Sampler
 
 
 class GenerativeModule(L.LightningModule):
@@ -86,7 +85,9 @@ class GenerativeModule(L.LightningModule):
                     f"here, {theirs} for the teacher; set net.noise_kind={theirs} (or model.init_from_teacher=false)"
                 )
             load_matching(
-                self.net, teacher.net.state_dict(), "the teacher checkpoint (model.teacher_ckpt)",
+                self.net,
+                teacher.net.state_dict(),
+                "the teacher checkpoint (model.teacher_ckpt)",
                 "The student starts from the teacher's weights, so its net config must equal the teacher's; "
                 "use the teacher run's net settings or set model.init_from_teacher=false",
             )
@@ -114,8 +115,9 @@ class GenerativeModule(L.LightningModule):
         return out[rank * local : (rank + 1) * local]
 
     def context(self, batch_idx: int) -> StepContext:
-        return StepContext(self.global_step, self.step_generator(batch_idx), self.global_draw,
-                           lambda: self.seed_dropout(batch_idx))
+        return StepContext(
+            self.global_step, self.step_generator(batch_idx), self.global_draw, lambda: self.seed_dropout(batch_idx)
+        )
 
     def labels_for(self, labels):
         return labels if getattr(self.net, "num_classes", 0) else None

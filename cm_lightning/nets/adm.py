@@ -218,8 +218,9 @@ class ADMUNet(nn.Module):
                 f"middle block only"
             )
         if double_norm and not use_scale_shift_norm:
-            raise ConfigError("net.double_norm=true normalises the adaptive scale and shift; set "
-                             "net.use_scale_shift_norm=true too")
+            raise ConfigError(
+                "net.double_norm=true normalises the adaptive scale and shift; set net.use_scale_shift_norm=true too"
+            )
         if num_classes < 0:
             raise ConfigError(f"num_classes={num_classes} is negative; use 0 for an unconditional net")
         if num_times not in (1, 2):
@@ -253,8 +254,9 @@ class ADMUNet(nn.Module):
             return ch // num_head_channels
 
         def res_block(ch_in: int, ch_out: int, **updown: bool) -> ResBlock:
-            return ResBlock(ch_in, emb_dim, dropout, ch_out, use_scale_shift_norm, norm_groups, **updown,
-                            double_norm=double_norm)
+            return ResBlock(
+                ch_in, emb_dim, dropout, ch_out, use_scale_shift_norm, norm_groups, **updown, double_norm=double_norm
+            )
 
         def attention(ch: int) -> AttentionBlock:
             return AttentionBlock(ch, heads_for(ch), norm_groups)
@@ -347,8 +349,10 @@ class ADMUNet(nn.Module):
         if self.num_times == 1:
             emb = self.time_embed(timestep_embedding(noise_labels, self.model_channels).to(dtype))
         else:
-            emb = sum(mlp(timestep_embedding(noise_labels[:, i], self.model_channels).to(dtype))
-                      for i, mlp in enumerate((self.time_embed, self.time_embed2)))
+            emb = sum(
+                mlp(timestep_embedding(noise_labels[:, i], self.model_channels).to(dtype))
+                for i, mlp in enumerate((self.time_embed, self.time_embed2))
+            )
         if self.num_classes > 0:
             emb = emb + self.label_emb(class_labels)
 

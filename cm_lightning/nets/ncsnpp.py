@@ -46,8 +46,9 @@ class PositionalEmbedding(nn.Module):
     def __init__(self, channels: int, scale: float = 1.0, max_positions: float = 10000.0):
         super().__init__()
         half = channels // 2
-        self.register_buffer("freqs", max_positions ** (-torch.arange(half, dtype=torch.float32) / half),
-                             persistent=False)
+        self.register_buffer(
+            "freqs", max_positions ** (-torch.arange(half, dtype=torch.float32) / half), persistent=False
+        )
         self.scale = scale
 
     def forward(self, noise_labels: torch.Tensor) -> torch.Tensor:
@@ -101,8 +102,17 @@ class ResBlock(nn.Module):
     x = (h + skip(resample(x))) / sqrt 2;  with attention: x = (x + proj(attn(GN(x)))) / sqrt 2.
     """
 
-    def __init__(self, cin: int, cout: int, emb_channels: int, dropout: float, taps: Sequence[float],
-                 up: bool = False, down: bool = False, attention: bool = False):
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        emb_channels: int,
+        dropout: float,
+        taps: Sequence[float],
+        up: bool = False,
+        down: bool = False,
+        attention: bool = False,
+    ):
         super().__init__()
         self.in_channels = cin
         self.resample = Resample(taps, up) if up or down else nn.Identity()
@@ -170,12 +180,15 @@ class NCSNpp(nn.Module):
         if encoder not in ("standard", "residual"):
             raise ConfigError(f"encoder={encoder!r} is unknown; use 'residual' (NCSN++) or 'standard' (DDPM++)")
         if not channel_mult or image_size % 2 ** (len(channel_mult) - 1):
-            raise ConfigError(f"image_size={image_size} must be divisible by 2**(len(channel_mult)-1) for "
-                             f"channel_mult={channel_mult}; change one of them")
+            raise ConfigError(
+                f"image_size={image_size} must be divisible by 2**(len(channel_mult)-1) for "
+                f"channel_mult={channel_mult}; change one of them"
+            )
         resolutions = [image_size >> level for level in range(len(channel_mult))]
         if any(r not in resolutions for r in attention_resolutions):
-            raise ConfigError(f"attention_resolutions={attention_resolutions} must be among the net's resolutions "
-                             f"{resolutions}")
+            raise ConfigError(
+                f"attention_resolutions={attention_resolutions} must be among the net's resolutions {resolutions}"
+            )
         if num_classes < 0:
             raise ConfigError(f"num_classes={num_classes} is negative; use 0 for an unconditional net")
         if num_times not in (1, 2):
@@ -205,13 +218,17 @@ class NCSNpp(nn.Module):
                 self.enc[f"{res}x{res}_down"] = block(cout, cout, down=True)
                 if encoder == "residual":
                     self.enc[f"{res}x{res}_aux_residual"] = nn.Sequential(
-                        Resample(resample_filter, up=False), conv(caux, cout, 3))
+                        Resample(resample_filter, up=False), conv(caux, cout, 3)
+                    )
                     caux = cout
             for i in range(num_res_blocks):
                 cin, cout = cout, model_channels * mult
                 self.enc[f"{res}x{res}_block{i}"] = block(cin, cout, attention=res in attention_resolutions)
-        skips = [m.conv0.out_channels if isinstance(m, ResBlock) else m.out_channels
-                 for name, m in self.enc.items() if "aux" not in name]
+        skips = [
+            m.conv0.out_channels if isinstance(m, ResBlock) else m.out_channels
+            for name, m in self.enc.items()
+            if "aux" not in name
+        ]
 
         self.dec = nn.ModuleDict()
         for level, mult in reversed(list(enumerate(channel_mult))):
@@ -227,18 +244,21 @@ class NCSNpp(nn.Module):
                 self.dec[f"{res}x{res}_block{i}"] = block(cin, cout, attention=attention)
         self.out_norm, self.out_conv = group_norm(cout), conv(cout, out_channels, 3, zero=True)
 
-    def forward(self, x: torch.Tensor, noise_labels: torch.Tensor,
-                class_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1:] != (self.in_channels, self.image_size, self.image_size):
-            raise ValueError(f"input of shape {tuple(x.shape)}; this net takes (B, {self.in_channels}, "
-                             f"{self.image_size}, {self.image_size})")
+            raise ValueError(
+                f"input of shape {tuple(x.shape)}; this net takes (B, {self.in_channels}, "
+                f"{self.image_size}, {self.image_size})"
+            )
         expected = (x.shape[0],) if self.num_times == 1 else (x.shape[0], self.num_times)
         if noise_labels.shape != expected:
-            raise ValueError(f"noise_labels has shape {tuple(noise_labels.shape)}; expected {expected} "
-                             "(net.num_times)")
+            raise ValueError(f"noise_labels has shape {tuple(noise_labels.shape)}; expected {expected} (net.num_times)")
         if (class_labels is None) != (self.map_label is None):
-            raise ValueError(f"num_classes={self.num_classes}: pass class_labels exactly when the net is "
-                             "class-conditional")
+            raise ValueError(
+                f"num_classes={self.num_classes}: pass class_labels exactly when the net is class-conditional"
+            )
         if self.num_times == 1:
             emb = self.map_noise(noise_labels)
         else:

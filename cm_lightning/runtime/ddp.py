@@ -25,8 +25,19 @@ from lightning.pytorch.strategies.launchers import subprocess_script as trainer_
 
 CONFIG_FLAGS = ("--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd")
 # Hydra settings that belong to the sweep or are set for the rank below; the others (chdir, logging) carry over.
-SWEEP_KEYS = ("hydra.mode", "hydra.run.", "hydra.sweep", "hydra.launcher", "hydra/launcher", "hydra.sweeper",
-              "hydra/sweeper", "hydra.job.name", "hydra.output_subdir", "hydra.job.num", "hydra.job.id")
+SWEEP_KEYS = (
+    "hydra.mode",
+    "hydra.run.",
+    "hydra.sweep",
+    "hydra.launcher",
+    "hydra/launcher",
+    "hydra.sweeper",
+    "hydra/sweeper",
+    "hydra.job.name",
+    "hydra.output_subdir",
+    "hydra.job.num",
+    "hydra.job.id",
+)
 LAUNCH_VARS = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
 LAUNCHER_VAR = "CM_LIGHTNING_LAUNCHER_PID"  # set by the process that starts ranks, inherited by them
 
@@ -52,9 +63,16 @@ def rank_command(local_rank: int) -> tuple[list[str], str]:
     hydra_cfg = HydraConfig.get()
     script = ["-m", __main__.__spec__.name] if __main__.__spec__ else [to_absolute_path(sys.argv[0])]
     carried = [o for o in hydra_cfg.overrides.hydra if not o.lstrip("~+").startswith(SWEEP_KEYS)]
-    command = [sys.executable, *script, *config_flags(sys.argv[1:]), *hydra_cfg.overrides.task, *carried,
-               f'hydra.run.dir="{hydra_cfg.runtime.output_dir}"', f"hydra.job.name=train_ddp_process_{local_rank}",
-               "hydra.output_subdir=null"]
+    command = [
+        sys.executable,
+        *script,
+        *config_flags(sys.argv[1:]),
+        *hydra_cfg.overrides.task,
+        *carried,
+        f'hydra.run.dir="{hydra_cfg.runtime.output_dir}"',
+        f"hydra.job.name=train_ddp_process_{local_rank}",
+        "hydra.output_subdir=null",
+    ]
     return command, get_original_cwd()
 
 

@@ -28,8 +28,9 @@ DATA_SHAPE = ("data._target_", "data.image_size", "data.channels")
 def refuse_existing(path, key: str, overwrite: bool, elsewhere: str) -> None:
     """Stops with one line when ``path`` exists and ``overwrite`` is not set, naming both ways out."""
     if Path(str(path)).exists() and not overwrite:
-        raise ConfigError(f"{key}={path} already exists and would be overwritten; {elsewhere}, or add "
-                          "overwrite=true to replace it")
+        raise ConfigError(
+            f"{key}={path} already exists and would be overwritten; {elsewhere}, or add overwrite=true to replace it"
+        )
 
 
 def check_fresh_start(ckpt, dirpath, overwrite: bool) -> None:
@@ -41,9 +42,11 @@ def check_fresh_start(ckpt, dirpath, overwrite: bool) -> None:
     if not old or rank_zero_only.rank != 0:
         return
     if not overwrite:
-        raise ConfigError(f"callbacks.checkpoint.dirpath={dirpath} holds another run's {len(old)} checkpoint(s), "
-                          "which this start would write over; resume them with ckpt_path=auto, start in another "
-                          "hydra.run.dir=..., or add overwrite=true to replace them")
+        raise ConfigError(
+            f"callbacks.checkpoint.dirpath={dirpath} holds another run's {len(old)} checkpoint(s), "
+            "which this start would write over; resume them with ckpt_path=auto, start in another "
+            "hydra.run.dir=..., or add overwrite=true to replace them"
+        )
     for path in old:
         path.unlink()
     log.warning("overwrite=true: removed %d checkpoint(s) of the previous run in %s", len(old), dirpath)
@@ -55,9 +58,11 @@ def check_output_dir(out_dir, overwrite: bool) -> None:
     out = Path(str(out_dir))
     held = sorted(p.name for p in out.iterdir() if p.suffix != ".log") if out.is_dir() else []
     if held and not overwrite and rank_zero_only.rank == 0:
-        raise ConfigError(f"out_dir={out} already holds {', '.join(held[:4])}{' ...' if len(held) > 4 else ''}; "
-                          "write into another hydra.run.dir=... (or out_dir=...), or add overwrite=true to replace "
-                          "its files")
+        raise ConfigError(
+            f"out_dir={out} already holds {', '.join(held[:4])}{' ...' if len(held) > 4 else ''}; "
+            "write into another hydra.run.dir=... (or out_dir=...), or add overwrite=true to replace "
+            "its files"
+        )
 
 
 def write_hydra_files(cfg: DictConfig, out_dir, overwrite: bool, resuming: bool = False) -> None:
@@ -71,8 +76,12 @@ def write_hydra_files(cfg: DictConfig, out_dir, overwrite: bool, resuming: bool 
         same = OmegaConf.load(folder / "config.yaml") == OmegaConf.create(OmegaConf.to_container(cfg))
         if same or resuming:  # the same run started again (a requeue before its first checkpoint), or resumed
             return
-        refuse_existing(folder, "hydra.run.dir's config", overwrite,
-                        "it records another run's config: start in another hydra.run.dir=...")
+        refuse_existing(
+            folder,
+            "hydra.run.dir's config",
+            overwrite,
+            "it records another run's config: start in another hydra.run.dir=...",
+        )
     folder.mkdir(parents=True, exist_ok=True)
     hydra = HydraConfig.instance().cfg
     OmegaConf.save(cfg, folder / "config.yaml")
@@ -92,8 +101,11 @@ def flat(node, prefix: str = "") -> dict:
 
 def method_keys(config: dict) -> dict:
     keys = flat({"model": config.get("model", {}), "data": config.get("data", {})})
-    return {k: v for k, v in keys.items()
-            if (k.startswith("model.") and not k.startswith(RESUMABLE)) or k.startswith(DATA_SHAPE)}
+    return {
+        k: v
+        for k, v in keys.items()
+        if (k.startswith("model.") and not k.startswith(RESUMABLE)) or k.startswith(DATA_SHAPE)
+    }
 
 
 def check_resume(ckpt, run_config: dict) -> None:
@@ -108,9 +120,11 @@ def check_resume(ckpt, run_config: dict) -> None:
     differ = sorted(k for k in old.keys() & new.keys() if old[k] != new[k])
     if differ:
         shown = "; ".join(f"{k}: {old[k]} -> {new[k]}" for k in differ[:6])
-        raise ConfigError(f"ckpt_path={ckpt} was trained with other settings ({shown}"
-                          f"{f'; {len(differ) - 6} more' if len(differ) > 6 else ''}); resume with the run's own "
-                          "settings, or start a new run in another hydra.run.dir=...")
+        raise ConfigError(
+            f"ckpt_path={ckpt} was trained with other settings ({shown}"
+            f"{f'; {len(differ) - 6} more' if len(differ) > 6 else ''}); resume with the run's own "
+            "settings, or start a new run in another hydra.run.dir=..."
+        )
 
 
 class OptimizerSettings(L.Callback):
@@ -130,8 +144,9 @@ class OptimizerSettings(L.Callback):
         for i, group in enumerate(optimizer.param_groups):
             changed = {k: v for k, v in self.settings.items() if k in group and group[k] != as_group(v)}
             for key, value in changed.items():
-                rank_zero_only(log.warning)(f"resuming with model.optimizer.{key}={value} (the checkpoint had "
-                                            f"{group[key]})")
+                rank_zero_only(log.warning)(
+                    f"resuming with model.optimizer.{key}={value} (the checkpoint had {group[key]})"
+                )
                 if key == "lr" and scheduler is not None:
                     factor = group["lr"] / scheduler.base_lrs[i]
                     scheduler.base_lrs[i] = group["initial_lr"] = value

@@ -66,23 +66,33 @@ def check_allocation(devices, num_nodes: int = 1, accelerator="auto") -> None:
     per_node, num_nodes = count_devices(devices), int(num_nodes or 1)
     if wants_gpus(accelerator) and per_node is not None and per_node > torch.cuda.device_count():
         seen = torch.cuda.device_count()
-        where = f"SLURM gave this node {os.environ['SLURM_GPUS_ON_NODE']}" if os.environ.get(
-            "SLURM_GPUS_ON_NODE") else f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}"
-        raise ConfigError(f"trainer.devices={devices} but {seen} GPU(s) are visible here ({where}); set "
-                          f"trainer.devices={seen}, or ask for more (#SBATCH --gpus-per-node)"
-                          if seen else f"trainer.accelerator={accelerator} but no GPU is visible ({where}); "
-                          "use trainer.accelerator=cpu or run where there is a GPU")
+        where = (
+            f"SLURM gave this node {os.environ['SLURM_GPUS_ON_NODE']}"
+            if os.environ.get("SLURM_GPUS_ON_NODE")
+            else f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}"
+        )
+        raise ConfigError(
+            f"trainer.devices={devices} but {seen} GPU(s) are visible here ({where}); set "
+            f"trainer.devices={seen}, or ask for more (#SBATCH --gpus-per-node)"
+            if seen
+            else f"trainer.accelerator={accelerator} but no GPU is visible ({where}); "
+            "use trainer.accelerator=cpu or run where there is a GPU"
+        )
     if not managed():
         return
     tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS") or os.environ.get("SLURM_NTASKS", "1"))
     nodes = int(os.environ.get("SLURM_STEP_NUM_NODES") or os.environ.get("SLURM_JOB_NUM_NODES", "1"))
     if "SLURM_STEP_ID" not in os.environ and (tasks > 1 or (per_node or 1) * num_nodes > 1):
-        raise ConfigError(f"this SLURM job has {tasks} task(s) but train.py runs in its batch script, not under "
-                          "srun, so its ranks would wait for each other forever; start it with "
-                          "`srun python train.py ...` (slurm/train.sh does)")
+        raise ConfigError(
+            f"this SLURM job has {tasks} task(s) but train.py runs in its batch script, not under "
+            "srun, so its ranks would wait for each other forever; start it with "
+            "`srun python train.py ...` (slurm/train.sh does)"
+        )
     if num_nodes != nodes:
         raise ConfigError(f"trainer.num_nodes={num_nodes} but SLURM allocated {nodes} node(s); {FIX}")
     if per_node is not None and per_node * num_nodes != tasks:
-        raise ConfigError(f"trainer.devices={devices} x trainer.num_nodes={num_nodes} = {per_node * num_nodes} "
-                          f"processes, but SLURM started {tasks} task(s) on {nodes} node(s) "
-                          f"(--ntasks-per-node={tasks // max(nodes, 1)}); {FIX}")
+        raise ConfigError(
+            f"trainer.devices={devices} x trainer.num_nodes={num_nodes} = {per_node * num_nodes} "
+            f"processes, but SLURM started {tasks} task(s) on {nodes} node(s) "
+            f"(--ntasks-per-node={tasks // max(nodes, 1)}); {FIX}"
+        )

@@ -15,8 +15,14 @@ from torch import nn
 
 from cm_lightning.errors import ConfigError
 
-AMP_DTYPES = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16-mixed": torch.float16,
-              "16-true": torch.float16, "32-true": None, "64-true": None}
+AMP_DTYPES = {
+    "bf16-mixed": torch.bfloat16,
+    "bf16-true": torch.bfloat16,
+    "16-mixed": torch.float16,
+    "16-true": torch.float16,
+    "32-true": None,
+    "64-true": None,
+}
 
 
 def auto_precision(accelerator="auto") -> str:
@@ -74,8 +80,12 @@ class Speed:
         """``auto`` replaced by on (CUDA) or off (any other device)."""
         on = torch.device(device).type == "cuda"
         pick = lambda v: on if v == "auto" else v  # noqa: E731
-        return replace(self, channels_last=pick(self.channels_last), compile=pick(self.compile),
-                       fused_optimizer=pick(self.fused_optimizer))
+        return replace(
+            self,
+            channels_last=pick(self.channels_last),
+            compile=pick(self.compile),
+            fused_optimizer=pick(self.fused_optimizer),
+        )
 
     def prepare(self, net: nn.Module, mode: str | None = None) -> nn.Module:
         """Applies the memory format and compilation to ``net`` in place (call ``resolved`` first)."""

@@ -54,8 +54,14 @@ def write_inputs(count: int = 6) -> None:
 
 
 def run(ckpt: Path, task: str, out: Path, *overrides: str) -> Path:
-    cmd = [sys.executable, str(ROOT / "evaluate.py"), f"task={task}", f"ckpt={ckpt}", *overrides,
-           f"hydra.run.dir={out}"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "evaluate.py"),
+        f"task={task}",
+        f"ckpt={ckpt}",
+        *overrides,
+        f"hydra.run.dir={out}",
+    ]
     print(" ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, cwd=ROOT, check=True)
     return out / f"{task}.png"

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, TINY
 
 HERE = Path(__file__).resolve().parent
@@ -29,16 +28,32 @@ def slurm_is_up() -> bool:
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not slurm_is_up(), reason="no SLURM here: tests/slurm/start.sh")]
 
 RUN = ["experiment=digits_ct", *TINY, "trainer.accelerator=cpu", "trainer.val_check_interval=100", "logger=csv"]
-ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "PYTHON": sys.executable,
-       "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0",
-       "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
+ENV = {
+    **os.environ,
+    "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    "PYTHON": sys.executable,
+    "WANDB_MODE": "offline",
+    "OMP_NUM_THREADS": "1",
+    "HYDRA_FULL_ERROR": "0",
+    "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
+}
 
 
 def sbatch(logs: Path, *overrides: str, tasks: int = 2) -> str:
     """Submits slurm/train.sh as a user would, resized to this machine (CPUs, no GPUs, minutes)."""
     logs.mkdir(parents=True, exist_ok=True)
-    cmd = ["sbatch", "--parsable", f"--ntasks-per-node={tasks}", "--cpus-per-task=1", "--gpus-per-node=0",
-           "--time=20", f"--output={logs}/%j.log", f"--error={logs}/%j.log", "slurm/train.sh", *overrides]
+    cmd = [
+        "sbatch",
+        "--parsable",
+        f"--ntasks-per-node={tasks}",
+        "--cpus-per-task=1",
+        "--gpus-per-node=0",
+        "--time=20",
+        f"--output={logs}/%j.log",
+        f"--error={logs}/%j.log",
+        "slurm/train.sh",
+        *overrides,
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, check=True)
     return proc.stdout.strip().split(";")[0]
 
@@ -84,8 +99,14 @@ def test_sbatch_runs_two_task_ddp_to_completion(uninterrupted):
 
 def test_sigusr1_checkpoints_requeues_and_resumes_exactly(uninterrupted, tmp_path):
     ref_out, _, _ = uninterrupted
-    job = sbatch(tmp_path, *RUN, *STEPS, "+callbacks.slow._target_=probes.SlowDown", "+callbacks.slow.seconds=0.5",
-                 "+callbacks.starts._target_=probes.StartLog")
+    job = sbatch(
+        tmp_path,
+        *RUN,
+        *STEPS,
+        "+callbacks.slow._target_=probes.SlowDown",
+        "+callbacks.slow.seconds=0.5",
+        "+callbacks.starts._target_=probes.StartLog",
+    )
     run_dir = ROOT / f"outputs/digits_ct/slurm-{job}"  # train.sh's run directory, the same after the requeue
     try:
         end = time.time() + 300
@@ -114,10 +135,25 @@ def test_sigusr1_checkpoints_requeues_and_resumes_exactly(uninterrupted, tmp_pat
 
 def test_sweep_through_the_slurm_launcher(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "train.py", "-m", "hydra/launcher=slurm", "model.optimizer.lr=1e-4,2e-4", *RUN,
-         "trainer.devices=2", "hydra.launcher.gpus_per_node=null", "hydra.launcher.cpus_per_task=1",
-         "hydra.launcher.timeout_min=20", f"hydra.sweep.dir={tmp_path}"],
-        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "train.py",
+            "-m",
+            "hydra/launcher=slurm",
+            "model.optimizer.lr=1e-4,2e-4",
+            *RUN,
+            "trainer.devices=2",
+            "hydra.launcher.gpus_per_node=null",
+            "hydra.launcher.cpus_per_task=1",
+            "hydra.launcher.timeout_min=20",
+            f"hydra.sweep.dir={tmp_path}",
+        ],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for num, lr in (("0", 1e-4), ("1", 2e-4)):
         ckpt = torch.load(tmp_path / num / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
@@ -131,5 +167,6 @@ def test_devices_larger_than_the_allocation(tmp_path):
     info = wait(job, timeout=200)
     log = (tmp_path / f"{job}.log").read_text()
     assert info["JobState"] == "FAILED", log[-3000:]
-    assert ("error: trainer.devices=4 x trainer.num_nodes=1 = 4 processes, but SLURM started 2 task(s) on 1 node(s)"
-            in log) and "Traceback" not in log
+    assert (
+        "error: trainer.devices=4 x trainer.num_nodes=1 = 4 processes, but SLURM started 2 task(s) on 1 node(s)" in log
+    ) and "Traceback" not in log

@@ -60,6 +60,7 @@ class Objective(nn.Module, abc.ABC):
         """Stops before the first step when ``net`` cannot serve this objective."""
 
     @abc.abstractmethod
-    def loss(self, student: nn.Module, target_net: nn.Module | None, x0: torch.Tensor, labels,
-             ctx: StepContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(
+        self, student: nn.Module, target_net: nn.Module | None, x0: torch.Tensor, labels, ctx: StepContext
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Per-sample losses (B,) and extra per-batch values to log."""

@@ -39,10 +39,13 @@ class DiscreteConsistency(Objective):
     def outputs(self, student, target_net, x0, labels, ctx: StepContext):
         """Student output f_theta(x0 + t z, t), the target sg f_target(x_r, r), and (t, r)."""
         g, shape, f = ctx.generator, x0.shape, self.parameterisation
-        t, r, z = ctx.draw(shape[0], lambda b: (
-            *self.pair.sample_levels(ctx.step, b, g),
-            torch.randn((b, *shape[1:]), generator=g, device=g.device),
-        ))
+        t, r, z = ctx.draw(
+            shape[0],
+            lambda b: (
+                *self.pair.sample_levels(ctx.step, b, g),
+                torch.randn((b, *shape[1:]), generator=g, device=g.device),
+            ),
+        )
         ctx.reseed_dropout()
         student_out = f(student, f.add_noise(x0, z, t), t, labels)
         # The teacher's and the target's evaluations keep no autograd state at all (inference mode); the

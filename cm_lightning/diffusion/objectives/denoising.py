@@ -18,10 +18,13 @@ class Denoising(Objective):
 
     def loss(self, student, target_net, x0, labels, ctx: StepContext):
         g, shape = ctx.generator, x0.shape
-        n, z = ctx.draw(shape[0], lambda b: (
-            torch.randn(b, generator=g, device=g.device),
-            torch.randn((b, *shape[1:]), generator=g, device=g.device),
-        ))
+        n, z = ctx.draw(
+            shape[0],
+            lambda b: (
+                torch.randn(b, generator=g, device=g.device),
+                torch.randn((b, *shape[1:]), generator=g, device=g.device),
+            ),
+        )
         sigma, sigma_data = torch.exp(self.p_mean + self.p_std * n), self.parameterisation.sigma_data
         weight = (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
         ctx.reseed_dropout()

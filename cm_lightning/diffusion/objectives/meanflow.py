@@ -42,25 +42,43 @@ class MeanFlow(Objective):
     of samples with r != t; ``norm_p``, ``norm_c``: the adaptive weight 1 / sg(||delta||^2 + c)^p;
     ``omega``, ``kappa``, ``label_dropout``: the folded guidance (omega = 1, kappa = 0, label_dropout = 0: off)."""
 
-    def __init__(self, parameterisation: MeanFlowParam, p_mean: float = -0.4, p_std: float = 1.0,
-                 fraction: float = 0.25, norm_p: float = 1.0, norm_c: float = 1e-3, omega: float = 1.0,
-                 kappa: float = 0.0, label_dropout: float = 0.0):
+    def __init__(
+        self,
+        parameterisation: MeanFlowParam,
+        p_mean: float = -0.4,
+        p_std: float = 1.0,
+        fraction: float = 0.25,
+        norm_p: float = 1.0,
+        norm_c: float = 1e-3,
+        omega: float = 1.0,
+        kappa: float = 0.0,
+        label_dropout: float = 0.0,
+    ):
         super().__init__(parameterisation)
         if not isinstance(parameterisation, MeanFlowParam):
-            raise ConfigError("model.objective.parameterisation must be MeanFlow's linear interpolation "
-                              "(model/objective/parameterisation=meanflow)")
+            raise ConfigError(
+                "model.objective.parameterisation must be MeanFlow's linear interpolation "
+                "(model/objective/parameterisation=meanflow)"
+            )
         if not p_std > 0:
-            raise ConfigError(f"model.objective.p_std={p_std}: the logit-normal's standard deviation must be "
-                              "positive (published: 1.0 on ImageNet, 2.0 on CIFAR-10)")
+            raise ConfigError(
+                f"model.objective.p_std={p_std}: the logit-normal's standard deviation must be "
+                "positive (published: 1.0 on ImageNet, 2.0 on CIFAR-10)"
+            )
         if not 0 <= fraction <= 1:
-            raise ConfigError(f"model.objective.fraction={fraction}: the share of samples with r != t must be in "
-                              "[0, 1] (published: 0.25 on ImageNet, 0.75 on CIFAR-10)")
+            raise ConfigError(
+                f"model.objective.fraction={fraction}: the share of samples with r != t must be in "
+                "[0, 1] (published: 0.25 on ImageNet, 0.75 on CIFAR-10)"
+            )
         if norm_p < 0:
-            raise ConfigError(f"model.objective.norm_p={norm_p}: the adaptive weight's power must be >= 0 "
-                              "(published: 1.0 on ImageNet, 0.75 on CIFAR-10; 0 is the plain squared loss)")
+            raise ConfigError(
+                f"model.objective.norm_p={norm_p}: the adaptive weight's power must be >= 0 "
+                "(published: 1.0 on ImageNet, 0.75 on CIFAR-10; 0 is the plain squared loss)"
+            )
         if not norm_c > 0:
-            raise ConfigError(f"model.objective.norm_c={norm_c}: the adaptive weight's constant must be positive "
-                              "(published: 1e-3)")
+            raise ConfigError(
+                f"model.objective.norm_c={norm_c}: the adaptive weight's constant must be positive (published: 1e-3)"
+            )
         if not 0 <= label_dropout < 1:
             raise ConfigError(f"model.objective.label_dropout={label_dropout} must be in [0, 1) (published: 0.1)")
         self.p_mean, self.p_std, self.fraction = p_mean, p_std, fraction
@@ -75,14 +93,22 @@ class MeanFlow(Objective):
         """The net takes (t, t - r), has a "no class" label when guidance is on, and runs one JVP on a single
         image, so that each of these stops before the first step rather than at it."""
         if getattr(net, "num_times", 1) != 2:
-            raise ConfigError(f"net.num_times={getattr(net, 'num_times', 1)}: MeanFlow's network takes two times "
-                              "(t, t - r); set net.num_times=2")
+            raise ConfigError(
+                f"net.num_times={getattr(net, 'num_times', 1)}: MeanFlow's network takes two times "
+                "(t, t - r); set net.num_times=2"
+            )
         if self.guided and not getattr(net, "null_class", False):
-            raise ConfigError("model.objective: guidance (omega != 1, kappa != 0 or label_dropout > 0) needs a "
-                              "class-conditional net with a 'no class' label; set net.num_classes and "
-                              "net.null_class=true, or omega=1, kappa=0, label_dropout=0")
-        probe(net, lambda f, x, labels, t: mean_flow_target(
-            lambda z, r, t: self.parameterisation.u(f, z, r, t, labels), x, 0 * t, t, x))
+            raise ConfigError(
+                "model.objective: guidance (omega != 1, kappa != 0 or label_dropout > 0) needs a "
+                "class-conditional net with a 'no class' label; set net.num_classes and "
+                "net.null_class=true, or omega=1, kappa=0, label_dropout=0"
+            )
+        probe(
+            net,
+            lambda f, x, labels, t: mean_flow_target(
+                lambda z, r, t: self.parameterisation.u(f, z, r, t, labels), x, 0 * t, t, x
+            ),
+        )
 
     def draws(self, x0: torch.Tensor, ctx: StepContext):
         """(t, r, e, dropped) for the batch: t >= r from two logit-normals, r = t outside ``fraction``, and which
@@ -90,8 +116,9 @@ class MeanFlow(Objective):
         g, shape = ctx.generator, x0.shape
 
         def draw(b):
-            a, c = (torch.sigmoid(self.p_mean + self.p_std * torch.randn(b, generator=g, device=g.device))
-                    for _ in range(2))
+            a, c = (
+                torch.sigmoid(self.p_mean + self.p_std * torch.randn(b, generator=g, device=g.device)) for _ in range(2)
+            )
             keep_r = torch.rand(b, generator=g, device=g.device) < self.fraction
             dropped = torch.rand(b, generator=g, device=g.device) < self.label_dropout
             e = torch.randn((b, *shape[1:]), generator=g, device=g.device)

@@ -51,7 +51,7 @@ def tangent(F_minus, dF_dt, x_t, dxt_dt, t, sigma_data: float, r: float, c: floa
     """sCM's normalised tangent g / (||g|| + c) with g = -cos^2 t (sigma_d F^- - dx_t/dt)
     - r cos t sin t (x_t + sigma_d dF^-/dt)."""
     cos, sin = per_sample(torch.cos(t), x_t), per_sample(torch.sin(t), x_t)
-    g = -cos**2 * (sigma_data * F_minus - dxt_dt) - r * cos * sin * (x_t + sigma_data * dF_dt)
+    g = -(cos**2) * (sigma_data * F_minus - dxt_dt) - r * cos * sin * (x_t + sigma_data * dF_dt)
     norm = g.flatten(1).norm(dim=1)
     return g / per_sample(norm + c, g)
 
@@ -62,19 +62,31 @@ class SCM(Objective):
 
     frozen = ("teacher.",)
 
-    def __init__(self, parameterisation: TrigFlow, p_mean: float = -1.0, p_std: float = 1.4,
-                 warmup_steps: int = 10000, tangent_c: float = 0.1, distill: bool = False,
-                 weighting_channels: int = 128):
+    def __init__(
+        self,
+        parameterisation: TrigFlow,
+        p_mean: float = -1.0,
+        p_std: float = 1.4,
+        warmup_steps: int = 10000,
+        tangent_c: float = 0.1,
+        distill: bool = False,
+        weighting_channels: int = 128,
+    ):
         super().__init__(parameterisation)
         if not isinstance(parameterisation, TrigFlow):
-            raise ConfigError("model.objective.parameterisation must be TrigFlow for sCM "
-                              "(model/objective/parameterisation=trigflow)")
+            raise ConfigError(
+                "model.objective.parameterisation must be TrigFlow for sCM (model/objective/parameterisation=trigflow)"
+            )
         if not p_std > 0:
-            raise ConfigError(f"model.objective.p_std={p_std}: the lognormal's standard deviation must be positive "
-                              "(published: 1.4 on CIFAR-10, 1.6 on ImageNet 64)")
+            raise ConfigError(
+                f"model.objective.p_std={p_std}: the lognormal's standard deviation must be positive "
+                "(published: 1.4 on CIFAR-10, 1.6 on ImageNet 64)"
+            )
         if warmup_steps < 0 or not tangent_c > 0:
-            raise ConfigError(f"model.objective: warmup_steps={warmup_steps} must be >= 0 and tangent_c={tangent_c} "
-                              "positive (published: 10000 and 0.1)")
+            raise ConfigError(
+                f"model.objective: warmup_steps={warmup_steps} must be >= 0 and tangent_c={tangent_c} "
+                "positive (published: 10000 and 0.1)"
+            )
         self.p_mean, self.p_std, self.warmup_steps, self.tangent_c = p_mean, p_std, warmup_steps, tangent_c
         self.requires_teacher = distill
         self.weighting = LearnedWeighting(weighting_channels)
@@ -93,10 +105,13 @@ class SCM(Objective):
     def loss(self, student, target_net, x0, labels, ctx: StepContext):
         g, shape, param = ctx.generator, x0.shape, self.parameterisation
         sigma_data = param.sigma_data
-        tau, z = ctx.draw(shape[0], lambda b: (
-            self.p_mean + self.p_std * torch.randn(b, generator=g, device=g.device),
-            torch.randn((b, *shape[1:]), generator=g, device=g.device),
-        ))
+        tau, z = ctx.draw(
+            shape[0],
+            lambda b: (
+                self.p_mean + self.p_std * torch.randn(b, generator=g, device=g.device),
+                torch.randn((b, *shape[1:]), generator=g, device=g.device),
+            ),
+        )
         t = torch.atan(torch.exp(tau) / sigma_data)
         x_t = param.add_noise(x0, z, t)
         if self.requires_teacher:
