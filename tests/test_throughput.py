@@ -32,7 +32,7 @@ def forward_gflop(*overrides: str) -> float:
 
 
 def test_imagenet64_network_is_the_one_the_authors_numbers_are_for():
-    # The reference: the ImageNet-64 U-Net, 219 GFLOP per image forward; TFLOP/s compare only then.
+    # The reference convention: the ImageNet-64 U-Net, 219 GFLOP per image forward; TFLOP/s compare only then.
     assert forward_gflop("experiment=imagenet64_cd") == pytest.approx(219.3, abs=0.1)
 
 
@@ -125,7 +125,7 @@ def test_out_of_memory_is_told_from_other_errors():
 
 
 def test_gpu_suite_script_appends_one_line_per_run(tmp_path):
-    # benchmarks/gpu.sh is what a GPU session runs as is: the runs, shrunk here by EXTRA to a tiny net.
+    # benchmarks/gpu.sh is what a GPU session runs as is: its benchmark runs, shrunk here by EXTRA to a tiny net.
     tiny = " ".join(
         [
             "net.model_channels=16",
