@@ -14,7 +14,8 @@ from cm_lightning.modules.generative import GenerativeModule
 from cm_lightning.nets.adm import ADMUNet
 
 
-def tiny_net(dropout: float = 0.0, image_size: int = 8, channels: int = 1, num_classes: int = 0) -> ADMUNet:
+def tiny_net(dropout: float = 0.0, image_size: int = 8, channels: int = 1, num_classes: int = 0, **options) -> ADMUNet:
+    """An ADM U-Net with attention small enough for exact math tests; ``options``: further ADMUNet switches."""
     return ADMUNet(
         image_size=image_size,
         in_channels=channels,
@@ -25,6 +26,7 @@ def tiny_net(dropout: float = 0.0, image_size: int = 8, channels: int = 1, num_c
         num_head_channels=16,
         dropout=dropout,
         num_classes=num_classes,
+        **options,
     )
 
 

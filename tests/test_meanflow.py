@@ -3,7 +3,7 @@ analytic u, flow matching at r = t, the (t, r) sampler, the folded guidance, the
 
 import pytest
 import torch
-from helpers import randomise
+from helpers import randomise, tiny_net
 from torch import nn
 
 from cm_lightning.diffusion.objectives.base import StepContext
@@ -16,18 +16,7 @@ from cm_lightning.nets.ncsnpp import NCSNpp
 
 
 def two_time_net(num_classes: int = 0, null_class: bool = False) -> ADMUNet:
-    return ADMUNet(
-        image_size=8,
-        in_channels=1,
-        model_channels=16,
-        channel_mult=(1, 2),
-        num_res_blocks=1,
-        attention_resolutions=(4,),
-        num_head_channels=16,
-        num_times=2,
-        num_classes=num_classes,
-        null_class=null_class,
-    )
+    return tiny_net(num_classes=num_classes, num_times=2, null_class=null_class)
 
 
 def context(seed: int = 0) -> StepContext:

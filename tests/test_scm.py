@@ -143,20 +143,9 @@ def test_sampling_levels_are_the_published_ones():
 
 
 def test_double_normalisation_keeps_the_state_dict_and_pixel_normalises_scale_and_shift():
-    from cm_lightning.nets.adm import ADMUNet
-
     torch.manual_seed(0)
-    shape = dict(
-        image_size=8,
-        in_channels=1,
-        model_channels=16,
-        channel_mult=(1, 2),
-        num_res_blocks=1,
-        attention_resolutions=(4,),
-        num_head_channels=16,
-    )
-    plain = randomise(ADMUNet(**shape))
-    double = ADMUNet(**shape, double_norm=True)
+    plain = randomise(tiny_net())
+    double = tiny_net(double_norm=True)
     double.load_state_dict(plain.state_dict())  # the same keys: checkpoints move between the two
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([0.3, 1.2])
     before = double(x, t)
@@ -169,4 +158,4 @@ def test_double_normalisation_keeps_the_state_dict_and_pixel_normalises_scale_an
                 block.emb_layers[1].bias.mul_(3.0)
     torch.testing.assert_close(double(x, t), before, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="use_scale_shift_norm=true"):
-        ADMUNet(**shape, use_scale_shift_norm=False, double_norm=True)
+        tiny_net(use_scale_shift_norm=False, double_norm=True)
