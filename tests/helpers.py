@@ -2,6 +2,7 @@
 
 import functools
 
+import lightning as L
 import torch
 
 from cm_lightning.diffusion.curricula import FixedCurriculum
@@ -59,3 +60,16 @@ def edm_module(net, p_std: float = 1.2, **kwargs) -> GenerativeModule:
 def pair_outputs(module: GenerativeModule, x0, labels=None, batch_idx: int = 0):
     """The discrete consistency objective's (student output, target, t, r) for one batch."""
     return module.objective.outputs(module.net, module.target_net, x0, labels, module.context(batch_idx))
+
+
+def cpu_trainer(**kwargs) -> L.Trainer:
+    """A quiet one-process CPU Trainer: no logger, checkpoints, progress bar or model summary."""
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )

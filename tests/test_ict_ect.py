@@ -6,11 +6,10 @@ import functools
 import math
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 from conftest import ROOT, TINY, run_script
-from helpers import consistency_module, pair_outputs, randomise, tiny_net
+from helpers import consistency_module, cpu_trainer, pair_outputs, randomise, tiny_net
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from torch.utils.data import DataLoader, TensorDataset
@@ -147,14 +146,7 @@ def test_ect_trains_and_logs_stage_mu_and_weight():
     torch.manual_seed(0)
     module = ect_module(randomise(tiny_net()))
     data = DataLoader(TensorDataset(torch.randn(8, 1, 8, 8), torch.zeros(8, dtype=torch.long)), batch_size=4)
-    trainer = L.Trainer(
-        max_steps=3,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-    )
+    trainer = cpu_trainer(max_steps=3)
     trainer.fit(module, data)
     logged = trainer.callback_metrics
     assert logged["train/stage"] == 2 and logged["train/mu"] == 0 and logged["train/weight"] > 0

@@ -7,23 +7,11 @@ import lightning as L
 import pytest
 import torch
 from conftest import TINY
-from helpers import ct_module, randomise, tiny_net
+from helpers import cpu_trainer, ct_module, randomise, tiny_net
 from lightning.pytorch.plugins.precision import MixedPrecision
 
 from cm_lightning.errors import ConfigError
 from cm_lightning.runtime.speed import Speed, amp_dtype, auto_precision
-
-
-def cpu_trainer(**kwargs) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kwargs,
-    )
 
 
 def prepared(speed: Speed, dropout: float = 0.1):

@@ -1,6 +1,6 @@
 import lightning as L
 import torch
-from helpers import ct_module, edm_module, pair_outputs, randomise, tiny_net
+from helpers import cpu_trainer, ct_module, edm_module, pair_outputs, randomise, tiny_net
 from torch.utils.data import DataLoader, TensorDataset
 
 
@@ -53,15 +53,7 @@ def test_one_trainer_step_moves_the_target_by_mu():
     before = [p.clone() for p in module.net.parameters()]
     data = DataLoader(TensorDataset(torch.randn(8, 1, 8, 8), torch.zeros(8, dtype=torch.long)), batch_size=8)
     modes = Modes()
-    trainer = L.Trainer(
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        callbacks=[modes],
-    )
+    trainer = cpu_trainer(max_steps=1, callbacks=[modes])
     trainer.fit(module, data)
     # The target runs in training mode too: its dropout masks are the student's (the authors' target_model.train()).
     assert modes.seen == {"net": {True}, "target": {True}}
@@ -78,14 +70,7 @@ def test_class_conditional_edm_trains_and_samples_with_labels():
         tiny_net(num_classes=10), optimizer=functools.partial(torch.optim.Adam, lr=1e-3), ema_rates=(0.9,)
     )
     data = DataLoader(TensorDataset(torch.randn(8, 1, 8, 8), torch.arange(8) % 10), batch_size=4)
-    trainer = L.Trainer(
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-    )
+    trainer = cpu_trainer(max_steps=2)
     trainer.fit(module, data)
     images, labels = module.sampler()(3, steps=2, seed=1)
     assert images.shape == (3, 1, 8, 8) and labels.shape == (3,) and labels.max() < 10

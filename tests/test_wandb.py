@@ -73,7 +73,7 @@ def test_an_evaluation_reads_its_checkpoint_once(sweep, tmp_path, monkeypatch, t
     from cm_lightning.tasks import common
 
     ckpt, reads, real = sweep / "0/checkpoints/last.ckpt", [], loading.load_file
-    monkeypatch.setattr(common, "_READ", {})
+    common._read.cache_clear()
     monkeypatch.setattr(
         loading, "load_file", lambda path, *args, **kwargs: reads.append(str(path)) or real(path, *args, **kwargs)
     )

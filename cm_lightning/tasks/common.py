@@ -1,6 +1,7 @@
 """What evaluate.py's tasks share: the checkpoint read once, the device, Fabric's processes, the sampling plans,
 batched sampling, the authors' .npz layout, and the scoring of task=fid and task=search_midpoint."""
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -52,16 +53,16 @@ def pick_device(name: str) -> torch.device:
 
 
 def checkpoint(path) -> dict:
-    """``ckpt=`` as read, once per command: the task, its scorer and its W&B record share it."""
+    """``ckpt=`` as read, once per command: the task, its scorer and its W&B record share it. Keyed by the
+    file's modification time and size too, so that a file rewritten in the same process is read again."""
     file = Path(str(path))
-    stamp = file.stat() if file.is_file() else None
-    key = (str(path), stamp and (stamp.st_mtime_ns, stamp.st_size))
-    if _READ.get("key") != key:
-        _READ.update(key=key, ckpt=read_checkpoint(path, "ckpt"))
-    return _READ["ckpt"]
+    stamp = (file.stat().st_mtime_ns, file.stat().st_size) if file.is_file() else None
+    return _read(str(path), stamp)
 
 
-_READ: dict = {}
+@functools.lru_cache(maxsize=1)
+def _read(path: str, stamp) -> dict:
+    return read_checkpoint(path, "ckpt")
 
 
 def load_sampler(cfg: DictConfig, device) -> Sampler:
