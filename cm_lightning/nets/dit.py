@@ -160,7 +160,8 @@ class DiT(nn.Module):
         if num_times not in (1, 2):
             raise ConfigError(f"net.num_times={num_times}; use 1 (one noise level) or 2 (MeanFlow's t and t - r)")
         self.image_size, self.in_channels, self.patch_size = image_size, in_channels, patch_size
-        self.num_classes, self.null_class, self.num_times, self.noise_kind = num_classes, null_class, num_times, noise_kind
+        self.num_classes, self.null_class, self.num_times = num_classes, null_class, num_times
+        self.noise_kind = noise_kind
         self.out_channels = 2 * in_channels if learn_sigma else in_channels
         grid = image_size // patch_size
 
@@ -213,9 +214,7 @@ class DiT(nn.Module):
                 f"{self.image_size}): rebuild it with that in_channels and image_size"
             )
         if noise_labels.shape != expected:
-            raise ValueError(
-                f"noise_labels has shape {tuple(noise_labels.shape)}; expected {expected} (net.num_times)"
-            )
+            raise ValueError(f"noise_labels has shape {tuple(noise_labels.shape)}; expected {expected} (net.num_times)")
         if bool(self.num_classes) != (class_labels is not None):
             raise ValueError(f"num_classes={self.num_classes}: pass class_labels exactly when the net is conditional")
 
