@@ -97,3 +97,80 @@ def test_bad_net_settings_stop_with_one_line():
         tiny_dit(patch_size=3)
     with pytest.raises(ConfigError, match="null_class=true"):
         tiny_dit(null_class=True)
+
+
+def attention_dit(dtype=torch.float32) -> DiT:
+    """A tiny DiT with every weight drawn (not adaLN-Zero's zeros), so attention and the modulation matter."""
+    net = tiny_dit(num_times=2).to(dtype)
+    for p in net.parameters():
+        if p.requires_grad:
+            p.data.normal_(0, 0.1)
+    return net
+
+
+def test_both_jvp_modes_equal_a_float64_central_difference_through_attention():
+    """MeanFlow's du/dt through a DiT: torch.func's JVP and jvp=finite_difference (step 1e-5 in float64) both
+    equal the central difference of u(z + h v, r, t + h) taken here; in fp32 at the default step the two modes
+    agree to the finite difference's O(h^2 + eps / h)."""
+    from cm_lightning.diffusion.jvp import jvp
+    from cm_lightning.diffusion.objectives.meanflow import mean_flow_target
+    from cm_lightning.diffusion.precond import MeanFlowParam
+
+    param = MeanFlowParam()
+    z, v = torch.randn(2, 2, 8, 8, dtype=torch.float64), torch.randn(2, 2, 8, 8, dtype=torch.float64)
+    t, r = torch.tensor([0.9, 0.6], dtype=torch.float64), torch.tensor([0.2, 0.6], dtype=torch.float64)
+    net = attention_dit(torch.float64)
+    u = lambda z, r, t: param.u(net, z, r, t)  # noqa: E731
+    h = 1e-5
+    reference = (u(z + h * v, r, t + h) - u(z - h * v, r, t - h)) / (2 * h)
+    tangents = (v, torch.zeros_like(r), torch.ones_like(t))
+    for mode in ("autograd", "finite_difference"):
+        out, du_dt = jvp(u, (z, r, t), tangents, mode=mode, step=h)
+        torch.testing.assert_close(out, u(z, r, t), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(du_dt, reference, rtol=0, atol=1e-8)
+
+    net32 = attention_dit()
+    u32 = lambda z, r, t: param.u(net32, z, r, t)  # noqa: E731
+    args = z.float(), r.float(), t.float(), v.float()
+    _, autograd_target = mean_flow_target(u32, *args)
+    _, fd_target = mean_flow_target(u32, *args, mode="finite_difference")
+    scale = autograd_target.abs().max()
+    torch.testing.assert_close(fd_target / scale, autograd_target / scale, rtol=0, atol=2e-4)
+
+
+def test_finite_difference_draws_one_dropout_mask_for_all_its_evaluations():
+    """fn(x) = dropout(x^2): with one mask m in all three evaluations the derivative along v is 2 fn(x) v / x."""
+    from cm_lightning.diffusion.jvp import jvp
+
+    x, v = torch.rand(64, dtype=torch.float64) + 0.5, torch.randn(64, dtype=torch.float64)
+    torch.manual_seed(1)
+    out, d = jvp(lambda x: torch.nn.functional.dropout(x**2, 0.5), (x,), (v,), mode="finite_difference", step=1e-5)
+    assert 0 < (out == 0).sum() < 64
+    torch.testing.assert_close(d, 2 * out * v / x)
+
+
+def test_a_kernel_without_forward_mode_ad_names_the_finite_difference():
+    """The fused CPU flash-attention op has no forward-mode AD: jvp=autograd stops with one line naming
+    jvp=finite_difference, which then equals the float64 central difference of the math kernel."""
+    from cm_lightning.diffusion.jvp import jvp
+
+    q = torch.randn(1, 2, 8, 4, dtype=torch.float64)
+    dq = torch.randn_like(q)
+    flash = lambda q: torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, q, q)[0]  # noqa: E731
+    with pytest.raises(ConfigError, match="set model.objective.jvp=finite_difference"):
+        jvp(flash, (q,), (q,))
+    _, fd = jvp(flash, (q,), (dq,), mode="finite_difference", step=1e-6)
+    math_kernel = torch.nn.functional.scaled_dot_product_attention
+    _, exact = jvp(lambda q: math_kernel(q, q, q), (q,), (dq,))
+    torch.testing.assert_close(fd, exact, rtol=1e-6, atol=1e-8)
+
+
+def test_bad_jvp_settings_stop_with_one_line():
+    from cm_lightning.diffusion.objectives.meanflow import MeanFlow
+    from cm_lightning.diffusion.objectives.scm import SCM
+    from cm_lightning.diffusion.precond import MeanFlowParam, TrigFlow
+
+    with pytest.raises(ConfigError, match="model.objective.jvp='forward' is unknown"):
+        MeanFlow(MeanFlowParam(), jvp="forward")
+    with pytest.raises(ConfigError, match="model.objective.jvp_step=0"):
+        SCM(TrigFlow(), jvp="finite_difference", jvp_step=0)

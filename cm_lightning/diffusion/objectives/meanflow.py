@@ -23,24 +23,25 @@ class-conditional nets with a "no class" label (``net.null_class``): v is replac
 
 import torch
 
-from cm_lightning.diffusion.jvp import eager, jvp, probe
+from cm_lightning.diffusion.jvp import FD_STEP, check_mode, eager, jvp, probe
 from cm_lightning.diffusion.objectives.base import Objective, StepContext
 from cm_lightning.diffusion.precond import MeanFlowParam
 from cm_lightning.diffusion.shapes import per_sample
 from cm_lightning.errors import ConfigError
 
 
-def mean_flow_target(u_fn, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor, v: torch.Tensor):
+def mean_flow_target(u_fn, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor, v: torch.Tensor, **jvp_mode):
     """(u(z, r, t), u_tgt = v - (t - r) du/dt) with du/dt = v . d_z u + d_t u, the JVP along (v, 0, 1) in
-    (z, r, t) (MeanFlow eq. 10); both without a graph."""
-    u, du_dt = jvp(u_fn, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))
+    (z, r, t) (MeanFlow eq. 10); both without a graph. ``jvp_mode``: ``mode`` and ``step`` of ``jvp``."""
+    u, du_dt = jvp(u_fn, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)), **jvp_mode)
     return u, v - per_sample(t - r, v) * du_dt
 
 
 class MeanFlow(Objective):
     """MeanFlow on ``MeanFlowParam``. ``p_mean``, ``p_std``: the logit-normal of t and r; ``fraction``: the share
     of samples with r != t; ``norm_p``, ``norm_c``: the adaptive weight 1 / sg(||delta||^2 + c)^p;
-    ``omega``, ``kappa``, ``label_dropout``: the folded guidance (omega = 1, kappa = 0, label_dropout = 0: off)."""
+    ``omega``, ``kappa``, ``label_dropout``: the folded guidance (omega = 1, kappa = 0, label_dropout = 0: off);
+    ``jvp``, ``jvp_step``: how du/dt is taken (``diffusion/jvp.py``: autograd or finite_difference)."""
 
     def __init__(
         self,
@@ -53,6 +54,8 @@ class MeanFlow(Objective):
         omega: float = 1.0,
         kappa: float = 0.0,
         label_dropout: float = 0.0,
+        jvp: str = "autograd",
+        jvp_step: float = FD_STEP,
     ):
         super().__init__(parameterisation)
         if not isinstance(parameterisation, MeanFlowParam):
@@ -84,6 +87,8 @@ class MeanFlow(Objective):
         self.p_mean, self.p_std, self.fraction = p_mean, p_std, fraction
         self.norm_p, self.norm_c = norm_p, norm_c
         self.omega, self.kappa, self.label_dropout = omega, kappa, label_dropout
+        check_mode(jvp, jvp_step)
+        self.jvp_mode = dict(mode=jvp, step=jvp_step)
 
     @property
     def guided(self) -> bool:
@@ -106,7 +111,7 @@ class MeanFlow(Objective):
         probe(
             net,
             lambda f, x, labels, t: mean_flow_target(
-                lambda z, r, t: self.parameterisation.u(f, z, r, t, labels), x, 0 * t, t, x
+                lambda z, r, t: self.parameterisation.u(f, z, r, t, labels), x, 0 * t, t, x, **self.jvp_mode
             ),
         )
 
@@ -152,7 +157,8 @@ class MeanFlow(Objective):
             if self.guided:
                 v, labels = self.guided_velocity(student, z, t, v, labels, dropped)
             ctx.reseed_dropout()
-            _, u_tgt = mean_flow_target(lambda z, r, t: param.u(eager(student), z, r, t, labels), z, r, t, v)
+            u_fn = lambda z, r, t: param.u(eager(student), z, r, t, labels)  # noqa: E731
+            _, u_tgt = mean_flow_target(u_fn, z, r, t, v, **self.jvp_mode)
         ctx.reseed_dropout()  # the JVP's dropout masks, so that u_theta is the function the target was taken of
         u_theta = param.u(student, z, r, t, labels)
         squared = (u_theta - u_tgt).pow(2).flatten(1).sum(dim=1)

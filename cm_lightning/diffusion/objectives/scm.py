@@ -16,7 +16,7 @@ wrapper, so it is synchronised like any other step. w is a small learned network
 import torch
 from torch import nn
 
-from cm_lightning.diffusion.jvp import eager, jvp, probe
+from cm_lightning.diffusion.jvp import FD_STEP, check_mode, eager, jvp, probe
 from cm_lightning.diffusion.objectives.base import Objective, StepContext
 from cm_lightning.diffusion.precond import TrigFlow
 from cm_lightning.diffusion.shapes import per_sample
@@ -58,7 +58,8 @@ def tangent(F_minus, dF_dt, x_t, dxt_dt, t, sigma_data: float, r: float, c: floa
 
 class SCM(Objective):
     """sCT (``distill=false``) or sCD (``distill=true``: the tangent's dx_t/dt from an EDM teacher,
-    ``model.teacher_ckpt``). ``warmup_steps`` is H of the tangent warm-up; ``tangent_c`` the normalisation's c."""
+    ``model.teacher_ckpt``). ``warmup_steps`` is H of the tangent warm-up; ``tangent_c`` the normalisation's c;
+    ``jvp``, ``jvp_step``: how dF^-/dt is taken (``diffusion/jvp.py``: autograd or finite_difference)."""
 
     frozen = ("teacher.",)
 
@@ -71,6 +72,8 @@ class SCM(Objective):
         tangent_c: float = 0.1,
         distill: bool = False,
         weighting_channels: int = 128,
+        jvp: str = "autograd",
+        jvp_step: float = FD_STEP,
     ):
         super().__init__(parameterisation)
         if not isinstance(parameterisation, TrigFlow):
@@ -90,6 +93,8 @@ class SCM(Objective):
         self.p_mean, self.p_std, self.warmup_steps, self.tangent_c = p_mean, p_std, warmup_steps, tangent_c
         self.requires_teacher = distill
         self.weighting = LearnedWeighting(weighting_channels)
+        check_mode(jvp, jvp_step)
+        self.jvp_mode = dict(mode=jvp, step=jvp_step)
 
     def state(self, step: int) -> dict:
         return {"tangent_warmup": self.warmup(step)}
@@ -100,7 +105,8 @@ class SCM(Objective):
     def check(self, net) -> None:
         """One JVP through the network on a single image, so a layer without forward-mode AD stops before the
         first step rather than at it."""
-        probe(net, lambda f, x, labels, t: jvp(lambda x, t: self.parameterisation.F(f, x, t, labels), (x, t), (x, t)))
+        F = self.parameterisation.F
+        probe(net, lambda f, x, labels, t: jvp(lambda x, t: F(f, x, t, labels), (x, t), (x, t), **self.jvp_mode))
 
     def loss(self, student, target_net, x0, labels, ctx: StepContext):
         g, shape, param = ctx.generator, x0.shape, self.parameterisation
@@ -120,7 +126,8 @@ class SCM(Objective):
         else:
             dxt_dt = per_sample(torch.cos(t), x0) * sigma_data * z - per_sample(torch.sin(t), x0) * x0
         ctx.reseed_dropout()
-        F_minus, dF_dt = jvp(lambda x, s: param.F(eager(student), x, s, labels), (x_t, t), (dxt_dt, torch.ones_like(t)))
+        F_fn = lambda x, s: param.F(eager(student), x, s, labels)  # noqa: E731
+        F_minus, dF_dt = jvp(F_fn, (x_t, t), (dxt_dt, torch.ones_like(t)), **self.jvp_mode)
         target_step = tangent(F_minus, dF_dt, x_t, dxt_dt, t, sigma_data, self.warmup(ctx.step), self.tangent_c)
         ctx.reseed_dropout()  # the same dropout masks as F^-, so that F_theta - F^- is zero in value
         F_theta = param.F(student, x_t, t, labels)
