@@ -9,7 +9,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from cm_lightning.diffusion.flow_map import CHAINS, flow_map_sample
 from cm_lightning.diffusion.sampling import multistep_sample, ode_sample
+from cm_lightning.errors import ConfigError
 from cm_lightning.runtime.speed import Speed, amp_dtype, autocast
 
 
@@ -35,6 +37,13 @@ class Sampler:
         with autocast(x.device, self.amp):
             return self.param(self.net, x, sigma, labels)  # fp32 out
 
+    def jump(self, x, r, t, labels=None):
+        """MeanFlow's z_r from z_t (``param.jump``), under the same speed settings as ``denoise``."""
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        with autocast(x.device, self.amp):
+            return self.param.jump(self.net, x, r, t, labels)
+
     def speed_up(self, speed: Speed, precision: str, device) -> "Sampler":
         """Autocast in ``precision``'s dtype, channels-last and compilation in ``speed.sample_compile_mode``
         (``reduce-overhead``: CUDA graphs) as ``speed`` resolves on ``device``."""
@@ -59,11 +68,14 @@ class Sampler:
 
     def plans(self, steps=(1, 2), sigmas: dict | None = None, teacher_steps=(18,), solver: str = "heun") -> dict:
         """Named sampling plans. A consistency model: ``k``-step sampling for each k in ``steps``, then one plan
-        per entry of ``sigmas`` ({name: decreasing EDM noise levels}). A denoiser: its ODE sampler with each of
+        per entry of ``sigmas`` ({name: decreasing EDM noise levels}); a MeanFlow model's flow-map default also
+        gets ``{k}step_renoise``, the re-noising chain, for each k > 1. A denoiser: its ODE sampler with each of
         ``teacher_steps`` steps of ``solver``."""
         if not self.param.few_step:
             return {f"{int(k)}step": dict(steps=int(k), solver=solver) for k in teacher_steps}
         named = {f"{int(k)}step": dict(steps=int(k)) for k in steps}
+        if getattr(self.param, "chain", "renoise") == "flow_map":
+            named |= {f"{int(k)}step_renoise": dict(steps=int(k), chain="renoise") for k in steps if int(k) > 1}
         return named | {name: self.at_sigmas(levels) for name, levels in (sigmas or {}).items()}
 
     def nfe(self, how: dict) -> int:
@@ -82,13 +94,20 @@ class Sampler:
         seed: int = 0,
         device="cpu",
         solver: str = "heun",
+        chain: str | None = None,
     ):
         """``num`` images in [-1, 1] and their labels (None when unconditional).
 
         Consistency models take ``steps`` (default 1) or explicit decreasing levels ``sigmas`` (the
         parameterisation's own: sigma for EDM/CM, t for TrigFlow); denoisers take ``steps`` of the ODE
-        ``solver`` (default 18 Heun steps, 35 evaluations).
+        ``solver`` (default 18 Heun steps, 35 evaluations). ``chain`` (few-step models): ``flow_map`` (MeanFlow's
+        jumps) or ``renoise`` (CM Algorithm 1); None: the parameterisation's own (``param.chain``, else renoise).
         """
+        chain = chain or getattr(self.param, "chain", "renoise")
+        if chain not in CHAINS or (chain == "flow_map" and not hasattr(self.param, "jump")):
+            raise ConfigError(
+                f"chain={chain!r}: use renoise, or flow_map with a MeanFlow model (its parameterisation's jumps)"
+            )
         g = torch.Generator(device=device).manual_seed(seed)
         z = torch.randn((num, *self.image_shape), generator=g, device=device)
         labels = self.labels(num, g) if labels is None else labels.to(device)
@@ -96,4 +115,7 @@ class Sampler:
         if not self.param.few_step:
             return ode_sample(f, z, steps=steps or 18, solver=solver, **self.param.grid), labels
         levels = self.param.levels(steps or 1) if sigmas is None else sigmas
+        if chain == "flow_map":
+            start = self.param.add_noise(torch.zeros_like(z), z, levels[0])
+            return flow_map_sample(lambda x, r, t: self.jump(x, r, t, labels), start, levels), labels
         return multistep_sample(f, z, levels, self.param, generator=g), labels

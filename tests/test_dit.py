@@ -174,3 +174,73 @@ def test_bad_jvp_settings_stop_with_one_line():
         MeanFlow(MeanFlowParam(), jvp="forward")
     with pytest.raises(ConfigError, match="model.objective.jvp_step=0"):
         SCM(TrigFlow(), jvp="finite_difference", jvp_step=0)
+
+
+class LinearField(torch.nn.Module):
+    """u(z, r, t) = a z + b (t - r) + c t, fed (t, t - r) like a MeanFlow net."""
+
+    in_channels, image_size, num_classes, num_times = 1, 4, 0, 2
+
+    def __init__(self, a: float, b: float = 0.0, c: float = 0.0):
+        super().__init__()
+        self.a, self.b, self.c = a, b, c
+
+    def forward(self, z, noise_labels, class_labels=None):
+        t, h = noise_labels[:, 0].view(-1, 1, 1, 1), noise_labels[:, 1].view(-1, 1, 1, 1)
+        return self.a * z + self.b * h + self.c * t
+
+
+def start_noise(num: int, seed: int) -> torch.Tensor:
+    return torch.randn((num, 1, 4, 4), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_flow_map_sampler_lands_where_the_closed_form_says(steps):
+    """With u = a z + b (t - r) + c t each jump is z_r = z_t - (t - r)(a z_t + b (t - r) + c t), from z_1 = e
+    through the even levels 1, (k-1)/k, ..., 1/k to 0: the default sampler of MeanFlow lands on that product."""
+    from cm_lightning.diffusion.precond import MeanFlowParam
+    from cm_lightning.sampler import Sampler
+
+    a, b, c = 0.7, 0.3, -0.2
+    x, _ = Sampler(LinearField(a, b, c), MeanFlowParam())(8, steps=steps, seed=3)
+    z = start_noise(8, 3).double()
+    levels = [(steps - i) / steps for i in range(steps)] + [0.0]
+    for t, r in zip(levels, levels[1:]):
+        z = z - (t - r) * (a * z + b * (t - r) + c * t)
+    torch.testing.assert_close(x.double(), z.clamp(-1, 1), rtol=1e-5, atol=1e-6)
+
+
+def test_flow_map_is_exact_for_a_point_mass_and_renoise_stays_an_option():
+    """Data at x0 alone: the true average velocity is u = (z - x0) / t, and every jump count lands on x0. The
+    re-noising chain stays available (a plan ``2step_renoise`` and ``chain=renoise``) and is another sampler."""
+    from cm_lightning.diffusion.precond import MeanFlowParam, from_meta
+    from cm_lightning.sampler import Sampler
+
+    x0 = 0.25
+
+    class PointMass(LinearField):
+        def forward(self, z, noise_labels, class_labels=None):
+            return (z - x0) / noise_labels[:, 0].view(-1, 1, 1, 1)
+
+    sampler = Sampler(PointMass(0.0), MeanFlowParam())
+    for steps in (1, 2, 3):
+        x, _ = sampler(4, steps=steps)
+        torch.testing.assert_close(x, torch.full_like(x, x0))
+    assert sampler.plans([1, 2])["2step_renoise"] == dict(steps=2, chain="renoise")
+    linear = Sampler(LinearField(0.5), MeanFlowParam())
+    jumps, renoised = linear(4, steps=2)[0], linear(4, steps=2, chain="renoise")[0]
+    assert not torch.allclose(jumps, renoised)
+    # A checkpoint written before the option has no ``chain``: it samples with MeanFlow's jumps.
+    old = {"parameterisation": {"name": "meanflow", "time_scale": 1.0, "sigma_min": 0.002, "sigma_max": 80.0}}
+    assert from_meta(old).chain == "flow_map"
+
+
+def test_bad_sampler_chains_stop_with_one_line():
+    from cm_lightning.diffusion.objectives.meanflow import MeanFlow
+    from cm_lightning.diffusion.precond import MeanFlowParam, consistency_function
+    from cm_lightning.sampler import Sampler
+
+    with pytest.raises(ConfigError, match="parameterisation.chain='jump' is unknown"):
+        MeanFlow(MeanFlowParam(chain="jump"))
+    with pytest.raises(ConfigError, match="chain='flow_map'"):
+        Sampler(LinearField(0.5), consistency_function())(2, chain="flow_map")

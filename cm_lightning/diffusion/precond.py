@@ -224,7 +224,8 @@ class MeanFlowParam:
         f(z_t, t) = z_t - t u(z_t, 0, t)
 
     so f(z, 0) = z, and one step from t = 1 is x = z_1 - u(z_1, 0, 1). EDM's x0 + sigma e is z_t / (1 - t) at
-    t = sigma / (1 + sigma). More steps re-noise f's estimate to the next level (CM Algorithm 1).
+    t = sigma / (1 + sigma). ``chain``: how more steps go, ``flow_map`` (MeanFlow's jumps z_r = z_t - (t - r)
+    u(z_t, r, t), ``jump``; the default) or ``renoise`` (f's estimate re-noised to the next level, CM Algorithm 1).
     """
 
     name = "meanflow"
@@ -232,6 +233,7 @@ class MeanFlowParam:
     sigma_min: float = 0.002  # the Karras grids behind ts= indices and the published editing sigmas
     sigma_max: float = 80.0
     rho: float = 7.0
+    chain: str = "flow_map"
     few_step = True
 
     def u(self, net: nn.Module, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor, labels=None) -> torch.Tensor:
@@ -240,10 +242,15 @@ class MeanFlowParam:
         t, r = t.to(z.dtype).flatten(), r.to(z.dtype).flatten()
         return net(z, self.time_scale * torch.stack([t, t - r], dim=1), labels).to(z.dtype)
 
+    def jump(self, net: nn.Module, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor, labels=None) -> torch.Tensor:
+        """MeanFlow's flow map z_r = z_t - (t - r) u(z_t, r, t) (eq. 4)."""
+        r, t = r.flatten(), t.flatten()
+        u = self.u(net, z, r, t, labels)
+        return _working(z) - per_sample(t.to(u.dtype) - r.to(u.dtype), u) * u
+
     def __call__(self, net: nn.Module, x: torch.Tensor, t: torch.Tensor, labels=None) -> torch.Tensor:
         t = t.flatten()
-        u = self.u(net, x, torch.zeros_like(t), t, labels)
-        return _working(x) - per_sample(t, u) * u
+        return self.jump(net, x, torch.zeros_like(t), t, labels)
 
     @property
     def t_min(self) -> float:

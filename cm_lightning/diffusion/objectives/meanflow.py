@@ -23,6 +23,7 @@ class-conditional nets with a "no class" label (``net.null_class``): v is replac
 
 import torch
 
+from cm_lightning.diffusion.flow_map import CHAINS
 from cm_lightning.diffusion.jvp import FD_STEP, check_mode, eager, jvp, probe
 from cm_lightning.diffusion.objectives.base import Objective, StepContext
 from cm_lightning.diffusion.precond import MeanFlowParam
@@ -62,6 +63,11 @@ class MeanFlow(Objective):
             raise ConfigError(
                 "model.objective.parameterisation must be MeanFlow's linear interpolation "
                 "(model/objective/parameterisation=meanflow)"
+            )
+        if parameterisation.chain not in CHAINS:
+            raise ConfigError(
+                f"model.objective.parameterisation.chain={parameterisation.chain!r} is unknown; use flow_map "
+                "(MeanFlow's jumps z_r = z_t - (t - r) u) or renoise (CM Algorithm 1)"
             )
         if not p_std > 0:
             raise ConfigError(
