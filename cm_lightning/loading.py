@@ -24,7 +24,7 @@ from torch import nn
 from cm_lightning.diffusion.precond import Precond, consistency_function, edm_denoiser, from_meta
 from cm_lightning.errors import ConfigError
 from cm_lightning.sampler import Sampler
-from cm_lightning.untrusted import instantiate_trusted, load_file
+from cm_lightning.untrusted import check_inert, instantiate_trusted, load_file, not_a_file
 
 META_KEY = "cm_lightning"
 
@@ -38,19 +38,64 @@ def is_plain(ckpt: dict) -> bool:
     return META_KEY not in ckpt
 
 
+def is_state_dict(state) -> bool:
+    return (
+        isinstance(state, dict)
+        and bool(state)
+        and all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items())
+    )
+
+
 def read_checkpoint(path, what: str = "checkpoint") -> dict:
-    """A cm-lightning checkpoint, or a plain state dict of tensors (the authors' .pt files) as it is; read
-    with ``weights_only=True`` (``untrusted.py``)."""
-    if path is None or not Path(str(path)).expanduser().is_file():
-        raise ConfigError(f"{what}={path} does not exist; pass the path of a run's checkpoints/last.ckpt")
+    """A cm-lightning checkpoint (its layout checked by ``check_layout``), or a plain state dict of tensors (the
+    authors' .pt files) as it is; read with ``weights_only=True`` (``untrusted.py``)."""
+    reason = "is not set" if path is None else not_a_file(Path(str(path)).expanduser())
+    if reason:
+        raise ConfigError(f"{what}={path} {reason}; pass the path of a run's checkpoints/last.ckpt")
     ckpt = load_file(path, what)
-    plain = isinstance(ckpt, dict) and ckpt and all(isinstance(k, str) and torch.is_tensor(v) for k, v in ckpt.items())
-    if not isinstance(ckpt, dict) or not (plain or META_KEY in ckpt):
+    if not isinstance(ckpt, dict) or not (is_state_dict(ckpt) or META_KEY in ckpt):
         raise ConfigError(
             f"{what}={path} is neither a cm-lightning checkpoint (no '{META_KEY}' entry) nor a plain "
             "state dict of tensors (the authors' .pt format)"
         )
+    if META_KEY in ckpt:
+        check_layout(ckpt, f"{what}={path}")
     return ckpt
+
+
+def check_layout(ckpt: dict, source: str) -> None:
+    """What the package reads from a cm-lightning checkpoint, checked once as it is read, so that a damaged or
+    crafted file stops with one line naming the entry instead of a traceback deep inside sampling: the
+    metadata and the stored config are mappings of inert data (``untrusted.check_inert``), the state dict maps
+    names to tensors, the parameterisation and EMA choice are there."""
+
+    def damaged(entry: str, wrong: str):
+        return ConfigError(
+            f"{source} is damaged or was not written by train.py: {entry} {wrong}; use a checkpoint a training "
+            "run wrote (its checkpoints/last.ckpt)"
+        )
+
+    meta = ckpt[META_KEY]
+    if not isinstance(meta, dict):
+        raise damaged(f"its '{META_KEY}' entry", f"is a {type(meta).__name__}, not a mapping")
+    if not is_state_dict(ckpt.get("state_dict")):
+        raise damaged("its state_dict", "is missing or not a mapping of names to tensors")
+    config = meta.get("config")
+    if not isinstance(config, dict):
+        raise damaged("its stored config", "is missing or not a mapping")
+    check_inert(meta, f"{source}: the stored metadata")
+    net = config.get("model", {}).get("net") if isinstance(config.get("model"), dict) else None
+    if not isinstance(net, dict) or "_target_" not in net:
+        raise damaged("the stored config's model.net", "is missing or names no network class")
+    param = meta.get("parameterisation", meta.get("precond"))  # "precond": the layout before names
+    if not isinstance(param, dict):
+        raise damaged("its parameterisation", "is missing or not a mapping")
+    rates = meta.get("ema_rates")
+    if not isinstance(rates, list) or not rates or not all(isinstance(r, int | float) for r in rates):
+        raise damaged("its ema_rates", f"({rates!r}) are not a list of numbers")
+    index = meta.get("sample_ema")
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(rates):
+        raise damaged("its sample_ema", f"({index!r}) is not an index into its {len(rates)} EMA rate(s)")
 
 
 def kind_from_name(path) -> str | None:
@@ -100,8 +145,27 @@ def network_from_checkpoint(ckpt: dict, which: str = "ema") -> nn.Module:
     meta = ckpt[META_KEY]
     net = instantiate_trusted(meta["config"]["model"]["net"], "the checkpoint's model.net")
     prefix = f"ema.{meta['sample_ema']}." if which == "ema" else "net."
-    net.load_state_dict({k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)})
+    state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    load_matching(
+        net,
+        state,
+        f"the checkpoint's {prefix.rstrip('.')} weights",
+        "The file is damaged or was altered; use a checkpoint a training run wrote",
+    )
     return net.eval().requires_grad_(False)
+
+
+def parameterisation(meta: dict):
+    """``precond.from_meta`` for stored metadata, a field of the wrong name or kind stopping in one line."""
+    try:
+        return from_meta(meta)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ConfigError(
+            f"the checkpoint's parameterisation {meta.get('parameterisation', meta.get('precond'))!r} cannot be "
+            f"rebuilt ({type(exc).__name__}: {exc}); the file is damaged or was altered"
+        ) from None
 
 
 class Teacher(nn.Module):
@@ -144,7 +208,7 @@ def load_teacher(path, like: nn.Module | None = None, sigma_data: float = 0.5) -
             raise ConfigError(f"model.teacher_ckpt={path} is a plain state dict; it needs the run's net config")
         net = load_plain(copy.deepcopy(like), ckpt, "model.teacher_ckpt", path)
         return Teacher(net, edm_denoiser(sigma_data, like.noise_kind))
-    param = from_meta(ckpt[META_KEY])
+    param = parameterisation(ckpt[META_KEY])
     if param.few_step or not isinstance(param, Precond):
         raise ConfigError(
             f"model.teacher_ckpt={path} is a consistency model's checkpoint; the teacher must come from an EDM run "
@@ -194,7 +258,7 @@ def sampler_from(ckpt: dict, path, ema: int | None = None, device="cpu", net=Non
         sampler.net.to(device)
         return sampler
     meta = select_ema(ckpt[META_KEY], ema)
-    return Sampler(network_from_checkpoint(ckpt, "ema").to(device), from_meta(meta))
+    return Sampler(network_from_checkpoint(ckpt, "ema").to(device), parameterisation(meta))
 
 
 def export_state_dict(ckpt: dict, path, out, ema: int | None = None) -> Path:

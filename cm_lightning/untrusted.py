@@ -11,6 +11,12 @@ from elsewhere: loading one must never run code.
   cannot reach ``torch.load`` through a module attribute) or one of the optimisers the configs use.
   Functions are refused even from this package: ``evaluate`` or ``train`` called with arguments of the
   file's choosing would write wherever it says.
+* ``check_inert`` runs first, on the whole stored config: Hydra resolves OmegaConf interpolations before it
+  instantiates, and ``${oc.create:...}`` builds a node whose targets no allow-list saw (``${oc.env:...}``
+  reads the environment). Configs are stored resolved, so one that train.py wrote has no ``${`` anywhere;
+  any string or key holding one is refused, and so is every key Hydra treats specially (``_partial_``,
+  ``_args_``, ``_convert_``, ``_recursive_``) except where ``SPECIAL_KEYS`` names it for the dict's target.
+  Depth and size are bounded, so a crafted file cannot exhaust the stack or the memory of the checks.
 """
 
 import inspect
@@ -28,6 +34,16 @@ from cm_lightning.errors import ConfigError
 PACKAGE = "cm_lightning."
 # The optimisers conf/model/ uses, named as the configs name them.
 OPTIMISERS = frozenset({"torch.optim.RAdam", "torch.optim.Adam", "torch.optim.AdamW", "torch.optim.SGD"})
+
+
+# The Hydra keys a stored config may carry, by target: conf/model/_common.yaml's optimiser factory.
+SPECIAL_KEYS = {target: frozenset({"_partial_", "_convert_"}) for target in OPTIMISERS}
+HYDRA_KEYS = frozenset({"_partial_", "_args_", "_convert_", "_recursive_"})
+# A stored run config is a few levels deep and a few hundred entries large; these leave wide margins.
+MAX_DEPTH = 32
+MAX_ENTRIES = 100_000
+# torch.save writes its zip entries uncompressed: entries that inflate past this factor are a crafted file.
+MAX_INFLATION = 2
 
 
 class UnloadableFile(ConfigError):
@@ -53,14 +69,46 @@ def refusal(exc: Exception) -> str:
     return f"is not a PyTorch checkpoint file ({type(exc).__name__}: {first})"
 
 
+def not_a_file(path: Path) -> str | None:
+    """Why ``path`` cannot be read as a file, or None: missing, a directory, or a FIFO, device or socket
+    (``/dev/zero`` would be read forever)."""
+    if not path.exists():
+        return "does not exist"
+    if path.is_dir():
+        return "is a directory; name the checkpoint file inside it (e.g. <run>/checkpoints/last.ckpt)"
+    if not path.is_file():
+        return "is not a regular file (a FIFO, device or socket); name a checkpoint file"
+    if path.stat().st_size == 0:
+        return "is not a PyTorch checkpoint file (it is empty)"
+    return None
+
+
+def inflation(path: Path) -> str | None:
+    """Why a zip-format file is refused before loading: entries that expand past ``MAX_INFLATION`` times the
+    file's size (torch.save stores them uncompressed, so only a crafted file does), or None."""
+    if not zipfile.is_zipfile(path):
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            expanded = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError):
+        return None  # torch.load names the damage
+    size = path.stat().st_size
+    if expanded > MAX_INFLATION * size + 2**20:
+        return (
+            f"expands from {size} to {expanded} bytes (compressed entries, which torch.save never writes); it is "
+            "refused as a crafted file. Use a checkpoint written by train.py or torch.save"
+        )
+    return None
+
+
 def load_file(path, what: str, mmap: bool = False):
     """``torch.load(path, weights_only=True)`` on the CPU, or ``UnloadableFile`` in one line. ``mmap`` reads
     only the index and structure of a zip-format file, not its tensors (the readability check of resume)."""
     path = Path(str(path)).expanduser()
-    if not path.is_file():
-        raise UnloadableFile(what, path, "does not exist")
-    if path.stat().st_size == 0:
-        raise UnloadableFile(what, path, "is not a PyTorch checkpoint file (it is empty)")
+    reason = not_a_file(path) or inflation(path)
+    if reason:
+        raise UnloadableFile(what, path, reason)
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except Exception as exc:  # torch raises UnpicklingError, EOFError, KeyError, RuntimeError, ... by file
@@ -105,6 +153,42 @@ def refused_target(target) -> bool:
     except Exception:  # an ImportError or AttributeError of the file's making: just not allowed
         return True
     return not isinstance(obj, type) or f"{obj.__module__}.{obj.__qualname__}" != target
+
+
+def check_inert(node, where: str) -> None:
+    """A config read from a file must be plain data that Hydra can do nothing with but build the classes
+    ``check_targets`` allows: no interpolation (``${``) in any key or string, no Hydra key but those
+    ``SPECIAL_KEYS`` allows, at most ``MAX_DEPTH`` levels and ``MAX_ENTRIES`` entries. One line naming the
+    key otherwise. Walked with an explicit stack: a crafted file may be thousands of levels deep."""
+    stack, entries = [(node, where, 0)], 0
+    while stack:
+        value, at, depth = stack.pop()
+        entries += 1
+        if entries > MAX_ENTRIES or depth > MAX_DEPTH:
+            limit = f"more than {MAX_ENTRIES} entries" if entries > MAX_ENTRIES else f"deeper than {MAX_DEPTH} levels"
+            raise ConfigError(
+                f"{at} is {limit}, which no config train.py writes holds; the checkpoint is damaged or crafted, "
+                "do not use it"
+            )
+        if isinstance(value, str):
+            if "${" in value:
+                raise ConfigError(
+                    f"{at}={value[:80]!r} is an interpolation; stored configs are written resolved, so the file was "
+                    "altered, and resolving it could run code. The checkpoint is refused: do not use it"
+                )
+        elif isinstance(value, dict | DictConfig):
+            target = MOVED.get(value.get("_target_"), value.get("_target_")) if "_target_" in value else None
+            allowed = SPECIAL_KEYS.get(target, frozenset()) if isinstance(target, str) else frozenset()
+            for key in value:
+                if not isinstance(key, str) or "${" in key or (key in HYDRA_KEYS and key not in allowed):
+                    raise ConfigError(
+                        f"{at}.{key} is refused: a config stored in a checkpoint holds no interpolation and no "
+                        "Hydra key but _target_ (and _partial_, _convert_ in the optimiser). The checkpoint is not one "
+                        "train.py wrote; do not use it"
+                    )
+                stack.append((value[key], f"{at}.{key}", depth + 1))
+        elif isinstance(value, list | tuple | ListConfig):
+            stack.extend((item, f"{at}[{i}]", depth + 1) for i, item in enumerate(value))
 
 
 def check_targets(node, where: str) -> None:
@@ -155,7 +239,9 @@ def current(node):
 
 def instantiate_trusted(node, where: str, **kwargs):
     """``hydra.utils.instantiate(node)`` for a config read from a file (renamed classes under their current
-    paths), after ``check_targets``."""
+    paths), after ``check_inert`` and ``check_targets``: with no ``${`` left, Hydra's resolution of
+    interpolations has nothing to act on."""
+    check_inert(node, where)
     node = current(node)
     check_targets(node, where)
     return instantiate(node, **kwargs)

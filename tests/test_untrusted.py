@@ -329,3 +329,210 @@ def test_a_file_that_is_not_a_checkpoint_names_itself(content, words, tmp_path):
     path = tmp_path / "file.ckpt"
     path.write_bytes(content)
     refuses(lambda: load_file(path, "ckpt"), f"ckpt={path}", words)
+
+
+# --- interpolations and Hydra keys in a stored config ---------------------------------------------------
+def interpolations(marker: Path) -> dict:
+    """Strings that OmegaConf would resolve when Hydra instantiates: a node built by ``oc.create`` whose target
+    (``builtins.open``, which Hydra's block list lets through) creates ``marker``, the environment, Hydra's
+    own config."""
+    return {
+        "oc.create": "${oc.create:{_target_: builtins.open, _args_: ['" + str(marker) + "', w]}}",
+        "oc.env": "${oc.env:HOME}",
+        "hydra": "${hydra:runtime.cwd}",
+    }
+
+
+def runs_code(marker: Path) -> str:
+    return interpolations(marker)["oc.create"]
+
+
+def with_value(real: Path, dest: Path, edit) -> Path:
+    """Our own checkpoint, read as data, changed by ``edit(ckpt)`` and saved at ``dest``."""
+    ckpt = torch.load(real, map_location="cpu", weights_only=True)
+    edit(ckpt)
+    torch.save(ckpt, dest)
+    return dest
+
+
+PLACES = {  # where in a stored config a gadget goes: (the dict, the key)
+    "net": lambda c: (c["model"]["net"], "dropout"),
+    "data": lambda c: (c["data"], "image_size"),
+    "curriculum": lambda c: (c["model"]["objective"]["pair"]["curriculum"], "mu"),
+}
+
+
+def gadget_at(real: Path, dest: Path, place: str, value) -> Path:
+    def edit(ckpt):
+        parent, key = PLACES[place](ckpt["cm_lightning"]["config"])
+        parent[key] = value
+
+    return with_value(real, dest, edit)
+
+
+def test_the_interpolation_gadget_runs_under_plain_hydra(tmp_path):
+    """What the refusal guards against: the same string in a config Hydra instantiates creates the marker."""
+    from hydra.utils import instantiate
+
+    marker = tmp_path / "RAN"
+    instantiate({"_target_": "builtins.dict", "x": runs_code(marker)})
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("place", list(PLACES))
+@pytest.mark.parametrize("name", list(interpolations(Path("x"))))
+def test_an_interpolation_in_the_stored_config_is_refused(place, name, cd_run, tmp_path, marker):
+    evil = gadget_at(cd_run / "checkpoints/last.ckpt", tmp_path / "evil.ckpt", place, interpolations(marker)[name])
+    key = {"net": "model.net.dropout", "data": "data.image_size", "curriculum": "pair.curriculum.mu"}[place]
+    refuses(lambda: sampler_from_checkpoint(evil), f"ckpt={evil}", key, "is an interpolation")
+
+
+@pytest.mark.parametrize("task", ["sample", "fid", "inpaint", "export"])
+def test_evaluate_refuses_an_interpolation_in_every_kind_of_task(task, cd_run, tmp_path, marker):
+    place = {"fid": "data", "inpaint": "curriculum"}.get(task, "net")
+    evil = gadget_at(cd_run / "checkpoints/last.ckpt", tmp_path / "evil.ckpt", place, runs_code(marker))
+    refuses(
+        lambda: evaluate_here([f"ckpt={evil}", *task_options(task, tmp_path)], tmp_path / "out"), "is an interpolation"
+    )
+
+
+def test_teacher_refuses_an_interpolation(edm_run, tmp_path, marker):
+    evil = gadget_at(edm_run / "checkpoints/last.ckpt", tmp_path / "evil.ckpt", "net", runs_code(marker))
+    for init in ("false", "true"):
+        refuses(
+            lambda init=init: train_here(
+                ["experiment=digits_cd", f"model.teacher_ckpt={evil}", f"model.init_from_teacher={init}", *TINY]
+                + ["logger=none"],
+                tmp_path / "run",
+            ),
+            f"model.teacher_ckpt={evil}",
+            "is an interpolation",
+        )
+
+
+@pytest.mark.parametrize("how", ["ckpt_path", "auto"])
+def test_resume_refuses_an_interpolation(how, cd_run, edm_run, tmp_path, marker):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    evil = gadget_at(cd_run / "checkpoints/last.ckpt", run_dir / "checkpoints/last.ckpt", "data", runs_code(marker))
+    overrides = [f"ckpt_path={evil}"] if how == "ckpt_path" else []
+    cd = ["experiment=digits_cd", f"model.teacher_ckpt={edm_run / 'checkpoints/last.ckpt'}"]
+    refuses(lambda: train_here([*cd, *TINY, "logger=none", *overrides], run_dir), "is an interpolation")
+
+
+def test_the_command_line_refuses_an_interpolation_in_one_line(cd_run, tmp_path, marker):
+    evil = gadget_at(cd_run / "checkpoints/last.ckpt", tmp_path / "evil.ckpt", "net", runs_code(marker))
+    proc = run_script("evaluate.py", f"ckpt={evil}", "num=4", f"hydra.run.dir={tmp_path / 'out'}", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "model.net.dropout" in lines[0] and "interpolation" in lines[0], proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize(
+    "place,key,value",
+    [
+        ("net", "_partial_", True),
+        ("net", "_convert_", "all"),
+        ("data", "_args_", [1]),
+        ("curriculum", "_recursive_", False),
+        ("net", "${oc.env:HOME}", 1),
+    ],
+)
+def test_hydra_keys_outside_the_optimiser_are_refused(place, key, value, cd_run, tmp_path):
+    def edit(ckpt):
+        PLACES[place](ckpt["cm_lightning"]["config"])[0][key] = value
+
+    evil = with_value(cd_run / "checkpoints/last.ckpt", tmp_path / "evil.ckpt", edit)
+    refuses(lambda: sampler_from_checkpoint(evil), f"ckpt={evil}", key, "is refused")
+
+
+def test_the_optimiser_keeps_its_hydra_keys(cd_run):
+    stored = load_file(cd_run / "checkpoints/last.ckpt", "ckpt")["cm_lightning"]["config"]["model"]["optimizer"]
+    assert stored["_partial_"] is True and stored["_convert_"] == "all"
+    assert sampler_from_checkpoint(cd_run / "checkpoints/last.ckpt").net is not None
+
+
+def test_a_config_thousands_of_levels_deep_is_refused_without_a_traceback(cd_run, tmp_path):
+    import sys
+
+    def edit(ckpt):
+        deep = {}
+        for _ in range(3000):
+            deep = {"x": deep}
+        ckpt["cm_lightning"]["config"]["model"]["net"]["extra"] = deep
+
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(20000)  # for pickling it here; reading it back must not need this
+    try:
+        evil = with_value(cd_run / "checkpoints/last.ckpt", tmp_path / "evil.ckpt", edit)
+    finally:
+        sys.setrecursionlimit(limit)
+    refuses(lambda: sampler_from_checkpoint(evil), f"ckpt={evil}", "deeper than 32 levels")
+
+
+# --- damaged or crafted checkpoint layouts ----------------------------------------------------------------
+def _drop_ema_key(ckpt):
+    del ckpt["state_dict"][next(k for k in ckpt["state_dict"] if k.startswith("ema.0."))]
+
+
+def _reshape_ema_key(ckpt):
+    key = next(k for k in ckpt["state_dict"] if k.startswith("ema.0.") and ckpt["state_dict"][k].dim() > 1)
+    ckpt["state_dict"][key] = ckpt["state_dict"][key].flatten()
+
+
+DAMAGE = {
+    "meta a string": (lambda c: c.update(cm_lightning="x"), "is a str, not a mapping"),
+    "config a string": (lambda c: c["cm_lightning"].update(config="x"), "stored config is missing or not a mapping"),
+    "state_dict a list": (lambda c: c.update(state_dict=[1, 2]), "state_dict is missing"),
+    "no state_dict": (lambda c: c.pop("state_dict"), "state_dict is missing"),
+    "no model.net": (lambda c: c["cm_lightning"]["config"]["model"].pop("net"), "model.net is missing"),
+    "no parameterisation": (lambda c: c["cm_lightning"].pop("parameterisation"), "parameterisation is missing"),
+    "sample_ema out of range": (lambda c: c["cm_lightning"].update(sample_ema=7), "sample_ema (7) is not an index"),
+    "sample_ema a string": (lambda c: c["cm_lightning"].update(sample_ema="0"), "sample_ema ('0') is not an index"),
+    "ema_rates empty": (lambda c: c["cm_lightning"].update(ema_rates=[]), "ema_rates ([]) are not a list"),
+    "EMA key missing": (_drop_ema_key, "the checkpoint's ema.0 weights does not match"),
+    "EMA key mis-shaped": (_reshape_ema_key, "the checkpoint's ema.0 weights does not match"),
+    "unknown parameterisation field": (
+        lambda c: c["cm_lightning"]["parameterisation"].update(extra=1),
+        "parameterisation",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(DAMAGE))
+def test_a_damaged_checkpoint_stops_with_one_line(name, cd_run, tmp_path):
+    edit, words = DAMAGE[name]
+    evil = with_value(cd_run / "checkpoints/last.ckpt", tmp_path / "bad.ckpt", edit)
+    refuses(lambda: sampler_from_checkpoint(evil), words)
+
+
+def test_a_damaged_checkpoint_stops_the_command_line_in_one_line(cd_run, tmp_path):
+    evil = with_value(cd_run / "checkpoints/last.ckpt", tmp_path / "bad.ckpt", DAMAGE["config a string"][0])
+    proc = run_script("evaluate.py", f"ckpt={evil}", "num=4", f"hydra.run.dir={tmp_path / 'out'}", check=False)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(lines) == 1 and f"ckpt={evil}" in lines[0], proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "device"])
+def test_a_path_that_is_not_a_regular_file_says_what_it_is(kind, tmp_path):
+    path = {"fifo": tmp_path / "pipe", "directory": tmp_path, "device": Path("/dev/zero")}[kind]
+    if kind == "fifo":
+        os.mkfifo(path)
+    words = "is a directory" if kind == "directory" else "is not a regular file"
+    refuses(lambda: sampler_from_checkpoint(path), f"ckpt={path}", words)
+    refuses(lambda: load_file(path, "model.teacher_ckpt"), f"model.teacher_ckpt={path}", words)
+
+
+def test_a_checkpoint_that_inflates_is_refused_before_it_is_read(tmp_path):
+    """torch.save stores zip entries uncompressed; a file repacked with deflate can claim gigabytes in bytes."""
+    import zipfile
+
+    plain = tmp_path / "plain.pt"
+    torch.save({"w": torch.zeros(2**21)}, plain)  # 8 MiB of zeros
+    bomb = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info.filename))
+    assert bomb.stat().st_size < 2**20
+    refuses(lambda: load_file(bomb, "ckpt"), f"ckpt={bomb}", "expands from", "crafted")
+    assert torch.equal(load_file(plain, "ckpt")["w"], torch.zeros(2**21))

@@ -16,6 +16,7 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from cm_lightning.errors import ConfigError
+from cm_lightning.loading import META_KEY, check_layout
 from cm_lightning.untrusted import load_file
 
 log = logging.getLogger(__name__)
@@ -112,9 +113,11 @@ def check_resume(ckpt, run_config: dict) -> None:
     """Resuming with another network, method or image shape would fail in a wall of state-dict errors (or,
     worse, train on under another method): one line lists the differing keys instead. The stored config is
     compared as data, never instantiated."""
-    stored = load_file(ckpt, "the checkpoint resumed from", mmap=True).get("cm_lightning", {}).get("config")
-    if not isinstance(stored, dict):
+    loaded = load_file(ckpt, "the checkpoint resumed from", mmap=True)
+    if not isinstance(loaded, dict) or META_KEY not in loaded:
         return  # written before checkpoints carried their config: nothing to compare with
+    check_layout(loaded, f"ckpt_path={ckpt}")
+    stored = loaded[META_KEY]["config"]
     old, new = method_keys(stored), method_keys(run_config)
     # A key only one side has is a setting the project added or dropped since the run started: not compared.
     differ = sorted(k for k in old.keys() & new.keys() if old[k] != new[k])

@@ -167,7 +167,13 @@ class Scorer:
                 f"ckpt={self.cfg.ckpt} is a plain state dict without its training config; pass "
                 "metrics.reference=<.npz of real images in the authors' format>"
             )
-        return instantiate_trusted(self.ckpt[META_KEY]["config"]["data"], "the checkpoint's data")
+        data = self.ckpt[META_KEY]["config"].get("data")
+        if not isinstance(data, dict):
+            raise ConfigError(
+                f"ckpt={self.cfg.ckpt} carries no data config to take real images from; pass "
+                "metrics.reference=<.npz of real images in the authors' format>"
+            )
+        return instantiate_trusted(data, "the checkpoint's data")
 
     def start(self) -> "Scorer":
         self.fabric = launch(self.cfg)
