@@ -244,3 +244,24 @@ def test_bad_sampler_chains_stop_with_one_line():
         MeanFlow(MeanFlowParam(chain="jump"))
     with pytest.raises(ConfigError, match="chain='flow_map'"):
         Sampler(LinearField(0.5), consistency_function())(2, chain="flow_map")
+
+
+def test_guidance_stops_above_the_guidance_interval():
+    """guidance_t_max = 0.75 (FastGen's DiT-XL): at t = 0.5 the target velocity is the folded v_g, at t = 0.9
+    the plain v with the label kept."""
+    from cm_lightning.diffusion.objectives.meanflow import MeanFlow
+    from cm_lightning.diffusion.precond import MeanFlowParam
+
+    net = tiny_dit(num_times=2, num_classes=3, null_class=True)
+    for p in net.parameters():
+        if p.requires_grad:
+            p.data.normal_(0, 0.1)
+    objective = MeanFlow(MeanFlowParam(), omega=0.2, kappa=0.92, label_dropout=0.1, guidance_t_max=0.75)
+    z, v = torch.randn(2, 2, 8, 8), torch.randn(2, 2, 8, 8)
+    t, labels = torch.tensor([0.5, 0.9]), torch.tensor([1, 2])
+    target, used = objective.guided_velocity(net, z, t, v, labels, torch.tensor([False, False]))
+    assert torch.equal(used, labels) and torch.equal(target[1], v[1])
+    u = lambda y: MeanFlowParam().u(net.eval(), z[:1], t[:1], t[:1], torch.tensor([y]))[0]  # noqa: E731
+    torch.testing.assert_close(target[0], 0.2 * v[0] + 0.92 * u(1) + (1 - 0.2 - 0.92) * u(3))
+    with pytest.raises(ConfigError, match="guidance_t_max=0"):
+        MeanFlow(MeanFlowParam(), guidance_t_max=0)

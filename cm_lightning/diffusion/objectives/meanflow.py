@@ -18,7 +18,8 @@ class-conditional nets with a "no class" label (``net.null_class``): v is replac
     v_g = omega v + kappa u(z_t, t, t | c) + (1 - omega - kappa) u(z_t, t, t | none)
 
 (effective scale omega / (1 - kappa)), and ``label_dropout`` of the samples train the unconditional field
-(label "none", target from v).
+(label "none", target from v). ``guidance_t_max``: the guidance interval t <= t_max (FastGen's DiT-XL config,
+0.75); above it the target is the plain v.
 """
 
 import torch
@@ -55,6 +56,7 @@ class MeanFlow(Objective):
         omega: float = 1.0,
         kappa: float = 0.0,
         label_dropout: float = 0.0,
+        guidance_t_max: float = 1.0,
         jvp: str = "autograd",
         jvp_step: float = FD_STEP,
     ):
@@ -88,11 +90,17 @@ class MeanFlow(Objective):
             raise ConfigError(
                 f"model.objective.norm_c={norm_c}: the adaptive weight's constant must be positive (published: 1e-3)"
             )
+        if not 0 < guidance_t_max <= 1:
+            raise ConfigError(
+                f"model.objective.guidance_t_max={guidance_t_max}: guidance applies at t <= t_max, in (0, 1] "
+                "(1: everywhere; FastGen's DiT-XL 0.75)"
+            )
         if not 0 <= label_dropout < 1:
             raise ConfigError(f"model.objective.label_dropout={label_dropout} must be in [0, 1) (published: 0.1)")
         self.p_mean, self.p_std, self.fraction = p_mean, p_std, fraction
         self.norm_p, self.norm_c = norm_p, norm_c
         self.omega, self.kappa, self.label_dropout = omega, kappa, label_dropout
+        self.guidance_t_max = guidance_t_max
         check_mode(jvp, jvp_step)
         self.jvp_mode = dict(mode=jvp, step=jvp_step)
 
@@ -141,7 +149,7 @@ class MeanFlow(Objective):
     def guided_velocity(self, student, z, t, v, labels, dropped):
         """The folded guidance's v_g from the student's instantaneous velocities u(z_t, t, t) (no dropout, no
         graph), and the labels the loss conditions on: "none" (index num_classes) where dropped, with v as the
-        target."""
+        target, as above the guidance interval (there with the labels kept)."""
         none = torch.full_like(labels, student.num_classes)
         was_training = student.training
         student.eval()
@@ -151,7 +159,7 @@ class MeanFlow(Objective):
             if self.kappa:
                 v_g = v_g + self.kappa * u(labels)
         student.train(was_training)
-        mask = per_sample(dropped, v).bool()
+        mask = per_sample(dropped | (t > self.guidance_t_max), v).bool()
         return torch.where(mask, v, v_g), torch.where(dropped, none, labels)
 
     def loss(self, student, target_net, x0, labels, ctx: StepContext):
