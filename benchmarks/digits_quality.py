@@ -5,7 +5,10 @@ Trains ``digits_edm``, then ``digits_cd``, ``digits_ect`` and ``digits_scd`` fro
 ``digits_ict``, ``digits_sct`` and ``digits_meanflow`` through train.py (each for the steps its experiment sets, unless
 overridden; sCM's and MeanFlow's step budgets match iCT's and CD's wall-clock time, since a JVP step costs more than a
 discrete one), samples 1,797 images from each (as
-many as the dataset holds) and prints one JSON line per row and a table. Consistency models are scored
+many as the dataset holds), prints one JSON line per row and a table, appends the lines to
+benchmarks/results/digits_quality.jsonl and rewrites docs/results.md from them (benchmarks/write_results.py; a
+``--study`` other than the default ``budgets`` needs its table named in benchmarks/results/results.md.in). Consistency
+models are scored
 at one step, at two steps with the default midpoint (the middle of a 3-point Karras grid, sigma = 2.5; sCM: t = 1.1),
 and at two steps with the midpoint the authors' ternary search picks (ts = (0, p, 39) of 40):
 
@@ -17,7 +20,8 @@ penultimate layer separates exactly the modes a digits model must cover; FID in 
 blur (features collapse) and missing classes (means shift). Reference points: two disjoint halves
 of the real data score about 15 (finite-sample bias at 898 images); noise scores over 2,000.
 
-    python benchmarks/digits_quality.py [--out DIR] [--rows edm,cd,ct] [--set experiment.key=value ...]
+    python benchmarks/digits_quality.py [--out DIR] [--rows edm,cd,ct] [--set row:key=value ...]
+        [--study ict_s1 --setting "s1 = 40"] [--no-record]
 """
 
 import argparse
@@ -41,15 +45,19 @@ from cm_lightning.metrics.fidelity import to_uint8  # noqa: E402
 from cm_lightning.metrics.midpoint_search import ternary_search  # noqa: E402
 from cm_lightning.tasks.common import sample_batched  # noqa: E402
 
-ROWS = {  # row -> (experiment, which samplings to score)
-    "edm": ("digits_edm", [("teacher 18-step Heun", dict(steps=18))]),
-    "cd": ("digits_cd", [("CD 1-step", dict(steps=1)), ("CD 2-step", dict(steps=2))]),
-    "ct": ("digits_ct", [("CT 1-step", dict(steps=1)), ("CT 2-step", dict(steps=2))]),
-    "ict": ("digits_ict", [("iCT 1-step", dict(steps=1)), ("iCT 2-step", dict(steps=2))]),
-    "ect": ("digits_ect", [("ECT 1-step", dict(steps=1)), ("ECT 2-step", dict(steps=2))]),
-    "sct": ("digits_sct", [("sCT 1-step", dict(steps=1)), ("sCT 2-step", dict(steps=2))]),
-    "scd": ("digits_scd", [("sCD 1-step", dict(steps=1)), ("sCD 2-step", dict(steps=2))]),
-    "meanflow": ("digits_meanflow", [("MeanFlow 1-step", dict(steps=1)), ("MeanFlow 2-step", dict(steps=2))]),
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import write_results  # noqa: E402
+
+FEW_STEPS = [("1 step", dict(steps=1)), ("2 steps", dict(steps=2))]
+ROWS = {  # row -> (experiment, its name in docs/results.md, which samplings to score)
+    "edm": ("digits_edm", "EDM teacher", [("18-step Heun", dict(steps=18))]),
+    "cd": ("digits_cd", "CD", FEW_STEPS),
+    "ct": ("digits_ct", "CT", FEW_STEPS),
+    "ict": ("digits_ict", "iCT", FEW_STEPS),
+    "ect": ("digits_ect", "ECT", FEW_STEPS),
+    "sct": ("digits_sct", "sCT", FEW_STEPS),
+    "scd": ("digits_scd", "sCD", FEW_STEPS),
+    "meanflow": ("digits_meanflow", "MeanFlow", FEW_STEPS),
 }
 DISTILLED = ("cd", "ect", "scd")  # rows that read the teacher
 
@@ -95,15 +103,17 @@ def main() -> None:
     parser.add_argument("--score-only", action="store_true", help="score the checkpoints already in --out")
     parser.add_argument("--no-search", action="store_true", help="skip the two-step midpoint search")
     parser.add_argument("--set", nargs="*", default=[], help="overrides as row:key=value, e.g. ct:model.lr=1e-3")
+    parser.add_argument("--study", default="budgets", help="the table of docs/results.md the rows belong to")
+    parser.add_argument("--setting", help="the rows' name in that table (default: the method and its overrides)")
+    parser.add_argument("--no-record", action="store_true", help="print only; leave benchmarks/results/ as it is")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))
     reference = to_uint8(digits_tensor(16)[0])
     results, teacher = [], args.out / "edm/checkpoints/last.ckpt"
     for row in args.rows.split(","):
-        experiment, samplings = ROWS[row]
-        extra = [s.split(":", 1)[1] for s in args.set if s.startswith(f"{row}:")]
-        if row in DISTILLED:
-            extra.append(f"model.teacher_ckpt={teacher}")
+        experiment, label, samplings = ROWS[row]
+        overrides = [s.split(":", 1)[1] for s in args.set if s.startswith(f"{row}:")]
+        extra = [*overrides, f"model.teacher_ckpt={teacher}"] if row in DISTILLED else overrides
         if args.score_only:
             ckpt, seconds = args.out / row / "checkpoints/last.ckpt", None
         else:
@@ -111,19 +121,31 @@ def main() -> None:
         if row != "edm" and not args.no_search:
             how, found = searched_two_step(ckpt, reference)
             samplings = [*samplings, (f"{samplings[-1][0]}, searched midpoint", how)]
+        setting = args.setting or " ".join([label, *overrides])
+        rows = []
         for name, how in samplings:
-            result = {
-                "row": name,
-                "experiment": experiment,
-                "train_seconds": seconds and round(seconds, 1),
-                **score(ckpt, how, reference),
-                **(found if "searched" in name else {}),
-            }
-            print(json.dumps(result), flush=True)
-            results.append(result)
-    print("\n| row | FID (digits classifier) | IS | train s |\n|---|---|---|---|")
+            rows.append(
+                {
+                    "study": args.study,
+                    "setting": setting,
+                    "sampling": name,
+                    **score(ckpt, how, reference),
+                    **(found if "searched" in name else {}),
+                    "experiment": experiment,
+                    "overrides": overrides,
+                    "samples": reference.shape[0],
+                    "train_seconds": seconds and round(seconds, 1),
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
+        if not args.no_record:  # row by row, so that a long run that stops keeps what it measured
+            write_results.append("digits_quality", rows)
+        results += rows
+    if not args.no_record:
+        write_results.PAGE.write_text(write_results.render())
+    print("\n| setting | sampling | FID (digits classifier) | IS | train s |\n|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['row']} | {r['fid']} | {r['is']} | {r['train_seconds']} |")
+        print(f"| {r['setting']} | {r['sampling']} | {r['fid']} | {r['is']} | {r['train_seconds']} |")
 
 
 if __name__ == "__main__":

@@ -5,9 +5,11 @@ reveal without a generative model).
 
     python benchmarks/editing_quality.py --ckpt outputs/digits_ct/<date>/checkpoints/last.ckpt \
         [--num 500] [--masks box,left_half,random_strokes] [--edit-sigmas 80 3 1] [--seed 0]
+        [--model "the default run (digits_ict, 1,200 steps)"] [--no-record]
 
-Prints one JSON line per mask and a table. The digits are a seeded subset of the embedded data
-(the generator saw all of them in training; the classifier's held-out accuracy is 100 %).
+Prints one JSON line per mask and a table, appends the lines to benchmarks/results/editing_quality.jsonl and
+rewrites docs/results.md from them (benchmarks/write_results.py). The digits are a seeded subset of the embedded
+data (the generator saw all of them in training; the classifier's held-out accuracy is 100 %).
 """
 
 import argparse
@@ -27,6 +29,9 @@ from cm_lightning.loading import read_checkpoint, sampler_from_checkpoint  # noq
 from cm_lightning.metrics.digits_classifier import load_pretrained_digits_classifier  # noqa: E402
 from cm_lightning.tasks.editing import edit_levels  # noqa: E402
 from cm_lightning.tasks.editing_inputs import box_mask, left_half_mask, random_stroke_mask  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import write_results  # noqa: E402
 
 
 def masks(name: str, num: int, size: int, seed: int) -> torch.Tensor:
@@ -50,6 +55,8 @@ def main() -> None:
     parser.add_argument("--masks", default="box,left_half,random_strokes")
     parser.add_argument("--edit-sigmas", type=float, nargs="+", default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", help="what the checkpoint is, for docs/results.md (default: its path)")
+    parser.add_argument("--no-record", action="store_true", help="print only; leave benchmarks/results/ as it is")
     args = parser.parse_args()
 
     sampler = sampler_from_checkpoint(args.ckpt)
@@ -71,6 +78,7 @@ def main() -> None:
         background, mean_fill = x * (1 - omega) - omega, x * (1 - omega) + mean_digit * omega
         out = editing.edit(f, x, Identity(), omega, levels, sampler.param, torch.Generator().manual_seed(args.seed))
         row = {
+            "study": "inpainting",
             "mask": name,
             "hidden": round(omega.mean().item(), 3),
             "levels": [round(s, 3) for s in levels],
@@ -80,9 +88,13 @@ def main() -> None:
             "inpainted": rate(classifier, out, y),
             "chance": 0.1,
             "num": len(y),
+            "ckpt": args.model or str(args.ckpt),
         }
         print(json.dumps(row), flush=True)
         rows.append(row)
+    if not args.no_record:
+        write_results.append("editing_quality", rows)
+        write_results.PAGE.write_text(write_results.render())
     print(f"\n{'mask':16}{'hidden':>8}{'original':>10}{'hole -1':>9}{'hole mean':>11}{'inpainted':>11}   (chance 0.10)")
     for r in rows:
         print(
