@@ -1,4 +1,4 @@
-"""The README and docs/ stay usable: every relative link and image resolves (the file and, for #anchors, the
+"""The READMEs and docs/ stay usable: every relative link and image resolves (the file and, for #anchors, the
 heading), the README stays short, and docs/results.md is what benchmarks/write_results.py renders from the measured
 numbers in benchmarks/results/*.jsonl."""
 
@@ -14,7 +14,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import write_results  # noqa: E402
 
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+PAGES = [ROOT / "README.md", ROOT / "benchmarks/README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 FENCE = re.compile(r"^```.*?^```", re.S | re.M)
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 
