@@ -91,6 +91,8 @@ def check_layout(ckpt: dict, source: str) -> None:
     if not isinstance(param, dict):
         raise damaged("its parameterisation", "is missing or not a mapping")
     rates = meta.get("ema_rates")
+    stds = meta.get("ema_stds", [])  # EDM2's power-function EMAs, after the constant rates
+    rates = rates + stds if isinstance(rates, list) and isinstance(stds, list) else rates
     if not isinstance(rates, list) or not rates or not all(isinstance(r, int | float) for r in rates):
         raise damaged("its ema_rates", f"({rates!r}) are not a list of numbers")
     index = meta.get("sample_ema")
@@ -219,8 +221,9 @@ def load_teacher(path, like: nn.Module | None = None, sigma_data: float = 0.5) -
 
 def select_ema(meta: dict, ema: int | None) -> dict:
     if ema is not None:
-        if not 0 <= ema < len(meta["ema_rates"]):
-            raise ConfigError(f"ema={ema} is not an index into the run's EMA rates {meta['ema_rates']}")
+        averages = meta["ema_rates"] + meta.get("ema_stds", [])  # constant rates, then power-function EMA stds
+        if not 0 <= ema < len(averages):
+            raise ConfigError(f"ema={ema} is not an index into the run's EMA rates and stds {averages}")
         meta["sample_ema"] = ema
     return meta
 

@@ -1,7 +1,16 @@
-"""Exponential moving averages of network weights: the CM target network and the evaluation EMAs."""
+"""Moving averages of network weights: the CM target network, the constant-rate evaluation EMAs and EDM2's
+power-function EMAs (Karras et al. 2024, Section 3.1 and Appendix C)."""
 
+import math
+
+import numpy as np
 import torch
 from torch import nn
+
+from cm_lightning.errors import ConfigError
+
+# sigma_rel of a power function profile is below sqrt(1/12) for every gamma > 0 (eq. 123 at gamma = 0).
+MAX_STD = math.sqrt(1 / 12)
 
 
 @torch.no_grad()
@@ -15,3 +24,29 @@ def ema_update_(average: nn.Module, source: nn.Module, rate: float) -> None:
         torch._foreach_lerp_(avg, src, 1.0 - rate)
     for b_avg, b_src in zip(average.buffers(), source.buffers()):
         b_avg.copy_(b_src)
+
+
+def gamma_to_std(gamma: float) -> float:
+    """sigma_rel = sqrt((gamma + 1) / ((gamma + 2)^2 (gamma + 3))), the profile's width relative to its length
+    (eq. 123)."""
+    return math.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))
+
+
+def std_to_gamma(std: float) -> float:
+    """The exponent gamma of the power function profile of width ``std``: the largest real root of
+    gamma^3 + 7 gamma^2 + (16 - std^-2) gamma + (12 - std^-2) = 0 (eq. 126, Algorithm 2)."""
+    if not 0 < std < MAX_STD:
+        raise ConfigError(
+            f"model.ema_stds contains {std}: a power-function EMA's relative std must lie in (0, {MAX_STD:.4f}) "
+            "(EDM2 keeps 0.050 and 0.100)"
+        )
+    s = std**-2
+    roots = np.roots([1.0, 7.0, 16.0 - s, 12.0 - s])
+    return float(roots.real[np.abs(roots.imag) < 1e-9].max())
+
+
+def power_beta(gamma: float, step: int) -> float:
+    """The rate after the ``step``-th update (1 for the first) that tracks the power function profile
+    p_t(tau) = (gamma + 1) tau^gamma / t^(gamma + 1): beta = (1 - 1 / step)^(gamma + 1) (eq. 127). The first
+    update copies the weights; the average then weights update j by (1 - (1 - 1/j)^(gamma+1)) (j / t)^(gamma+1)."""
+    return (1.0 - 1.0 / max(step, 1)) ** (gamma + 1)

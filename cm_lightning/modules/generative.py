@@ -12,7 +12,7 @@ from torch import nn
 from cm_lightning.diffusion.objectives.base import Objective, StepContext
 from cm_lightning.errors import ConfigError
 from cm_lightning.loading import META_KEY, load_matching, load_teacher
-from cm_lightning.modules.ema import ema_update_
+from cm_lightning.modules.ema import ema_update_, power_beta, std_to_gamma
 from cm_lightning.runtime import seeding
 from cm_lightning.runtime.speed import Speed
 from cm_lightning.sampler import Sampler
@@ -25,6 +25,7 @@ class GenerativeModule(L.LightningModule):
         objective: Objective,
         optimizer,
         ema_rates=(0.9999,),
+        ema_stds=(),
         sample_ema: int = 0,
         warmup_steps: int = 0,
         lr_decay_ref: int | None = None,
@@ -35,14 +36,20 @@ class GenerativeModule(L.LightningModule):
         init_from_teacher: bool = False,
     ):
         super().__init__()
-        if not ema_rates:
-            raise ConfigError("model.ema_rates is empty; give at least one rate, e.g. [0.9999]")
-        if not 0 <= sample_ema < len(ema_rates):
-            raise ConfigError(f"model.sample_ema={sample_ema} is not an index into model.ema_rates={list(ema_rates)}")
+        if not ema_rates and not ema_stds:
+            raise ConfigError("model.ema_rates and model.ema_stds are empty; give at least one rate, e.g. [0.9999]")
+        if not 0 <= sample_ema < len(ema_rates) + len(ema_stds):
+            raise ConfigError(
+                f"model.sample_ema={sample_ema} is not an index into model.ema_rates={list(ema_rates)} followed by "
+                f"model.ema_stds={list(ema_stds)}"
+            )
         self.net = net
         self.objective = objective
         self.optimizer_factory = optimizer
         self.ema_rates = [float(r) for r in ema_rates]
+        # EDM2's power-function EMAs, after the constant-rate ones in self.ema; each kept as its exponent gamma.
+        self.ema_stds = [float(s) for s in ema_stds]
+        self.ema_gammas = [std_to_gamma(s) for s in self.ema_stds]
         self.sample_ema = sample_ema
         self.ema_warmup = ema_warmup
         self.warmup_steps = warmup_steps
@@ -60,7 +67,7 @@ class GenerativeModule(L.LightningModule):
         objective.check(self.net)  # here, not in setup: a run that cannot train stops before its directory is made
         # The target network theta^- and the EMAs start equal to theta (after any initialisation from the teacher).
         self.target_net = copy.deepcopy(self.net).requires_grad_(False) if objective.has_target_network else None
-        self.ema = nn.ModuleList(copy.deepcopy(self.net).requires_grad_(False) for _ in self.ema_rates)
+        self.ema = nn.ModuleList(copy.deepcopy(self.net).requires_grad_(False) for _ in self.ema_rates + self.ema_stds)
         self.mu = 0.0
         # Parts rebuilt from the config rather than saved (a frozen teacher, LPIPS): prefixes of their keys.
         self.frozen_prefixes = tuple(f"objective.{p}" for p in objective.frozen)
@@ -186,8 +193,11 @@ class GenerativeModule(L.LightningModule):
     def after_optimizer_step(self) -> None:
         if self.target_net is not None:
             ema_update_(self.target_net, self.net, self.mu)
-        for rate, ema in zip(self.ema_rates, self.ema):
-            ema_update_(ema, self.net, self.ema_rate(rate))
+        # Lightning counts this step only after the hook: this is update global_step + 1.
+        powers = [power_beta(g, self.global_step + 1) for g in self.ema_gammas]
+        rates = [self.ema_rate(r) for r in self.ema_rates] + powers
+        for rate, ema in zip(rates, self.ema):
+            ema_update_(ema, self.net, rate)
 
     # --- sampling ---------------------------------------------------------------------------
     def sampler(self, ema: int | None = None) -> Sampler:
@@ -203,6 +213,7 @@ class GenerativeModule(L.LightningModule):
             "config": self.run_config,
             "parameterisation": self.parameterisation.to_meta(),
             "ema_rates": self.ema_rates,
+            "ema_stds": self.ema_stds,
             "sample_ema": self.sample_ema,
         }
 
