@@ -265,3 +265,71 @@ def test_guidance_stops_above_the_guidance_interval():
     torch.testing.assert_close(target[0], 0.2 * v[0] + 0.92 * u(1) + (1 - 0.2 - 0.92) * u(3))
     with pytest.raises(ConfigError, match="guidance_t_max=0"):
         MeanFlow(MeanFlowParam(), guidance_t_max=0)
+
+
+# conf/debug/tiny.yaml shrinks the U-Nets by their own keys; a DiT has none of them and is shrunk by its own.
+DIT_TINY = [
+    "+debug=tiny",
+    *(f"~net.{key}" for key in ("model_channels", "channel_mult", "attention_resolutions", "num_head_channels")),
+    "net.hidden_size=32",
+    "net.depth=2",
+    "net.num_heads=2",
+]
+MEANFLOW_DIT = [
+    "experiment=digits_meanflow_dit",
+    *DIT_TINY,
+    "trainer.accelerator=cpu",
+    "trainer.deterministic=true",
+    "logger=csv",
+    "callbacks.metrics.every_n_steps=null",
+    "callbacks.metrics.at_end=false",
+]
+
+
+def test_a_tiny_dit_meanflow_run_trains_and_samples_with_both_chains(tmp_path):
+    """python train.py experiment=digits_meanflow_dit for a few steps: a finite DiT with its h-embedder, and sample
+    grids of the flow map (1 and 2 steps) and of the re-noising chain (2 steps)."""
+    from conftest import run_script
+
+    run_script("train.py", *MEANFLOW_DIT, "model.objective.jvp=finite_difference", f"hydra.run.dir={tmp_path}")
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 4 and "net.h_embedder.mlp.0.weight" in ckpt["state_dict"]
+    assert all(torch.isfinite(v).all() for k, v in ckpt["state_dict"].items() if k.startswith("net."))
+    assert {p.name for p in (tmp_path / "samples").glob("final_*.png")} == {
+        "final_1step.png",
+        "final_2step.png",
+        "final_2step_renoise.png",
+    }
+
+
+def test_bad_dit_settings_stop_before_any_step_with_one_line(tmp_path):
+    """Through train.py for a patch size that does not divide the resolution; a one-time DiT and guidance on an
+    unconditional DiT stop in MeanFlow's check, which the module runs when the run is built."""
+    from test_bad_input import fails
+
+    from cm_lightning.diffusion.objectives.meanflow import MeanFlow
+    from cm_lightning.diffusion.precond import MeanFlowParam
+
+    tiny = ["experiment=digits_meanflow_dit", *DIT_TINY, "logger=none", f"hydra.run.dir={tmp_path}"]
+    err = fails("train.py", *tiny, "net.patch_size=3")
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    assert "net.patch_size=3 does not divide the resolution 16" in line, err[-2000:]
+    with pytest.raises(ConfigError, match="net.num_times=1: MeanFlow's network takes two times"):
+        MeanFlow(MeanFlowParam()).check(tiny_dit())
+    with pytest.raises(ConfigError, match="net.null_class=true"):
+        MeanFlow(MeanFlowParam(), kappa=0.5).check(tiny_dit(num_times=2))
+
+
+@pytest.mark.slow
+def test_two_ranks_take_the_single_process_dit_meanflow_step(tmp_path):
+    from probes import two_ranks_and_one
+
+    ddp, _ = two_ranks_and_one(MEANFLOW_DIT, tmp_path)
+    assert any(k.startswith("net.h_embedder.") for k in ddp)
+
+
+@pytest.mark.slow
+def test_dit_meanflow_resumes_bit_for_bit(tmp_path):
+    from probes import killed_and_resumed
+
+    killed_and_resumed([*MEANFLOW_DIT, "model.objective.jvp=finite_difference"], tmp_path)

@@ -144,6 +144,8 @@ def shrink(cfg, disk: dict) -> list[str]:
         "callbacks.sample_grid.teacher_steps=2",
         "callbacks.metrics=null",
         f"net.image_size={size}",
+    ]
+    unet = [
         "net.model_channels=16",
         "net.channel_mult=[1,2]",
         "net.num_res_blocks=1",
@@ -154,7 +156,11 @@ def shrink(cfg, disk: dict) -> list[str]:
         "ImageNet64DataModule": [f"data.root={root / 'imagenet64'}", f"data.image_size={size}"],
         "LSUNDataModule": [f"data.root={root / 'lsun'}", f"data.image_size={size}"],
     }.get(data, [])
-    per_net = {"ADMUNet": ["net.num_head_channels=16"], "NCSNpp": []}
+    per_net = {
+        "ADMUNet": [*unet, "net.num_head_channels=16"],
+        "NCSNpp": unet,
+        "DiT": ["net.hidden_size=32", "net.depth=1", "net.num_heads=2", "net.patch_size=4"],
+    }
     if net not in per_net:
         pytest.fail(f"no shrinking overrides for net {net}: add them to shrink() in tests/test_experiments.py")
     out += per_net[net]
