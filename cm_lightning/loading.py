@@ -21,13 +21,11 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
+from cm_lightning.checkpoint import META_KEY, check_layout, is_state_dict, num_emas, upgrade, weights
 from cm_lightning.diffusion.precond import Precond, consistency_function, edm_denoiser, from_meta
 from cm_lightning.errors import ConfigError
 from cm_lightning.sampler import Sampler
-from cm_lightning.untrusted import check_inert, instantiate_trusted, load_file, not_a_file
-
-META_KEY = "cm_lightning"
-
+from cm_lightning.untrusted import instantiate_trusted, load_file, not_a_file
 
 # Parts of the authors' file names that say which of our net configs rebuilds the network.
 AUTHORS_NETS = {"imagenet64": "adm_imagenet64", "bedroom256": "adm_lsun256", "cat256": "adm_lsun256"}
@@ -38,17 +36,9 @@ def is_plain(ckpt: dict) -> bool:
     return META_KEY not in ckpt
 
 
-def is_state_dict(state) -> bool:
-    return (
-        isinstance(state, dict)
-        and bool(state)
-        and all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items())
-    )
-
-
 def read_checkpoint(path, what: str = "checkpoint") -> dict:
-    """A cm-lightning checkpoint (its layout checked by ``check_layout``), or a plain state dict of tensors (the
-    authors' .pt files) as it is; read with ``weights_only=True`` (``untrusted.py``)."""
+    """A cm-lightning checkpoint (its layout checked and upgraded to today's, ``checkpoint.py``), or a plain state
+    dict of tensors (the authors' .pt files) as it is; read with ``weights_only=True`` (``untrusted.py``)."""
     reason = "is not set" if path is None else not_a_file(Path(str(path)).expanduser())
     if reason:
         raise ConfigError(f"{what}={path} {reason}; pass the path of a run's checkpoints/last.ckpt")
@@ -60,44 +50,8 @@ def read_checkpoint(path, what: str = "checkpoint") -> dict:
         )
     if META_KEY in ckpt:
         check_layout(ckpt, f"{what}={path}")
+        ckpt[META_KEY] = upgrade(ckpt[META_KEY])
     return ckpt
-
-
-def check_layout(ckpt: dict, source: str) -> None:
-    """What the package reads from a cm-lightning checkpoint, checked once as it is read, so that a damaged or
-    crafted file stops with one line naming the entry instead of a traceback deep inside sampling: the
-    metadata and the stored config are mappings of inert data (``untrusted.check_inert``), the state dict maps
-    names to tensors, the parameterisation and EMA choice are there."""
-
-    def damaged(entry: str, wrong: str):
-        return ConfigError(
-            f"{source} is damaged or was not written by train.py: {entry} {wrong}; use a checkpoint a training "
-            "run wrote (its checkpoints/last.ckpt)"
-        )
-
-    meta = ckpt[META_KEY]
-    if not isinstance(meta, dict):
-        raise damaged(f"its '{META_KEY}' entry", f"is a {type(meta).__name__}, not a mapping")
-    if not is_state_dict(ckpt.get("state_dict")):
-        raise damaged("its state_dict", "is missing or not a mapping of names to tensors")
-    config = meta.get("config")
-    if not isinstance(config, dict):
-        raise damaged("its stored config", "is missing or not a mapping")
-    check_inert(meta, f"{source}: the stored metadata")
-    net = config.get("model", {}).get("net") if isinstance(config.get("model"), dict) else None
-    if not isinstance(net, dict) or "_target_" not in net:
-        raise damaged("the stored config's model.net", "is missing or names no network class")
-    param = meta.get("parameterisation", meta.get("precond"))  # "precond": the layout before names
-    if not isinstance(param, dict):
-        raise damaged("its parameterisation", "is missing or not a mapping")
-    rates = meta.get("ema_rates")
-    stds = meta.get("ema_stds", [])  # EDM2's power-function EMAs, after the constant rates
-    rates = rates + stds if isinstance(rates, list) and isinstance(stds, list) else rates
-    if not isinstance(rates, list) or not rates or not all(isinstance(r, int | float) for r in rates):
-        raise damaged("its ema_rates", f"({rates!r}) are not a list of numbers")
-    index = meta.get("sample_ema")
-    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(rates):
-        raise damaged("its sample_ema", f"({index!r}) is not an index into its {len(rates)} EMA rate(s)")
 
 
 def kind_from_name(path) -> str | None:
@@ -142,18 +96,14 @@ def load_matching(net: nn.Module, state: dict, source: str, fix: str) -> None:
     net.load_state_dict(state)
 
 
-def network_from_checkpoint(ckpt: dict, which: str = "ema") -> nn.Module:
-    """The backbone of a checkpoint with its EMA weights (``which='ema'``) or raw weights (``'net'``)."""
-    meta = ckpt[META_KEY]
-    net = instantiate_trusted(meta["config"]["model"]["net"], "the checkpoint's model.net")
-    prefix = f"ema.{meta['sample_ema']}." if which == "ema" else "net."
-    state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-    load_matching(
-        net,
-        state,
-        f"the checkpoint's {prefix.rstrip('.')} weights",
-        "The file is damaged or was altered; use a checkpoint a training run wrote",
-    )
+def network_from_checkpoint(ckpt: dict, which: str = "ema", index: int | None = None) -> nn.Module:
+    """The backbone of a checkpoint with the weights of its EMA ``index`` (default: the one it samples with) or,
+    with ``which='net'``, its raw weights."""
+    net = instantiate_trusted(ckpt[META_KEY]["config"]["model"]["net"], "the checkpoint's model.net")
+    index = ckpt[META_KEY]["sample_ema"] if index is None else index
+    source = f"the checkpoint's {'net' if which == 'net' else f'ema.{index}'} weights"
+    fix = "The file is damaged or was altered; use a checkpoint a training run wrote"
+    load_matching(net, weights(ckpt, which, index), source, fix)
     return net.eval().requires_grad_(False)
 
 
@@ -219,13 +169,11 @@ def load_teacher(path, like: nn.Module | None = None, sigma_data: float = 0.5) -
     return Teacher(network_from_checkpoint(ckpt, "ema"), param)
 
 
-def select_ema(meta: dict, ema: int | None) -> dict:
-    if ema is not None:
-        averages = meta["ema_rates"] + meta.get("ema_stds", [])  # constant rates, then power-function EMA stds
-        if not 0 <= ema < len(averages):
-            raise ConfigError(f"ema={ema} is not an index into the run's EMA rates and stds {averages}")
-        meta["sample_ema"] = ema
-    return meta
+def check_ema(meta: dict, ema: int | None) -> None:
+    """``ema=`` must index the run's EMAs: its constant rates, then its power-function EMA stds."""
+    if ema is not None and not 0 <= ema < num_emas(meta):
+        averages = meta["ema_rates"] + meta.get("ema_stds", [])
+        raise ConfigError(f"ema={ema} is not an index into the run's EMA rates and stds {averages}")
 
 
 def plain_sampler(path, state: dict, net=None, kind: str | None = None) -> Sampler:
@@ -260,8 +208,8 @@ def sampler_from(ckpt: dict, path, ema: int | None = None, device="cpu", net=Non
         sampler = plain_sampler(path, ckpt, net, kind)
         sampler.net.to(device)
         return sampler
-    meta = select_ema(ckpt[META_KEY], ema)
-    return Sampler(network_from_checkpoint(ckpt, "ema").to(device), parameterisation(meta))
+    check_ema(ckpt[META_KEY], ema)
+    return Sampler(network_from_checkpoint(ckpt, "ema", ema).to(device), parameterisation(ckpt[META_KEY]))
 
 
 def export_state_dict(ckpt: dict, path, out, ema: int | None = None) -> Path:
@@ -269,8 +217,8 @@ def export_state_dict(ckpt: dict, path, out, ema: int | None = None) -> Path:
     ``ckpt``, the checkpoint ``path`` as read, as a plain state dict, the format of the authors' released files."""
     if is_plain(ckpt):
         raise ConfigError(f"ckpt={path} is already a plain state dict; export reads a run's checkpoint")
-    prefix = f"ema.{select_ema(ckpt[META_KEY], ema)['sample_ema']}."
-    state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    check_ema(ckpt[META_KEY], ema)
+    state = weights(ckpt, "ema", ema)
     out = Path(str(out)).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, out)

@@ -14,7 +14,7 @@ import wandb
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from cm_lightning.loading import META_KEY
+from cm_lightning.checkpoint import META_KEY
 
 # W&B rejects longer tags; a longer override still shows in the run's name and config.
 MAX_TAG = 64

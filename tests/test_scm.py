@@ -7,6 +7,7 @@ import pytest
 import torch
 from helpers import randomise, tiny_net
 
+from cm_lightning.checkpoint import upgrade
 from cm_lightning.diffusion.jvp import jvp
 from cm_lightning.diffusion.objectives.scm import SCM, tangent, teacher_velocity
 from cm_lightning.diffusion.precond import Precond, TrigFlow, edm_denoiser, from_meta
@@ -108,7 +109,7 @@ def test_trigflow_survives_the_checkpoint_metadata():
         "precond": {"sigma_data": 0.5, "eps": 0.002, "noise_kind": "adm"},
         "grid": {"sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0},
     }
-    assert from_meta(old) == Precond()
+    assert from_meta(upgrade(old)) == Precond()
 
 
 @pytest.mark.parametrize(

@@ -58,6 +58,7 @@ class DiscretePairRule(nn.Module):
 
     uses_online_target = False
     requires_teacher = False
+    family = "ct"  # the editing defaults' method family (diffusion/editing.py): every consistency-training variant
 
     def __init__(
         self, curriculum, sigma_min=0.002, sigma_max=80.0, rho=7.0, weighting: str = "uniform", sigma_data: float = 0.5
@@ -71,6 +72,10 @@ class DiscretePairRule(nn.Module):
         """What the curriculum is at ``step``: the same on every rank, since it depends on the step alone."""
         num_scales, mu = self.curriculum(step)
         return {"num_scales": num_scales, "mu": mu}
+
+    def final_scales(self, max_steps: int) -> int:
+        """N at the run's last step: the grid the published editing levels are indices into."""
+        return int(self.curriculum(max_steps)[0])
 
     def sample_indices(self, sigmas: torch.Tensor, num: int, generator: torch.Generator) -> torch.Tensor:
         """Pair indices i (the pair sigmas[i], sigmas[i + 1]), uniform over the grid (CM paper)."""
@@ -95,6 +100,7 @@ class CDPairRule(DiscretePairRule):
     """Consistency distillation: x_r is one step of the frozen teacher's probability-flow ODE from t to r."""
 
     requires_teacher = True
+    family = "cd"
 
     def __init__(self, curriculum, solver: str = "heun", **grid):
         super().__init__(curriculum, **grid)
@@ -150,6 +156,7 @@ class ECTPairRule(nn.Module):
 
     uses_online_target = True
     requires_teacher = False
+    family = "ct"
 
     def __init__(
         self,
@@ -169,6 +176,9 @@ class ECTPairRule(nn.Module):
 
     def state(self, step: int) -> dict:
         return {"stage": self.curriculum.stage(step), "mu": 0.0}
+
+    def final_scales(self, max_steps: int) -> int:
+        return 0  # continuous t: no discrete grid
 
     def sample_levels(self, step: int, num: int, generator: torch.Generator):
         n = torch.randn(num, generator=generator, device=generator.device)

@@ -291,14 +291,10 @@ PARAMETERISATIONS = {cls.name: cls for cls in (Precond, TrigFlow, MeanFlowParam)
 
 
 def from_meta(meta: dict):
-    """The parameterisation stored in a checkpoint's metadata: by name since the objective plug-in, and as
-    ``kind`` + ``precond`` + ``grid`` (always the Karras family) in checkpoints written before it."""
-    if "parameterisation" in meta:
-        fields = dict(meta["parameterisation"])
-        name = fields.pop("name", None)
-        if name not in PARAMETERISATIONS:
-            raise ConfigError(
-                f"the checkpoint's parameterisation {name!r} is unknown; known: {sorted(PARAMETERISATIONS)}"
-            )
-        return PARAMETERISATIONS[name](**fields)
-    return Precond(**meta["precond"], **meta.get("grid", {}))
+    """The parameterisation a checkpoint's metadata (in today's layout, ``checkpoint.upgrade``) names, with its
+    stored fields."""
+    fields = dict(meta["parameterisation"])
+    name = fields.pop("name", None)
+    if name not in PARAMETERISATIONS:
+        raise ConfigError(f"the checkpoint's parameterisation {name!r} is unknown; known: {sorted(PARAMETERISATIONS)}")
+    return PARAMETERISATIONS[name](**fields)

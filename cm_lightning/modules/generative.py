@@ -9,9 +9,10 @@ import lightning as L
 import torch
 from torch import nn
 
+from cm_lightning.checkpoint import META_KEY, metadata
 from cm_lightning.diffusion.objectives.base import Objective, StepContext
 from cm_lightning.errors import ConfigError
-from cm_lightning.loading import META_KEY, load_matching, load_teacher
+from cm_lightning.loading import load_matching, load_teacher
 from cm_lightning.modules.ema import ema_update_, power_beta, std_to_gamma
 from cm_lightning.runtime import seeding
 from cm_lightning.runtime.speed import Speed
@@ -209,13 +210,10 @@ class GenerativeModule(L.LightningModule):
         checkpoint["state_dict"] = {
             k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(self.frozen_prefixes)
         }
-        checkpoint[META_KEY] = {
-            "config": self.run_config,
-            "parameterisation": self.parameterisation.to_meta(),
-            "ema_rates": self.ema_rates,
-            "ema_stds": self.ema_stds,
-            "sample_ema": self.sample_ema,
-        }
+        method = self.objective.method_facts(self.trainer.max_steps)
+        checkpoint[META_KEY] = metadata(
+            self.run_config, self.parameterisation, self.ema_rates, self.ema_stds, self.sample_ema, method
+        )
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         own = self.state_dict()

@@ -15,8 +15,8 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from cm_lightning.checkpoint import META_KEY, check_layout
 from cm_lightning.errors import ConfigError
-from cm_lightning.loading import META_KEY, check_layout
 from cm_lightning.untrusted import load_file
 
 log = logging.getLogger(__name__)

@@ -13,11 +13,12 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from cm_lightning import wandb_runs
+from cm_lightning.checkpoint import META_KEY
 from cm_lightning.diffusion.editing import check_levels
 from cm_lightning.diffusion.sampling import sigmas_from_indices
 from cm_lightning.errors import ConfigError
 from cm_lightning.inputs import check_cpu_devices, check_device, whole
-from cm_lightning.loading import META_KEY, is_plain, read_checkpoint, sampler_from
+from cm_lightning.loading import is_plain, read_checkpoint, sampler_from
 from cm_lightning.metrics.fidelity import Fidelity, to_uint8
 from cm_lightning.metrics.reference import ReferenceSource
 from cm_lightning.metrics.sharding import progress, sharded_features

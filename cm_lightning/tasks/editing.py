@@ -19,14 +19,14 @@ import torch
 from omegaconf import DictConfig
 from torchvision.utils import make_grid, save_image
 
+from cm_lightning.checkpoint import META_KEY, upgrade
 from cm_lightning.diffusion import editing
 from cm_lightning.diffusion.linear_transforms import LUMINANCE, ChannelBasis, Identity, PatchBasis
 from cm_lightning.errors import ConfigError
-from cm_lightning.loading import META_KEY, is_plain
+from cm_lightning.loading import is_plain
 from cm_lightning.sampler import Sampler
 from cm_lightning.tasks.common import checkpoint, load_sampler, pick_device, speed_up
 from cm_lightning.tasks.editing_inputs import build_masks, read_images, to_tensor
-from cm_lightning.untrusted import current, instantiate_trusted
 
 log = logging.getLogger(__name__)
 
@@ -64,21 +64,10 @@ class Editor:
 
 def run_method(ckpt: dict) -> tuple[str, int] | None:
     """('cd' or 'ct', the grid size N at the end of training; 0 without a discrete grid) of the run that
-    wrote the checkpoint ``ckpt`` (as read), from its stored config; every consistency-training variant
-    counts as 'ct'. None for a method without a pair rule (sCM)."""
-    config = ckpt[META_KEY]["config"]
-    model = config["model"]
-    key = "target" if "target" in model else "objective.pair"  # the layout before and since objectives
-    pair = model["target"] if "target" in model else (model.get("objective") or {}).get("pair")
-    if pair is None:
-        return None
-    stored = "curriculum" if "curriculum" in pair else "schedule"  # its name before the curriculum was one
-    curriculum = None
-    if stored in pair:
-        curriculum = instantiate_trusted(pair[stored], f"the checkpoint's model.{key}.{stored}")
-    final = curriculum(config["trainer"]["max_steps"]) if callable(curriculum) else None
-    method = "cd" if current(pair["_target_"]).endswith(".CDPairRule") else "ct"
-    return method, (int(final[0]) if isinstance(final, tuple) else 0)
+    wrote the checkpoint ``ckpt``, as its objective stated them (``checkpoint.upgrade`` for older files);
+    every consistency-training variant counts as 'ct'. None for a method without a pair rule (sCM)."""
+    facts = upgrade(ckpt[META_KEY])["method"]
+    return None if facts is None else (facts["family"], facts["num_scales"])
 
 
 def edit_levels(edit_sigmas, ckpt, param) -> list[float]:

@@ -59,6 +59,12 @@ class Objective(nn.Module, abc.ABC):
     def check(self, net: nn.Module) -> None:
         """Stops before the first step when ``net`` cannot serve this objective."""
 
+    def method_facts(self, max_steps: int) -> dict | None:
+        """What the editing tasks need to know of the method, stored in checkpoints: ``family`` ('cd' or 'ct')
+        and ``num_scales``, the discrete grid's N at step ``max_steps`` (0 without a grid), which pick the
+        published editing levels; None for a method without a discrete pair rule."""
+        return None
+
     @abc.abstractmethod
     def loss(
         self, student: nn.Module, target_net: nn.Module | None, x0: torch.Tensor, labels, ctx: StepContext

@@ -36,6 +36,9 @@ class DiscreteConsistency(Objective):
     def state(self, step: int) -> dict:
         return self.pair.state(step)
 
+    def method_facts(self, max_steps: int) -> dict:
+        return {"family": self.pair.family, "num_scales": self.pair.final_scales(max_steps)}
+
     def outputs(self, student, target_net, x0, labels, ctx: StepContext):
         """Student output f_theta(x0 + t z, t), the target sg f_target(x_r, r), and (t, r)."""
         g, shape, f = ctx.generator, x0.shape, self.parameterisation
