@@ -53,8 +53,8 @@ def test_published_settings(name):
 SCM_PUBLISHED = {
     "cifar10_sct": (512, 1e-4, [0.9, 0.99], -1.0, 1.4, 0.2, "ddpmpp_cifar10", False, None),
     "cifar10_scd": (512, 1e-4, [0.9, 0.99], -1.0, 1.4, 0.0, "ddpmpp_cifar10", True, None),
-    "imagenet64_sct": (2048, 1e-4, [0.9, 0.99], -1.0, 1.6, 0.45, "adm_imagenet64", False, 35000),
-    "imagenet64_scd": (2048, 1e-4, [0.9, 0.99], -1.0, 1.6, 0.0, "adm_imagenet64", True, 35000),
+    "imagenet64_sct": (2048, 1e-4, [0.9, 0.99], -1.0, 1.6, 0.45, "edm2_img64_s", False, 35000),
+    "imagenet64_scd": (2048, 1e-4, [0.9, 0.99], -1.0, 1.6, 0.0, "edm2_img64_s", True, 35000),
 }
 
 
@@ -159,6 +159,7 @@ def shrink(cfg, disk: dict) -> list[str]:
     per_net = {
         "ADMUNet": [*unet, "net.num_head_channels=16"],
         "NCSNpp": unet,
+        "EDM2UNet": [*unet, "net.num_head_channels=16"],
         "DiT": ["net.hidden_size=32", "net.depth=1", "net.num_heads=2", "net.patch_size=4"],
     }
     if net not in per_net:
