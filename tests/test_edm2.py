@@ -195,13 +195,20 @@ def test_edm2_loss_is_the_uncertainty_weighted_error():
     assert u_grid[(error / torch.exp(u_grid) + u_grid).argmin()].item() == pytest.approx(math.log(0.37), abs=1e-3)
 
 
-def test_tiny_edm2_teacher_trains_from_the_cli(tmp_path):
-    run = tmp_path / "run"
-    overrides = ["experiment=digits_edm", "model=edm2", "net=edm2_tiny", "+debug=tiny", "logger=none"]
-    train_here([*overrides, "callbacks.metrics=null", "trainer.max_steps=2"], run)
-    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+def test_tiny_edm2_teacher_and_scd_student_train_and_sample_from_the_cli(tmp_path):
+    teacher, student = tmp_path / "teacher", tmp_path / "student"
+    common = ["net=edm2_tiny", "+debug=tiny", "logger=none", "callbacks.metrics=null", "trainer.max_steps=2"]
+    train_here(["experiment=digits_edm", "model=edm2", *common], teacher)
+    ckpt = torch.load(teacher / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     meta = ckpt["cm_lightning"]
     assert ckpt["global_step"] == 2 and meta["ema_stds"] == [0.05, 0.1] and len(meta["ema_rates"]) == 1
     state = ckpt["state_dict"]
     assert {"objective.logvar_linear.weight", "ema.2.out_gain", "net.enc.16x16_conv.weight"} <= set(state)
     assert all(torch.isfinite(v).all() for v in state.values())
+    # sCD through the EDM2 net's JVP, the student starting as the teacher (fed its ln(sigma) / 4).
+    train_here(
+        ["experiment=digits_scd", f"model.teacher_ckpt={teacher / 'checkpoints' / 'last.ckpt'}", *common], student
+    )
+    ckpt = torch.load(student / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+    assert list((teacher / "samples").glob("final_*.png")) and list((student / "samples").glob("final_*.png"))
