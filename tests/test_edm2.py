@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_script
 from helpers import cpu_trainer, tiny_net
 from inprocess import train_here
 from torch.utils.data import DataLoader, TensorDataset
@@ -212,3 +213,25 @@ def test_tiny_edm2_teacher_and_scd_student_train_and_sample_from_the_cli(tmp_pat
     ckpt = torch.load(student / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
     assert list((teacher / "samples").glob("final_*.png")) and list((student / "samples").glob("final_*.png"))
+
+
+EDM2_RUN = ["experiment=digits_edm", "model=edm2", "net=edm2_tiny", "+debug=tiny", "logger=none"]
+EDM2_RUN += ["callbacks.metrics=null", "trainer.accelerator=cpu", "trainer.deterministic=true", "data.batch_size=8"]
+
+
+def final_state(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+
+
+@pytest.mark.slow
+def test_power_ema_resumes_bit_exactly_and_agrees_over_two_processes(tmp_path):
+    whole, halves, ranks = tmp_path / "whole", tmp_path / "halves", tmp_path / "ranks"
+    run_script("train.py", *EDM2_RUN, "trainer.max_steps=4", f"hydra.run.dir={whole}")
+    run_script("train.py", *EDM2_RUN, "trainer.max_steps=2", f"hydra.run.dir={halves}")
+    run_script("train.py", *EDM2_RUN, "trainer.max_steps=4", f"hydra.run.dir={halves}")  # resumes its last.ckpt
+    run_script("train.py", *EDM2_RUN, "trainer.max_steps=4", "trainer.devices=2", f"hydra.run.dir={ranks}")
+    a, b, c = final_state(whole), final_state(halves), final_state(ranks)
+    assert a.keys() == b.keys() == c.keys() and any(k.startswith("ema.2.") for k in a)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+        torch.testing.assert_close(a[key], c[key], rtol=0, atol=1e-5, msg=key)
