@@ -221,6 +221,10 @@ def main(cfg: DictConfig) -> None:
             "train_gflop_per_image": sig(step_flops / 1e9),
             "net_forward_gflop_per_image": sig(forward_flops / 1e9),
             "peak_memory_gib": None if peak is None else round(peak, 2),
+            # The published sizes count the network; an objective's own weights (EDM2's uncertainty head, sCM's
+            # weighting) are counted apart.
+            "net_parameters": sum(p.numel() for p in model.net.parameters()),
+            "objective_parameters": sum(p.numel() for p in model.objective.parameters() if p.requires_grad),
             "sample_batch": bench.sample_batch,
             "sample_images_per_s": time_sampling(model, cfg, device),
         }

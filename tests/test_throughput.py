@@ -31,6 +31,13 @@ def forward_gflop(*overrides: str) -> float:
     return counter.get_total_flops() / 1e9
 
 
+def net_parameters(*overrides: str) -> int:
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=list(overrides))
+    with torch.device("meta"):
+        return sum(p.numel() for p in instantiate(cfg.net).parameters())
+
+
 def test_imagenet64_network_is_the_one_the_authors_numbers_are_for():
     # The reference convention: the ImageNet-64 U-Net, 219 GFLOP per image forward; TFLOP/s compare only then.
     assert forward_gflop("experiment=imagenet64_cd") == pytest.approx(219.3, abs=0.1)
@@ -54,6 +61,7 @@ def test_throughput_benchmark_prints_one_json_line(tmp_path):
     assert line == json.loads(out.read_text())
     assert line["experiment"] == "digits_cd" and line["batch_per_device"] == 8 and "CPU" in line["device"]
     assert line["train_images_per_s"] > 0 and line["train_tflops"] > 0
+    assert line["net_parameters"] == net_parameters("experiment=digits_cd", *TINY) and line["objective_parameters"] == 0
     # The CPU's attention kernel is invisible to the flop counter; the benchmark counts it all the same.
     assert line["net_forward_gflop_per_image"] == pytest.approx(forward_gflop("experiment=digits_cd", *TINY), rel=1e-3)
     # Student forward + backward (3 forwards), two Heun evaluations of the teacher and the target's forward.
