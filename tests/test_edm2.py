@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_script
+from conftest import ROOT, run_script
 from helpers import cpu_trainer, tiny_net
+from hydra import compose, initialize_config_dir
 from inprocess import train_here
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -235,3 +236,27 @@ def test_power_ema_resumes_bit_exactly_and_agrees_over_two_processes(tmp_path):
     for key in a:
         assert torch.equal(a[key], b[key]), key
         torch.testing.assert_close(a[key], c[key], rtol=0, atol=1e-5, msg=key)
+
+
+def composed(*overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=True)
+
+
+def test_ect_imagenet64_is_locuslabs_edm2_s_run():
+    cfg = composed("experiment=imagenet64_ect")
+    pair, model = cfg.model.objective.pair, cfg.model
+    assert cfg.hydra.runtime.choices.net == "edm2_img64_s" and cfg.net.num_classes == 1000
+    assert (cfg.data.batch_size, cfg.trainer.max_steps, model.lr_decay_ref, model.warmup_steps) == (
+        128,
+        100_000,
+        2000,
+        0,
+    )
+    assert (model.optimizer.lr, list(model.optimizer.betas), model.optimizer.eps) == (1e-3, [0.9, 0.99], 1e-8)
+    assert (cfg.net.dropout, list(cfg.net.dropout_resolutions)) == (0.4, [16, 8])
+    assert (pair.p_mean, pair.p_std, pair.weighting) == (-0.8, 1.6, "inverse_square")
+    assert (pair.curriculum.q, pair.curriculum.k, pair.curriculum.b, pair.curriculum.double_every) == (4, 8, 1, 25_000)
+    c = model.objective.distance.c_scale * math.sqrt(3 * 64 * 64)
+    assert c == pytest.approx(0.06, rel=1e-5) and model.init_from_teacher
+    assert list(model.ema_rates) == [0.9999] and list(model.ema_stds) == [0.05, 0.1]
