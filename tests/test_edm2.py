@@ -18,10 +18,12 @@ from cm_lightning.diffusion.jvp import jvp
 from cm_lightning.diffusion.objectives.edm2 import EDM2Denoising
 from cm_lightning.diffusion.precond import edm_denoiser
 from cm_lightning.errors import ConfigError
-from cm_lightning.loading import load_matching
-from cm_lightning.modules.ema import gamma_to_std, power_beta, std_to_gamma
+from cm_lightning.loading import load_matching, sampler_from_checkpoint
+from cm_lightning.modules import posthoc_ema
+from cm_lightning.modules.ema import gamma_to_std, posthoc_coefficients, power_beta, std_to_gamma
 from cm_lightning.modules.generative import GenerativeModule
 from cm_lightning.nets.edm2 import EDM2UNet, MPConv, MPFourier, MPPositional, mp_cat, mp_silu, mp_sum, normalize
+from cm_lightning.untrusted import load_file
 
 LAYOUT = json.loads((Path(__file__).parent / "data" / "edm2-state-dict-layout.json").read_text())
 PRESETS = {"xs": 128, "s": 192, "m": 256, "l": 320, "xl": 384, "xxl": 448}
@@ -260,3 +262,42 @@ def test_ect_imagenet64_is_locuslabs_edm2_s_run():
     c = model.objective.distance.c_scale * math.sqrt(3 * 64 * 64)
     assert c == pytest.approx(0.06, rel=1e-5) and model.init_from_teacher
     assert list(model.ema_rates) == [0.9999] and list(model.ema_stds) == [0.05, 0.1]
+
+
+def test_posthoc_reconstruction_of_another_std_from_snapshots():
+    """Power EMAs of std 0.05 and 0.10 stored every 100 of 1,000 steps of a random walk combine into the EMA of
+    std 0.075 at the last step, as tracked directly, up to the profile fit's residual."""
+    torch.manual_seed(0)
+    walk = torch.randn(1000, 256, dtype=torch.float64).cumsum(0)
+    stds, tracked = (0.05, 0.10), {}
+    averages = {s: walk[0].clone() for s in (*stds, 0.075)}
+    for k in range(1, 1001):
+        for s in averages:
+            beta = power_beta(std_to_gamma(s), k)
+            averages[s] = beta * averages[s] + (1 - beta) * walk[k - 1]
+        if k % 100 == 0:
+            tracked.update({(k, s): averages[s].clone() for s in stds})
+    keys = sorted(tracked)
+    x = posthoc_coefficients([k for k, _ in keys], [s for _, s in keys], 1000, 0.075)
+    rebuilt = sum(float(c) * tracked[key] for c, key in zip(x, keys))
+    spread = (averages[0.05] - averages[0.10]).abs().mean()  # how far apart the stored averages are
+    assert (rebuilt - averages[0.075]).abs().mean() < 0.01 * spread  # the midpoint of the two is 0.09 off
+    assert x.sum() == pytest.approx(1.0)
+
+
+def test_posthoc_ema_from_a_runs_checkpoints_samples(tmp_path):
+    run = tmp_path / "run"
+    overrides = [*EDM2_RUN, "trainer.max_steps=4", "callbacks.checkpoint.every_n_train_steps=1"]
+    train_here(overrides, run)
+    assert posthoc_ema.main([str(run / "checkpoints"), "0.075"]) == 0
+    out = torch.load(run / "checkpoints" / "posthoc_0.075.ckpt", map_location="cpu", weights_only=True)
+    meta, state = out["cm_lightning"], out["state_dict"]
+    assert meta["ema_stds"] == [0.05, 0.1, 0.075] and meta["sample_ema"] == 3 and out["global_step"] == 4
+    # ema.0 is the 0.999 rate, ema.1 and ema.2 the stored power EMAs, ema.3 their fitted combination.
+    stored = [load_file(run / "checkpoints" / f"step{k:07d}.ckpt", "snapshot")["state_dict"] for k in range(1, 5)]
+    x = posthoc_coefficients([k for k in range(1, 5) for _ in (0, 1)], [0.05, 0.1] * 4, 4, 0.075)
+    gains = [state_dict[f"ema.{i}.out_gain"].double() for state_dict in stored for i in (1, 2)]
+    torch.testing.assert_close(state["ema.3.out_gain"].double(), sum(float(w) * g for w, g in zip(x, gains)))
+    images, _ = sampler_from_checkpoint(run / "checkpoints" / "posthoc_0.075.ckpt")(2, steps=2, solver="euler")
+    assert images.shape == (2, 1, 16, 16) and torch.isfinite(images).all()
+    assert posthoc_ema.main([str(run / "checkpoints"), "0.075"]) == 2  # the output exists: refused

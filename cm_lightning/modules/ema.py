@@ -50,3 +50,26 @@ def power_beta(gamma: float, step: int) -> float:
     p_t(tau) = (gamma + 1) tau^gamma / t^(gamma + 1): beta = (1 - 1 / step)^(gamma + 1) (eq. 127). The first
     update copies the weights; the average then weights update j by (1 - (1 - 1/j)^(gamma+1)) (j / t)^(gamma+1)."""
     return (1.0 - 1.0 / max(step, 1)) ** (gamma + 1)
+
+
+def profile_inner_products(a_steps, a_stds, b_steps, b_stds) -> np.ndarray:
+    """<p_a, p_b> = integral of p_a(tau) p_b(tau) over tau for power function profiles
+    p(tau) = (gamma + 1) tau^gamma / T^(gamma + 1) on [0, T], one row per a and one column per b (EDM2
+    Appendix C.3, eq. 151): with T_a <= T_b it is (gamma_a + 1)(gamma_b + 1) / (gamma_a + gamma_b + 1)
+    (T_a / T_b)^gamma_b / T_b, and symmetrically."""
+    ta, tb = np.float64(a_steps)[:, None], np.float64(b_steps)[None, :]
+    ga = np.array([std_to_gamma(s) for s in np.ravel(a_stds)])[:, None]
+    gb = np.array([std_to_gamma(s) for s in np.ravel(b_stds)])[None, :]
+    ratio = np.where(ta <= tb, (ta / tb) ** gb, (tb / ta) ** ga)
+    return (ga + 1) * (gb + 1) / (ga + gb + 1) * ratio / np.maximum(ta, tb)
+
+
+def posthoc_coefficients(steps, stds, out_step: int, out_std: float) -> np.ndarray:
+    """Weights x_i of the stored averages (one per snapshot step and std) whose sum best matches, in the L2 sense
+    over tau, the power function EMA of ``out_std`` at ``out_step``: the normal equations A x = b with A the
+    snapshots' profile inner products and b their inner products with the target (EDM2 Algorithm 3), then
+    scaled to sum to one so that the result is an average of weights."""
+    a = profile_inner_products(steps, stds, steps, stds)
+    b = profile_inner_products(steps, stds, [out_step], [out_std])[:, 0]
+    x = np.linalg.solve(a, b)
+    return x / x.sum()
