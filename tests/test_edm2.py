@@ -136,6 +136,11 @@ def test_jvp_equals_central_finite_difference(embedding):
     assert tangent.abs().max() > 1e-3
 
 
+def test_resolutions_the_net_never_reaches_stop():
+    with pytest.raises(ConfigError, match=r"net.attention_resolutions contains \[32\], which the net never reaches"):
+        EDM2UNet(8, 1, 0, 16, (1, 2), 1, (32, 4), 16)
+
+
 def test_dropout_only_at_the_named_resolutions():
     net = EDM2UNet(16, 1, 0, 16, (1, 2, 2), 1, (4,), 16, dropout=0.45, dropout_resolutions=(8, 4))
     rates = {name: block.dropout for name, block in [*net.enc.items(), *net.dec.items()] if hasattr(block, "dropout")}

@@ -211,7 +211,14 @@ class EDM2UNet(nn.Module):
                 f"channel_mult={list(channel_mult)}; choose an image size divisible by it or fewer levels"
             )
         widths = [model_channels * m for m in channel_mult]
-        attended = [w for level, w in enumerate(widths) if image_size >> level in attention_resolutions]
+        resolutions = [image_size >> level for level in range(len(widths))]
+        unused = [r for r in attention_resolutions if r not in resolutions]
+        if unused:
+            raise ConfigError(
+                f"net.attention_resolutions contains {unused}, which the net never reaches (its resolutions are "
+                f"{resolutions}); use only those values, or [] for attention in the innermost decoder block only"
+            )
+        attended = [w for w, res in zip(widths, resolutions) if res in attention_resolutions]
         attended.append(widths[-1])  # the innermost decoder block always attends
         if any(w % num_head_channels for w in attended):
             raise ConfigError(
