@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
+from cm_lightning.checkpoint import META_KEY
 from cm_lightning.errors import ConfigError
-from cm_lightning.loading import META_KEY
 from cm_lightning.modules.ema import posthoc_coefficients
 from cm_lightning.untrusted import load_file
 
