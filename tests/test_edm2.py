@@ -22,7 +22,8 @@ from cm_lightning.loading import load_matching, sampler_from_checkpoint
 from cm_lightning.modules import posthoc_ema
 from cm_lightning.modules.ema import gamma_to_std, posthoc_coefficients, power_beta, std_to_gamma
 from cm_lightning.modules.generative import GenerativeModule
-from cm_lightning.nets.edm2 import EDM2UNet, MPConv, MPFourier, MPPositional, mp_cat, mp_silu, mp_sum, normalize
+from cm_lightning.nets.edm2 import EDM2UNet
+from cm_lightning.nets.magnitude_preserving import MPConv, MPFourier, MPPositional, mp_cat, mp_silu, mp_sum, normalize
 from cm_lightning.untrusted import load_file
 
 LAYOUT = json.loads((Path(__file__).parent / "data" / "edm2-state-dict-layout.json").read_text())

@@ -6,7 +6,7 @@ import torch
 from cm_lightning.diffusion.objectives.base import Objective, StepContext
 from cm_lightning.diffusion.precond import c_noise
 from cm_lightning.errors import ConfigError
-from cm_lightning.nets.edm2 import MPConv, MPFourier
+from cm_lightning.nets.magnitude_preserving import MPConv, MPFourier
 
 
 class EDM2Denoising(Objective):
