@@ -24,6 +24,7 @@ from torch import nn
 from cm_lightning.checkpoint import META_KEY, check_layout, is_state_dict, num_emas, upgrade, weights
 from cm_lightning.diffusion.precond import Precond, consistency_function, edm_denoiser, from_meta
 from cm_lightning.errors import ConfigError
+from cm_lightning.runtime import atomic
 from cm_lightning.sampler import Sampler
 from cm_lightning.untrusted import instantiate_trusted, load_file, not_a_file
 
@@ -221,5 +222,6 @@ def export_state_dict(ckpt: dict, path, out, ema: int | None = None) -> Path:
     state = weights(ckpt, "ema", ema)
     out = Path(str(out)).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, out)
+    with atomic.replacing(out) as tmp:
+        torch.save(state, tmp)
     return out

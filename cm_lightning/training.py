@@ -16,7 +16,7 @@ from cm_lightning.callbacks.checkpoint import AtomicCheckpointIO, check_writable
 from cm_lightning.callbacks.telemetry import usable
 from cm_lightning.errors import ConfigError
 from cm_lightning.inputs import check_training
-from cm_lightning.runtime import ddp, slurm
+from cm_lightning.runtime import atomic, ddp, slurm
 from cm_lightning.runtime.run_dir import OptimizerSettings, check_fresh_start, check_resume, write_hydra_files
 from cm_lightning.untrusted import fit_options
 
@@ -58,7 +58,7 @@ def wandb_run_id(run_dir) -> str:
     run_id = secrets.token_hex(8)
     if rank_zero_only.rank == 0:  # the only rank that logs; the others never use the id
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(run_id + "\n")
+        atomic.write_text(path, run_id + "\n")
     return run_id
 
 

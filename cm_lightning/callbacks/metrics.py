@@ -22,6 +22,7 @@ from cm_lightning.errors import ConfigError
 from cm_lightning.metrics.fidelity import NAMES, Fidelity
 from cm_lightning.metrics.reference import ReferenceSource
 from cm_lightning.metrics.sharding import sharded_features
+from cm_lightning.runtime import atomic
 from cm_lightning.wandb_runs import define_summaries, wandb_identity
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,24 @@ def log_results(loggers, results: dict[str, dict], step: int, rows: list) -> Non
         if isinstance(logger, WandbLogger):
             logger.log_table(key=TABLE_KEY, columns=["step", "sampling", "nfe", *metrics], data=rows, step=step)
         logger.save()
+
+
+def earlier_history(path: Path) -> list[dict]:
+    """The measurements a resumed run made before, from its ``metrics.json``. A file that does not parse as
+    one (cut short by a kill or a full disk before writes were atomic, or edited by hand) is set aside as
+    ``metrics.json.damaged`` with a warning, and the history starts again, instead of stopping every resume."""
+    if not path.is_file():
+        return []
+    try:
+        history = json.loads(path.read_text())["history"]
+        if isinstance(history, list) and all(isinstance(h, dict) and isinstance(h.get("step"), int) for h in history):
+            return history
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        pass
+    aside = path.with_name("metrics.json.damaged")
+    path.replace(aside)
+    log.warning("%s is damaged (not a metrics history); moved it to %s and started the history afresh", path, aside)
+    return []
 
 
 class Metrics(L.Callback):
@@ -111,7 +130,7 @@ class Metrics(L.Callback):
         """``<run dir>/metrics.json``: every measurement so far and what makes them comparable across runs
         (reference, feature extractor, sample count), which ``evaluate.py task=report`` reads offline."""
         path = Path(trainer.default_root_dir) / "metrics.json"
-        history = json.loads(path.read_text())["history"] if path.is_file() else []
+        history = earlier_history(path)
         step = trainer.global_step
         history = [h for h in history if h["step"] < step] + [{"step": step, "results": results}]  # resumed runs
         payload = dict(
@@ -121,7 +140,7 @@ class Metrics(L.Callback):
             wandb=wandb_identity(trainer.loggers),
             history=history,
         )
-        path.write_text(json.dumps(payload, indent=2))
+        atomic.write_text(path, json.dumps(payload, indent=2))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step

@@ -9,6 +9,7 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from torchvision.utils import make_grid, save_image
 
 from cm_lightning.diffusion.sampling import check_decreasing
+from cm_lightning.runtime import atomic
 
 
 def image_grid(images: torch.Tensor) -> torch.Tensor:
@@ -44,7 +45,8 @@ class SampleGrid(L.Callback):
             images, _ = sampler(self.num, seed=self.seed, device=module.device, **how)
             grid = image_grid(images)
             path = out / f"{tag}_{name}.png"
-            save_image(grid, path)
+            with atomic.replacing(path) as tmp:
+                save_image(grid, tmp)
             paths.append(path)
             self.log_image(trainer, f"samples/{name}", grid)
         return paths

@@ -9,7 +9,6 @@ and counts before any sampling; ``load`` does the expensive part on the rank tha
 
 import hashlib
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from torch_fidelity.metric_fid import fid_features_to_statistics
 
 from cm_lightning.errors import ConfigError
 from cm_lightning.metrics.fidelity import Fidelity, to_uint8
+from cm_lightning.runtime import atomic
 
 log = logging.getLogger(__name__)
 
@@ -133,9 +133,8 @@ class ReferenceSource:
         features = fidelity.features(self._images(), device)[fidelity.layer]
         statistics = fid_features_to_statistics(features)
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(f".{os.getpid()}.tmp.npz")
-        np.savez(partial, features=features.numpy(), **statistics)
-        partial.replace(path)
+        with atomic.replacing(path) as tmp:
+            np.savez(tmp, features=features.numpy(), **statistics)
         log.info("cached reference statistics of %s in %s", self.name, path)
         return Reference(features, statistics)
 

@@ -17,6 +17,7 @@ import torch
 from cm_lightning.checkpoint import META_KEY
 from cm_lightning.errors import ConfigError
 from cm_lightning.modules.ema import posthoc_coefficients
+from cm_lightning.runtime import atomic
 from cm_lightning.untrusted import load_file
 
 
@@ -70,7 +71,8 @@ def main(argv=None) -> int:
     try:
         if out.exists():
             raise ConfigError(f"--out {out} exists; choose another file")
-        torch.save(reconstruct(paths, args.std), out)
+        with atomic.replacing(out) as tmp:
+            torch.save(reconstruct(paths, args.std), tmp)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cm_lightning.checkpoint import META_KEY, check_layout
 from cm_lightning.errors import ConfigError
+from cm_lightning.runtime import atomic
 from cm_lightning.untrusted import load_file
 
 log = logging.getLogger(__name__)
@@ -85,9 +86,8 @@ def write_hydra_files(cfg: DictConfig, out_dir, overwrite: bool, resuming: bool 
         )
     folder.mkdir(parents=True, exist_ok=True)
     hydra = HydraConfig.instance().cfg
-    OmegaConf.save(cfg, folder / "config.yaml")
-    OmegaConf.save(hydra, folder / "hydra.yaml")
-    OmegaConf.save(hydra.hydra.overrides.task, folder / "overrides.yaml")
+    for name, content in (("config", cfg), ("hydra", hydra), ("overrides", hydra.hydra.overrides.task)):
+        atomic.write_text(folder / f"{name}.yaml", OmegaConf.to_yaml(content))
 
 
 def flat(node, prefix: str = "") -> dict:

@@ -22,7 +22,7 @@ from cm_lightning.loading import is_plain, read_checkpoint, sampler_from
 from cm_lightning.metrics.fidelity import Fidelity, to_uint8
 from cm_lightning.metrics.reference import ReferenceSource
 from cm_lightning.metrics.sharding import progress, sharded_features
-from cm_lightning.runtime import ddp
+from cm_lightning.runtime import atomic, ddp
 from cm_lightning.runtime.speed import Speed, auto_precision
 from cm_lightning.sampler import Sampler
 from cm_lightning.untrusted import instantiate_trusted
@@ -123,7 +123,8 @@ def authors_uint8(images: torch.Tensor) -> np.ndarray:
 def write_npz(path: Path, images: torch.Tensor, labels: torch.Tensor | None) -> Path:
     """The authors' sample format: ``arr_0`` the images, ``arr_1`` the class labels of a conditional model."""
     arrays = {"arr_0": authors_uint8(images)} | ({} if labels is None else {"arr_1": labels.numpy()})
-    np.savez(path, **arrays)
+    with atomic.replacing(path) as tmp:
+        np.savez(tmp, **arrays)
     return path
 
 
@@ -206,7 +207,7 @@ class Scorer:
             metrics=OmegaConf.to_container(cfg.metrics),
             reference=self.source.name,
         )
-        path.write_text(json.dumps(header | payload, indent=2))
+        atomic.write_text(path, json.dumps(header | payload, indent=2))
         log.info("wrote %s: %s", path, json.dumps(payload))
         return path
 

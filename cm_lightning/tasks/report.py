@@ -11,6 +11,7 @@ latest grids side by side; and ``report.html`` with these and the table of each 
 import html
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from cm_lightning.errors import ConfigError
+from cm_lightning.runtime import atomic
 from cm_lightning.wandb_runs import wandb_mode
 
 log = logging.getLogger(__name__)
@@ -56,10 +58,75 @@ def find_runs(paths) -> list[Path]:
     return found
 
 
+def is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def measured(path: Path) -> dict:
+    """A run's ``metrics.json``, read as untrusted data: it must be what the metrics callback writes (strings
+    ``reference`` and ``feature_extractor``, an integer ``num``, a non-empty ``history`` of measurements, each
+    an integer ``step`` and per sampling an integer ``nfe`` and finite metrics). One line for anything else."""
+    file = path / "metrics.json"
+
+    def unfit(what: str) -> ConfigError:
+        return ConfigError(
+            f"{file} is not a metrics file the training runs write: {what}; remove it or the run from runs="
+        )
+
+    try:
+        data = json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise unfit(f"it is not valid JSON ({type(exc).__name__})") from None
+    if not isinstance(data, dict):
+        raise unfit(f"its top level is a {type(data).__name__}, not an object")
+    for key in ("reference", "feature_extractor"):
+        if not isinstance(data.get(key), str):
+            raise unfit(f"{key}={data.get(key)!r} is not a string")
+    if isinstance(data.get("num"), bool) or not isinstance(data.get("num"), int):
+        raise unfit(f"num={data.get('num')!r} is not an integer")
+    history = data.get("history")
+    if not isinstance(history, list) or not history:
+        raise unfit("it holds no measurement (history is missing or empty)")
+    for entry in history:
+        if not isinstance(entry, dict) or isinstance(entry.get("step"), bool) or not isinstance(entry.get("step"), int):
+            raise unfit(f"a measurement {str(entry)[:60]!r} has no integer step")
+        results = entry.get("results")
+        if not isinstance(results, dict):
+            raise unfit(f"the measurement at step {entry['step']} has no results")
+        for sampling, result in results.items():
+            if (
+                not isinstance(result, dict)
+                or isinstance(result.get("nfe"), bool)
+                or not isinstance(result.get("nfe"), int)
+            ):
+                raise unfit(f"{sampling!r} at step {entry['step']} has no integer nfe")
+            bad = [k for k, v in result.items() if not isinstance(k, str) or not is_number(v)]
+            if bad:
+                raise unfit(
+                    f"{sampling!r} at step {entry['step']} has {bad[0]}={result[bad[0]]!r}, not a finite number"
+                )
+    return data
+
+
+def overrides_of(path: Path) -> list[str]:
+    """Hydra's ``.hydra/overrides.yaml`` of a run: a list of strings, read with ``yaml.safe_load`` (which
+    refuses ``!!python/...`` tags)."""
+    file = path / ".hydra/overrides.yaml"
+    if not file.is_file():
+        return []
+    try:
+        overrides = yaml.safe_load(file.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{file} is not a list of overrides ({type(exc).__name__}); remove it or the run") from None
+    if overrides is None:
+        return []
+    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+        raise ConfigError(f"{file} is not a list of override strings; remove it or the run from runs=")
+    return overrides
+
+
 def load(path: Path) -> Run:
-    overrides_file = path / ".hydra/overrides.yaml"
-    overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
-    return Run(path, overrides or [], json.loads((path / "metrics.json").read_text()))
+    return Run(path, overrides_of(path), measured(path))
 
 
 def check_comparable(runs: list[Run]) -> None:
@@ -156,25 +223,28 @@ def plots(runs: list[Run], names: list[str]) -> dict[str, Figure]:
 
 
 def write_html(out: Path, title: str, runs: list[Run], pngs: list[Path], table: list[dict]) -> Path:
+    def e(value) -> str:  # every value written into the page, whatever its type: the runs' files are data
+        return html.escape(str(value), quote=True)
+
     head = "".join(f"<th>{k}</th>" for k in ("run", "sampling", "NFE", "best FID", "at step"))
     body = "".join(
-        f"<tr><td>{html.escape(r['run'])}</td><td>{r['sampling']}</td><td>{r['nfe']}</td>"
-        f"<td>{r['fid']:.3f}</td><td>{r['step']}</td></tr>"
+        f"<tr><td>{e(r['run'])}</td><td>{e(r['sampling'])}</td><td>{e(r['nfe'])}</td>"
+        f"<td>{e(format(r['fid'], '.3f'))}</td><td>{e(r['step'])}</td></tr>"
         for r in table
     )
-    listed = "".join(f"<li>{html.escape(str(run.path))}</li>" for run in runs)
-    images = "".join(f'<p><img src="{p.name}" alt="{p.stem}"></p>' for p in pngs)
+    listed = "".join(f"<li>{e(run.path)}</li>" for run in runs)
+    images = "".join(f'<p><img src="{e(p.name)}" alt="{e(p.stem)}"></p>' for p in pngs)
     m = runs[0].measured
-    title = html.escape(title)
+    title = e(title)
     page = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title></head><body>"
-        f"<h1>{title}</h1><p>{len(runs)} runs; reference {html.escape(m['reference'])}, "
-        f"{html.escape(m['feature_extractor'])} features of {m['num']} samples.</p><ul>{listed}</ul>"
+        f"<h1>{title}</h1><p>{len(runs)} runs; reference {e(m['reference'])}, "
+        f"{e(m['feature_extractor'])} features of {e(m['num'])} samples.</p><ul>{listed}</ul>"
         f"<h2>Best FID per run and NFE</h2><table border='1'><tr>{head}</tr>{body}</table>{images}"
         f"</body></html>"
     )
     path = out / "report.html"
-    path.write_text(page)
+    atomic.write_text(path, page)
     return path
 
 
@@ -236,7 +306,8 @@ def report_task(cfg: DictConfig) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     pngs = []
     for name, fig in plots(runs, names).items():
-        fig.savefig(out / f"{name}.png", dpi=100)
+        with atomic.replacing(out / f"{name}.png") as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
         pngs.append(out / f"{name}.png")
     written = [write_html(out, cfg.report.title, runs, pngs, best_fids(runs, names)), *pngs]
     if report is not None:

@@ -10,6 +10,7 @@ from torchvision.utils import save_image
 from cm_lightning.callbacks.metrics import log_results
 from cm_lightning.callbacks.sample_grid import image_grid
 from cm_lightning.errors import ConfigError
+from cm_lightning.runtime import atomic
 from cm_lightning.sampler import Sampler
 from cm_lightning.tasks.common import (
     Scorer,
@@ -48,7 +49,8 @@ def sample_task(cfg: DictConfig) -> list[Path]:
     for name, how in plans.items():
         images, labels = sample_batched(sampler, cfg.num, cfg.batch_size, cfg.seed, device, given, **how)
         png = out / f"samples_{name}.png"
-        save_image(image_grid(images[:256]), png)
+        with atomic.replacing(png) as tmp:
+            save_image(image_grid(images[:256]), tmp)
         npz = write_npz(out / f"samples_{name}.npz", images, labels)
         log.info("wrote %s and %s", png, npz)
         written += [png, npz]

@@ -1,0 +1,131 @@
+"""The files a run leaves are data to every later command: the report escapes what it reads and refuses what
+does not fit metrics.json's schema, a damaged metrics.json never stops a resume, and every file the project
+writes appears whole or not at all, a full disk stopping with one line."""
+
+import html
+import json
+import shutil
+import subprocess
+
+import pytest
+from omegaconf import OmegaConf
+
+from cm_lightning.callbacks.metrics import earlier_history
+from cm_lightning.errors import ConfigError
+from cm_lightning.runtime import atomic
+from cm_lightning.tasks import report
+
+MARKUP = ["<script>alert(1)</script>", "<img src=x onerror=alert(1)>", "<svg onload=alert(1)>"]
+
+
+def fake_run(path, sampling="1step", nfe=1, step=2, num=10, reference="digits", extractor="digits-classifier"):
+    path.mkdir(parents=True)
+    history = [{"step": step, "results": {sampling: {"nfe": nfe, "fid": 3.5, "is": 1.5}}}]
+    payload = dict(reference=reference, feature_extractor=extractor, num=num, wandb=None, history=history)
+    (path / "metrics.json").write_text(json.dumps(payload))
+    return path
+
+
+def write_report(runs, out, title="report"):
+    cfg = OmegaConf.create(dict(runs=[str(r) for r in runs], out_dir=str(out), report=dict(wandb=False, title=title)))
+    report.report_task(cfg)
+    return (out / "report.html").read_text()
+
+
+@pytest.mark.parametrize("markup", MARKUP)
+def test_the_report_escapes_every_string_it_writes(markup, tmp_path):
+    runs = [
+        fake_run(tmp_path / f"{markup}a", sampling=markup, reference=markup, extractor=markup),
+        fake_run(tmp_path / f"{markup}b", sampling=markup, reference=markup, extractor=markup),
+    ]
+    for i, run in enumerate(runs):
+        (run / ".hydra").mkdir()
+        (run / ".hydra/overrides.yaml").write_text(json.dumps([f"x={markup}{i}"]))
+    page = write_report(runs, tmp_path / "out", title=markup)
+    assert markup not in page and html.escape(markup) in page
+    assert page.count("&lt;") >= 6  # title, reference, extractor, sampling, run names, overrides
+
+
+@pytest.mark.parametrize(
+    "edit,words",
+    [
+        (lambda d: d.update(num="<script>"), "num='<script>' is not an integer"),
+        (lambda d: d["history"][0].update(step="<svg onload=1>"), "has no integer step"),
+        (lambda d: d["history"][0]["results"]["1step"].update(nfe="<img>"), "has no integer nfe"),
+        (lambda d: d["history"][0]["results"]["1step"].update(fid="12"), "fid='12', not a finite number"),
+        (lambda d: d.update(reference=3), "reference=3 is not a string"),
+        (lambda d: d.update(history=[]), "holds no measurement"),
+        (lambda d: d.pop("history"), "holds no measurement"),
+    ],
+)
+def test_a_metrics_file_outside_the_schema_stops_the_report_in_one_line(edit, words, tmp_path):
+    run = fake_run(tmp_path / "run")
+    data = json.loads((run / "metrics.json").read_text())
+    edit(data)
+    (run / "metrics.json").write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match="is not a metrics file") as info:
+        write_report([run], tmp_path / "out")
+    assert words in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "out" / "report.html").exists()
+
+
+@pytest.mark.parametrize("content", ['{"history": [', "[1, 2]", "\xff\xfe"])
+def test_invalid_json_or_a_list_stops_the_report_in_one_line(content, tmp_path):
+    run = fake_run(tmp_path / "run")
+    (run / "metrics.json").write_text(content, encoding="latin-1")
+    with pytest.raises(ConfigError, match="is not a metrics file"):
+        write_report([run], tmp_path / "out")
+
+
+@pytest.mark.parametrize("content", ["!!python/object/apply:os.system ['true']", "[unclosed", "{a: 1}"])
+def test_a_malformed_or_tagged_overrides_file_stops_the_report_in_one_line(content, tmp_path):
+    run = fake_run(tmp_path / "run")
+    (run / ".hydra").mkdir()
+    (run / ".hydra/overrides.yaml").write_text(content)
+    with pytest.raises(ConfigError, match="overrides"):
+        write_report([run], tmp_path / "out")
+
+
+def test_a_damaged_metrics_file_is_set_aside_on_resume(tmp_path):
+    path = tmp_path / "metrics.json"
+    path.write_text('{"reference": "digits", "history": [{"step": 2, "res')  # cut short mid-write
+    assert earlier_history(path) == []
+    assert not path.exists() and (tmp_path / "metrics.json.damaged").read_text().endswith('"res')
+    path.write_text(json.dumps({"history": [{"step": 2, "results": {}}]}))
+    assert earlier_history(path) == [{"step": 2, "results": {}}]
+
+
+def test_an_atomic_write_leaves_the_old_file_when_it_fails(tmp_path):
+    path = tmp_path / "metrics.json"
+    path.write_text("old")
+    with pytest.raises(RuntimeError), atomic.replacing(path) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed")
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+    atomic.write_text(path, "new")
+    assert path.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs, where root may mount one; skipped elsewhere."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if (
+        shutil.which("mount") is None
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True
+        ).returncode
+    ):
+        pytest.skip("cannot mount a tmpfs here")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_full_disk_stops_in_one_line_and_leaves_no_partial_file(small_disk):
+    path = small_disk / "metrics.json"
+    path.write_text("old")
+    with pytest.raises(ConfigError, match="the disk is full") as info:
+        atomic.write_bytes(path, b"x" * 2**21)
+    assert "\n" not in str(info.value)
+    assert path.read_text() == "old" and [p.name for p in small_disk.iterdir()] == ["metrics.json"]
