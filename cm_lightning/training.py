@@ -95,7 +95,6 @@ def prepare_run_dir(cfg: DictConfig, model, trainer, ckpt) -> None:
     """The run directory's rules (``runtime/run_dir.py``): a fresh start writes over no other run's checkpoints or
     config without ``overwrite=true``; a resume keeps the method and applies the optimiser settings."""
     overwrite = bool(cfg.get("overwrite", False))
-    check_fresh_start(ckpt, checkpoint_dir(trainer), overwrite)
     if ckpt is not None:
         check_resume(ckpt, model.run_config)
         trainer.callbacks.append(OptimizerSettings(model.optimizer_factory))
@@ -110,8 +109,13 @@ def train(cfg: DictConfig) -> Path:
         # The target network, the teacher and the EMAs are frozen in eval mode by design; Lightning's warning
         # about modules in eval mode at the start of training would greet every run and say nothing.
         warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+        # Resolved and the directory cleared before anything is built: the loggers read the run's W&B id.
+        run_dir = Path(cfg.trainer.default_root_dir)
+        checkpoints = OmegaConf.select(cfg, "callbacks.checkpoint.dirpath") or run_dir / "checkpoints"
+        ckpt = resume_path(cfg.get("ckpt_path"), checkpoints)
+        inputs = {"model.teacher_ckpt": OmegaConf.select(cfg, "model.teacher_ckpt"), "ckpt_path": ckpt}
+        check_fresh_start(ckpt, checkpoints, run_dir, bool(cfg.get("overwrite", False)), inputs)
         data, model, trainer = build(cfg)
-        ckpt = resume_path(cfg.get("ckpt_path"), checkpoint_dir(trainer))
         prepare_run_dir(cfg, model, trainer, ckpt)
         trainer.fit(model, datamodule=data, ckpt_path=ckpt, **fit_options(trainer))
         wandb_runs.finish(trainer.loggers)

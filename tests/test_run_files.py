@@ -129,3 +129,81 @@ def test_a_full_disk_stops_in_one_line_and_leaves_no_partial_file(small_disk):
         atomic.write_bytes(path, b"x" * 2**21)
     assert "\n" not in str(info.value)
     assert path.read_text() == "old" and [p.name for p in small_disk.iterdir()] == ["metrics.json"]
+
+
+# --- overwrite removes exactly one run's outputs ---------------------------------------------------------
+def tree_hashes(folder) -> dict:
+    import hashlib
+
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_run_into_its_teachers_directory_is_refused_even_with_overwrite(edm_run):
+    from conftest import TINY
+    from inprocess import train_here
+
+    before = tree_hashes(edm_run)
+    teacher = edm_run / "checkpoints/last.ckpt"
+    with pytest.raises(ConfigError, match="holds this command's input model.teacher_ckpt=") as info:
+        train_here(
+            ["experiment=digits_cd", f"model.teacher_ckpt={teacher}", *TINY, "ckpt_path=null"]
+            + ["overwrite=true", "logger=none"],
+            edm_run,
+        )
+    assert "\n" not in str(info.value) and tree_hashes(edm_run) == before
+
+
+def test_overwrite_removes_the_previous_runs_history_grids_and_wandb_id(edm_run, tmp_path):
+    from conftest import TINY
+    from inprocess import train_here
+
+    run = tmp_path / "run"
+    shutil.copytree(edm_run, run)
+    (run / "wandb_run_id").write_text("oldrun\n")
+    (run / "metrics.json").write_text(json.dumps({"history": [{"step": 99, "results": {}}]}))
+    (run / "samples").mkdir(exist_ok=True)
+    (run / "samples/old_1step.png").write_bytes(b"old")
+    train_here([*TINY, "ckpt_path=null", "overwrite=true", "logger=none"], run)
+    assert not (run / "samples/old_1step.png").exists()
+    assert not (run / "wandb_run_id").exists()  # logger=none: the old id gone, no new one written
+    history = json.loads((run / "metrics.json").read_text())["history"] if (run / "metrics.json").exists() else []
+    assert all(h["step"] != 99 for h in history)
+
+
+def test_an_evaluation_never_writes_into_a_training_run(cd_run, tmp_path):
+    from inprocess import evaluate_here
+
+    before = tree_hashes(cd_run)
+    for overwrite in ("false", "true"):
+        with pytest.raises(ConfigError, match="is a training run's directory"):
+            evaluate_here([f"ckpt={cd_run / 'checkpoints/last.ckpt'}", "num=4", f"overwrite={overwrite}"], cd_run)
+    assert tree_hashes(cd_run) == before
+
+
+# --- files that are not what they claim -------------------------------------------------------------------
+def test_a_truncated_image_is_skipped_before_training_naming_it(tmp_path, caplog):
+    from PIL import Image
+
+    from cm_lightning.data.image_folder import ImageFolderDataModule
+
+    for i in range(3):
+        Image.effect_noise((64, 64), 50 + i).convert("RGB").save(tmp_path / f"{i}.png")
+    whole = (tmp_path / "2.png").read_bytes()
+    (tmp_path / "2.png").write_bytes(whole[: len(whole) * 3 // 4])  # cut short: its header still reads
+    data = ImageFolderDataModule(root=str(tmp_path), image_size=8, batch_size=2)
+    assert [f.name for f in data.files] == ["0.png", "1.png"]
+    assert "2.png" in caplog.text and "do not decode" in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["dangling", "looping"])
+def test_a_broken_checkpoint_symlink_is_skipped_by_auto_resume(kind, tmp_path, caplog):
+    from cm_lightning.callbacks.checkpoint import newest_first
+
+    (tmp_path / "good.ckpt").write_bytes(b"x")
+    if kind == "dangling":
+        (tmp_path / "last.ckpt").symlink_to(tmp_path / "gone.ckpt")
+    else:
+        (tmp_path / "a.ckpt").symlink_to(tmp_path / "b.ckpt")
+        (tmp_path / "b.ckpt").symlink_to(tmp_path / "a.ckpt")
+    assert newest_first(tmp_path) == [tmp_path / "good.ckpt"]
+    assert "cannot be opened" in caplog.text

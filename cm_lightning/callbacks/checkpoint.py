@@ -1,9 +1,9 @@
 """Checkpoints that survive being killed: atomic writes, a last.ckpt at the end of training, and the
 choice of the checkpoint a run resumes from (the newest readable one, saying so when it skips one).
 
-A write goes to a hidden ``.<name>.partial`` file in the same directory, is flushed to disk, and is then
-renamed over the target with ``os.replace``, which POSIX file systems do atomically: a process killed
-mid-write leaves the previous file whole and at most a stray ``.partial`` (overwritten by the next save).
+A write goes through ``runtime/atomic.py``: a hidden partial file in the same directory, flushed to disk,
+then renamed over the target, which POSIX file systems do atomically: a process killed mid-write leaves the
+previous file whole, and a failed write (a full disk) removes its partial file.
 """
 
 import logging
@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from cm_lightning.errors import ConfigError
+from cm_lightning.runtime import atomic
 from cm_lightning.untrusted import UnloadableFile, load_file
 
 log = logging.getLogger(__name__)
@@ -36,12 +37,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint writer, made atomic (see the module docstring)."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-        path = Path(path)
-        partial = path.with_name(f".{path.name}.partial")
-        super().save_checkpoint(checkpoint, partial, storage_options)
-        with open(partial, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(partial, path)
+        with atomic.replacing(path) as partial:  # a full disk: one line, and the partial file removed
+            super().save_checkpoint(checkpoint, partial, storage_options)
 
 
 def checkpoint_dir(trainer) -> Path:
@@ -83,7 +80,13 @@ def newest_first(dirpath) -> list[Path]:
     dirpath = Path(str(dirpath))
     if not dirpath.is_dir():
         return []
-    return sorted(dirpath.glob("*.ckpt"), key=lambda p: (p.stat().st_mtime, p.name == "last.ckpt"), reverse=True)
+    found = []
+    for path in dirpath.glob("*.ckpt"):
+        try:
+            found.append((path.stat().st_mtime, path.name == "last.ckpt", path))
+        except OSError as exc:  # a dangling or looping symlink: nothing to resume from
+            rank_zero_only(log.warning)(f"{path} is skipped: it cannot be opened ({exc.strerror or exc})")
+    return [path for *_, path in sorted(found, reverse=True)]
 
 
 def latest_readable(dirpath) -> Path | None:

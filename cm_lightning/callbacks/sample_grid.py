@@ -46,7 +46,7 @@ class SampleGrid(L.Callback):
             grid = image_grid(images)
             path = out / f"{tag}_{name}.png"
             with atomic.replacing(path) as tmp:
-                save_image(grid, tmp)
+                save_image(grid, tmp, format="png")
             paths.append(path)
             self.log_image(trainer, f"samples/{name}", grid)
         return paths

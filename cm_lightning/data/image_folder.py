@@ -8,7 +8,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from cm_lightning.data.base import ImageDataModule
-from cm_lightning.data.transforms import center_crop_resize, header_problem, to_model_range
+from cm_lightning.data.transforms import center_crop_resize, decode_problem, to_model_range
 from cm_lightning.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -39,9 +39,10 @@ def scan(root: Path, class_folders: bool) -> tuple[list[Path], list[int], int]:
 
 
 def usable(files: list[Path], labels: list[int]) -> tuple[list[Path], list[int]]:
-    """The files whose header shows a readable image within the decompression-bomb limit; the others are
-    skipped with a warning naming them, before training rather than in a data-loader worker mid-run."""
-    problems = [header_problem(f) for f in files]
+    """The files that decode to an image within the decompression-bomb limit (the header checked before any
+    pixel is decoded); the others are skipped with a warning naming them, before training rather than in a
+    data-loader worker mid-run."""
+    problems = [decode_problem(f) for f in files]
     for file, problem in zip(files, problems):
         if problem:
             log.warning("skipping %s: %s", file, problem)

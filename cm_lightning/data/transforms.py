@@ -33,3 +33,17 @@ def header_problem(file) -> str | None:
     if width * height > Image.MAX_IMAGE_PIXELS:
         return f"{width} x {height} pixels, more than the decompression-bomb limit of {Image.MAX_IMAGE_PIXELS}"
     return None
+
+
+def decode_problem(file) -> str | None:
+    """``header_problem``, then why the pixels do not decode (a file cut short passes the header check and
+    would otherwise stop training mid-run in a data-loader worker), or None."""
+    problem = header_problem(file)
+    if problem:
+        return problem
+    try:
+        with Image.open(file) as img:
+            img.load()
+    except (OSError, ValueError, SyntaxError) as exc:
+        return f"its pixels do not decode ({exc})"
+    return None

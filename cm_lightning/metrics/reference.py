@@ -133,8 +133,8 @@ class ReferenceSource:
         features = fidelity.features(self._images(), device)[fidelity.layer]
         statistics = fid_features_to_statistics(features)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic.replacing(path) as tmp:
-            np.savez(tmp, features=features.numpy(), **statistics)
+        with atomic.replacing(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, features=features.numpy(), **statistics)
         log.info("cached reference statistics of %s in %s", self.name, path)
         return Reference(features, statistics)
 

@@ -18,7 +18,7 @@ def replacing(path):
     removed (and ENOSPC, a full disk, becomes a ConfigError naming ``path``)."""
     path = Path(str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".partial{path.suffix}")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
     os.close(fd)
     try:
         yield Path(tmp)

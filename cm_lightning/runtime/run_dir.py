@@ -8,6 +8,7 @@ same three files once the checks have passed: on a run's first start, never on a
 """
 
 import logging
+import shutil
 from pathlib import Path
 
 import lightning as L
@@ -35,29 +36,63 @@ def refuse_existing(path, key: str, overwrite: bool, elsewhere: str) -> None:
         )
 
 
-def check_fresh_start(ckpt, dirpath, overwrite: bool) -> None:
+# What a training run leaves in its directory besides checkpoints and .hydra/ (rewritten by write_hydra_files):
+# a fresh start with overwrite=true removes them too, so that two runs never share a history, grids or W&B run.
+RUN_OUTPUTS = ("metrics.json", "metrics.json.damaged", "samples", "wandb_run_id")
+
+
+def inside(path, folder: Path) -> bool:
+    path = Path(str(path)).expanduser().resolve()
+    return path == folder or folder in path.parents
+
+
+def check_fresh_start(ckpt, dirpath, run_dir, overwrite: bool, inputs: dict) -> None:
     """A run that does not resume from its own directory's checkpoints would write over them, leaving a mix
-    of two runs; with ``overwrite=true`` the old ones are removed first."""
-    dirpath = Path(str(dirpath))
+    of two runs: refused, or with ``overwrite=true`` the previous run's checkpoints and ``RUN_OUTPUTS`` are
+    removed first. Never its inputs: a run directory that holds one of ``inputs`` (``{key: path}``: the
+    teacher, the checkpoint resumed from) is refused even with ``overwrite=true``."""
+    dirpath, run_dir = Path(str(dirpath)), Path(str(run_dir)).resolve()
     own = ckpt is not None and Path(ckpt).resolve().parent == dirpath.resolve()
-    old = sorted(dirpath.glob("*.ckpt")) if dirpath.is_dir() and not own else []
-    if not old or rank_zero_only.rank != 0:
+    if own or rank_zero_only.rank != 0:
         return
+    old = sorted(dirpath.glob("*.ckpt")) if dirpath.is_dir() else []
+    outputs = [run_dir / name for name in RUN_OUTPUTS if (run_dir / name).exists()] if overwrite else []
+    if not old and not outputs:
+        return
+    held = [f"{key}={path}" for key, path in inputs.items() if path and inside(path, run_dir)]
+    if held:
+        raise ConfigError(
+            f"hydra.run.dir={run_dir} holds this command's input {held[0]}, which starting a run there would "
+            "write over or remove; start in another hydra.run.dir=..."
+        )
     if not overwrite:
         raise ConfigError(
             f"callbacks.checkpoint.dirpath={dirpath} holds another run's {len(old)} checkpoint(s), "
             "which this start would write over; resume them with ckpt_path=auto, start in another "
             "hydra.run.dir=..., or add overwrite=true to replace them"
         )
-    for path in old:
-        path.unlink()
-    log.warning("overwrite=true: removed %d checkpoint(s) of the previous run in %s", len(old), dirpath)
+    for path in old + outputs:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    log.warning(
+        "overwrite=true: removed %d checkpoint(s) and %s of the previous run in %s",
+        len(old),
+        ", ".join(p.name for p in outputs) or "no other output",
+        run_dir,
+    )
 
 
 def check_output_dir(out_dir, overwrite: bool) -> None:
     """evaluate.py writes into ``out_dir``: refused when it already holds results or a training run (any
     file but the log Hydra opened for this command), unless ``overwrite=true``."""
     out = Path(str(out_dir))
+    if (out / "checkpoints").is_dir():
+        raise ConfigError(
+            f"out_dir={out} is a training run's directory; an evaluation never writes into one (its .hydra/ "
+            "record and outputs would mix with the run's): write into another hydra.run.dir=... (or out_dir=...)"
+        )
     held = sorted(p.name for p in out.iterdir() if p.suffix != ".log") if out.is_dir() else []
     if held and not overwrite and rank_zero_only.rank == 0:
         raise ConfigError(

@@ -123,8 +123,8 @@ def authors_uint8(images: torch.Tensor) -> np.ndarray:
 def write_npz(path: Path, images: torch.Tensor, labels: torch.Tensor | None) -> Path:
     """The authors' sample format: ``arr_0`` the images, ``arr_1`` the class labels of a conditional model."""
     arrays = {"arr_0": authors_uint8(images)} | ({} if labels is None else {"arr_1": labels.numpy()})
-    with atomic.replacing(path) as tmp:
-        np.savez(tmp, **arrays)
+    with atomic.replacing(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
     return path
 
 

@@ -50,7 +50,7 @@ def sample_task(cfg: DictConfig) -> list[Path]:
         images, labels = sample_batched(sampler, cfg.num, cfg.batch_size, cfg.seed, device, given, **how)
         png = out / f"samples_{name}.png"
         with atomic.replacing(png) as tmp:
-            save_image(image_grid(images[:256]), tmp)
+            save_image(image_grid(images[:256]), tmp, format="png")
         npz = write_npz(out / f"samples_{name}.npz", images, labels)
         log.info("wrote %s and %s", png, npz)
         written += [png, npz]
