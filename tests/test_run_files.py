@@ -207,3 +207,31 @@ def test_a_broken_checkpoint_symlink_is_skipped_by_auto_resume(kind, tmp_path, c
         (tmp_path / "b.ckpt").symlink_to(tmp_path / "a.ckpt")
     assert newest_first(tmp_path) == [tmp_path / "good.ckpt"]
     assert "cannot be opened" in caplog.text
+
+
+def test_a_reference_with_an_object_array_is_never_unpickled(tmp_path):
+    import numpy as np
+
+    from cm_lightning.metrics.reference import read_npz_images
+
+    path = tmp_path / "ref.npz"
+    np.savez(path, arr_0=np.array([{"a": 1}, None], dtype=object))
+    with pytest.raises(ConfigError, match="object \\(pickled\\) array") as info:
+        read_npz_images(path)
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
+
+
+def test_a_write_into_a_directory_or_under_a_file_stops_in_one_line(tmp_path):
+    from cm_lightning.runtime.run_dir import refuse_existing
+
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder/keep.txt").write_text("keep")
+    for overwrite in (False, True):
+        with pytest.raises(ConfigError, match="export_to=.* is an existing directory"):
+            refuse_existing(tmp_path / "folder", "export_to", overwrite, "choose another export_to=...")
+    (tmp_path / "file").write_text("data")
+    for target in (tmp_path / "folder", tmp_path / "file/sub/out.json"):
+        with pytest.raises(ConfigError) as info:
+            atomic.write_text(target, "new")
+        assert "\n" not in str(info.value) and str(target) in str(info.value)
+    assert (tmp_path / "folder/keep.txt").read_text() == "keep" and (tmp_path / "file").read_text() == "data"

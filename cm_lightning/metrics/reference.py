@@ -56,7 +56,13 @@ def read_npz_images(path) -> np.ndarray:
                 f"reference={path} has no 'arr_0' array (it holds {sorted(npz.files)}); expected "
                 "the authors' format: arr_0 = uint8 images N x H x W x C"
             )
-        images = npz["arr_0"]
+        try:
+            images = npz["arr_0"]
+        except ValueError:  # an object array needs pickle, which could run code: never loaded
+            raise ConfigError(
+                f"reference={path}: arr_0 is an object (pickled) array, which is never loaded; save the images "
+                "as a uint8 array with np.savez(path, arr_0=images)"
+            ) from None
     if images.dtype != np.uint8:
         raise ConfigError(
             f"reference={path}: arr_0 has dtype {images.dtype}; expected uint8 pixel values "

@@ -17,8 +17,13 @@ def replacing(path):
     """Yields a temporary path beside ``path`` to write; on success it replaces ``path``, on any failure it is
     removed (and ENOSPC, a full disk, becomes a ConfigError naming ``path``)."""
     path = Path(str(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    if path.is_dir():
+        raise ConfigError(f"{path} is a directory, which a file would replace; name a file to write instead")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    except OSError as exc:  # read-only, or a file where a folder should be: before any work is lost
+        raise ConfigError(f"{path} cannot be written ({exc.strerror or exc}); choose a writable location") from None
     os.close(fd)
     try:
         yield Path(tmp)

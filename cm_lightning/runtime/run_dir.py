@@ -29,7 +29,10 @@ DATA_SHAPE = ("data._target_", "data.image_size", "data.channels")
 
 
 def refuse_existing(path, key: str, overwrite: bool, elsewhere: str) -> None:
-    """Stops with one line when ``path`` exists and ``overwrite`` is not set, naming both ways out."""
+    """Stops with one line when ``path`` exists and ``overwrite`` is not set, naming both ways out; a directory
+    is refused even with ``overwrite``, which replaces one file, never a folder's contents."""
+    if Path(str(path)).is_dir():
+        raise ConfigError(f"{key}={path} is an existing directory; {elsewhere}")
     if Path(str(path)).exists() and not overwrite:
         raise ConfigError(
             f"{key}={path} already exists and would be overwritten; {elsewhere}, or add overwrite=true to replace it"
