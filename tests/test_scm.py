@@ -9,6 +9,7 @@ from helpers import randomise, tiny_net
 
 from cm_lightning.checkpoint import upgrade
 from cm_lightning.diffusion.jvp import jvp
+from cm_lightning.diffusion.objectives.base import StepContext
 from cm_lightning.diffusion.objectives.scm import SCM, tangent, teacher_velocity
 from cm_lightning.diffusion.precond import Precond, TrigFlow, edm_denoiser, from_meta
 from cm_lightning.errors import ConfigError
@@ -160,3 +161,92 @@ def test_double_normalisation_keeps_the_state_dict_and_pixel_normalises_scale_an
     torch.testing.assert_close(double(x, t), before, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="use_scale_shift_norm=true"):
         tiny_net(use_scale_shift_norm=False, double_norm=True)
+
+
+def _ctx(seed: int = 0) -> StepContext:
+    return StepContext(0, torch.Generator().manual_seed(seed), lambda b, fn: fn(b), lambda: None)
+
+
+def _drawn(objective: SCM, x0: torch.Tensor, seed: int = 0):
+    """The (t, x_t, dx_t/dt) that ``objective.loss`` draws from ``_ctx(seed)`` (sCT's tangent)."""
+    g = torch.Generator().manual_seed(seed)
+    tau = objective.p_mean + objective.p_std * torch.randn(x0.shape[0], generator=g)
+    z = torch.randn(x0.shape, generator=g)
+    t = torch.atan(torch.exp(tau) / 0.5)
+    c, s = torch.cos(t).view(-1, 1, 1, 1), torch.sin(t).view(-1, 1, 1, 1)
+    return t, c * x0 + s * 0.5 * z, c * 0.5 * z - s * x0
+
+
+def test_rms_tangent_norm_divides_by_the_norm_over_sqrt_d():
+    F, dF, x_t, dx = (torch.randn(2, 1, 4, 4, dtype=torch.float64) for _ in range(4))
+    t = torch.tensor([0.3, 1.0], dtype=torch.float64)
+    out = tangent(F, dF, x_t, dx, t, sigma_data=0.5, r=1.0, c=0.1, norm="rms")
+    for i in range(2):
+        c, s = math.cos(t[i]), math.sin(t[i])
+        g = -(c**2) * (0.5 * F[i] - dx[i]) - c * s * (x_t[i] + 0.5 * dF[i])
+        torch.testing.assert_close(out[i], g / (g.norm() / 4 + 0.1))
+
+
+def test_prior_weighting_divides_the_loss_by_sigma_d_tan_t():
+    torch.manual_seed(0)
+    net, x0 = randomise(tiny_net()), torch.randn(3, 1, 8, 8).clamp(-1, 1)
+    plain, prior = SCM(TrigFlow(), warmup_steps=0), SCM(TrigFlow(), warmup_steps=0, prior_weighting=True)
+    t = _drawn(plain, x0)[0]
+    torch.testing.assert_close(
+        prior.loss(net, None, x0, None, _ctx())[0], plain.loss(net, None, x0, None, _ctx())[0] / (0.5 * torch.tan(t))
+    )
+
+
+@pytest.mark.parametrize("form", ["linear", "mlp"])
+def test_learned_weighting_enters_as_exp_w_times_the_distance_minus_w(form):
+    torch.manual_seed(0)
+    net, x0 = randomise(tiny_net()), torch.randn(3, 1, 8, 8).clamp(-1, 1)
+    objective = SCM(TrigFlow(), warmup_steps=0, weighting=form)
+    unweighted = objective.loss(net, None, x0, None, _ctx())[0]
+    last = objective.weighting.linear if form == "linear" else objective.weighting.linear[-1]
+    with torch.no_grad():
+        last.bias.fill_(0.3)
+    torch.testing.assert_close(objective.loss(net, None, x0, None, _ctx())[0], math.exp(0.3) * unweighted - 0.3)
+    assert len(list(objective.weighting.parameters())) == (2 if form == "linear" else 4)
+
+
+def test_under_bf16_autocast_the_jvp_is_fp32_and_f_theta_minus_f_minus_is_zero():
+    torch.manual_seed(0)
+    net, x0 = randomise(tiny_net()), torch.randn(3, 1, 8, 8).clamp(-1, 1)
+    objective, param = SCM(TrigFlow(), warmup_steps=0), TrigFlow()
+    t, x_t, dxt_dt = _drawn(objective, x0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        dF_dt = objective.time_derivative(net, x_t, t, dxt_dt, None)
+        F_theta = param.F(net, x_t, t, None)
+        losses = objective.loss(net, None, x0, None, _ctx())[0]
+    assert dF_dt.dtype == torch.float32
+    F_jvp = param.F(net, x_t, t, None)  # what the JVP's own forward gives: fp32, not the bf16 F_theta
+    assert not torch.equal(F_jvp, F_theta)
+    g = tangent(F_theta, dF_dt, x_t, dxt_dt, t, 0.5, 1.0, 0.1)
+    # w = 0 at initialisation: the loss is ||g||^2 / D exactly when F_theta - F^- is zero in value.
+    torch.testing.assert_close(losses, g.pow(2).flatten(1).mean(dim=1), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(tangent_c=math.inf), "tangent_c=inf"),
+        (dict(weighting_channels=0), "weighting_channels=0"),
+        (dict(weighting_channels=-4), "weighting_channels=-4"),
+        (dict(p_mean=1e9), "p_mean=1000000000.0"),
+        (dict(p_mean=math.nan), "p_mean=nan"),
+        (dict(p_std="wide"), "p_std='wide'"),
+        (dict(tangent_norm="l1"), "tangent_norm='l1'"),
+        (dict(jvp_precision="bf16"), "jvp_precision='bf16'"),
+        (dict(weighting="fourier"), "weighting='fourier'"),
+    ],
+)
+def test_bad_sct_values_stop_with_one_line_naming_the_value(kwargs, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")) as info:
+        SCM(TrigFlow(), **kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_a_zero_time_scale_stops_with_one_line():
+    with pytest.raises(ConfigError, match="time_scale=0"):
+        TrigFlow(time_scale=0)

@@ -22,6 +22,7 @@ from torch import nn
 from cm_lightning.diffusion.karras import karras_sigmas
 from cm_lightning.diffusion.shapes import per_sample
 from cm_lightning.errors import ConfigError
+from cm_lightning.inputs import real
 
 
 def c_noise(sigma: torch.Tensor, kind: str = "adm") -> torch.Tensor:
@@ -46,6 +47,21 @@ def _working(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.to(torch.float32)
 
 
+def check_fields(p) -> None:
+    """The grid (and sigma_data, time_scale where there is one) as finite numbers in range, named as the config
+    names them, so that a bad one stops here rather than as NaNs or as a complaint about another field."""
+    key = "model.objective.parameterisation"
+    for field in ("sigma_data", "time_scale", "rho"):
+        if hasattr(p, field):
+            real(getattr(p, field), f"{key}.{field}", example=str(getattr(type(p), field)), above=0)
+    real(p.sigma_min, f"{key}.sigma_min", example="0.002", above=0)
+    real(p.sigma_max, f"{key}.sigma_max", example="80.0", above=0)
+    if not p.sigma_min < p.sigma_max:
+        raise ConfigError(
+            f"{key}.sigma_min={p.sigma_min} must be below {key}.sigma_max={p.sigma_max} (published: 0.002 and 80)"
+        )
+
+
 @dataclass(frozen=True)
 class Precond:
     """EDM's preconditioning and the CM consistency function (CM paper, Appendix C; EDM, Table 1 with eps = 0):
@@ -67,6 +83,9 @@ class Precond:
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     rho: float = 7.0
+
+    def __post_init__(self):
+        check_fields(self)
 
     def __call__(self, net: nn.Module, x: torch.Tensor, sigma: torch.Tensor, labels=None) -> torch.Tensor:
         sigma = sigma.to(torch.float32).reshape(-1, *([1] * (x.ndim - 1)))
@@ -153,10 +172,15 @@ class TrigFlow:
     few_step = True
 
     def __post_init__(self):
+        check_fields(self)
         if self.noise_kind not in ("t", "adm", "edm"):
             raise ConfigError(
                 f"noise_kind={self.noise_kind!r} is unknown for TrigFlow; use t (sCM), adm or edm "
                 "(an EDM network's conditioning)"
+            )
+        if not 0 < self.time_scale < math.inf:
+            raise ConfigError(
+                f"time_scale={self.time_scale}: c_noise(t) = time_scale * t needs a positive finite scale (sCM: 1)"
             )
         if not 0 < self.t_mid < self.t_max:
             raise ConfigError(
@@ -235,6 +259,9 @@ class MeanFlowParam:
     rho: float = 7.0
     chain: str = "flow_map"
     few_step = True
+
+    def __post_init__(self):
+        check_fields(self)
 
     def u(self, net: nn.Module, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor, labels=None) -> torch.Tensor:
         """The average velocity u(z_t, r, t) in fp32 (float64 kept): the net sees (t, t - r) as in the paper."""
