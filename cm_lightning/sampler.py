@@ -21,10 +21,19 @@ class Sampler:
     param: object  # diffusion/precond.py: a consistency function (CM Algorithm 1) or a denoiser (ODE solver)
     amp: torch.dtype | None = None  # autocast dtype of the network evaluations; None: fp32
     cuda_graphs: bool = False
+    decoder: object = None  # latent/autoencoder.py: samples are latents, returned decoded to pixels
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return (self.net.in_channels, self.net.image_size, self.net.image_size)
+
+    @property
+    def pixel_shape(self) -> tuple[int, int, int]:
+        """The shape of the images ``__call__`` returns: the decoder's pixels for a latent model."""
+        if self.decoder is None:
+            return self.image_shape
+        size = self.net.image_size * self.decoder.factor
+        return (self.decoder.image_channels, size, size)
 
     @property
     def num_classes(self) -> int:
@@ -112,10 +121,18 @@ class Sampler:
         z = torch.randn((num, *self.image_shape), generator=g, device=device)
         labels = self.labels(num, g) if labels is None else labels.to(device)
         f = lambda x, s: self.denoise(x, s, labels)  # noqa: E731
+        return self.pixels(self.latents(z, labels, f, g, steps, sigmas, solver, chain)), labels
+
+    def latents(self, z, labels, f, g, steps, sigmas, solver, chain):
+        """The network's samples: images, or latents for a model trained on an autoencoder's latents."""
         if not self.param.few_step:
-            return ode_sample(f, z, steps=steps or 18, solver=solver, **self.param.grid), labels
+            return ode_sample(f, z, steps=steps or 18, solver=solver, **self.param.grid)
         levels = self.param.levels(steps or 1) if sigmas is None else sigmas
         if chain == "flow_map":
             start = self.param.add_noise(torch.zeros_like(z), z, levels[0])
-            return flow_map_sample(lambda x, r, t: self.jump(x, r, t, labels), start, levels), labels
-        return multistep_sample(f, z, levels, self.param, generator=g), labels
+            return flow_map_sample(lambda x, r, t: self.jump(x, r, t, labels), start, levels)
+        return multistep_sample(f, z, levels, self.param, generator=g)
+
+    def pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """Samples as images in [-1, 1]: latents go through the decoder."""
+        return x if self.decoder is None else self.decoder.to(x.device).decode(x)

@@ -104,8 +104,10 @@ class Metrics(L.Callback):
                 "callbacks.metrics.reference is null but there is no data module to take the "
                 "training set from; pass reference=<npz in the authors' format>"
             )
-        self.source = ReferenceSource.create(self.reference_path, trainer.datamodule, self.reference_num)
-        self.source.check(pl_module.sampler().image_shape, self.fidelity, "the model")
+        # A latent run (latent/data.py) is scored on decoded samples against its source's pixels.
+        data = getattr(trainer.datamodule, "source", trainer.datamodule)
+        self.source = ReferenceSource.create(self.reference_path, data, self.reference_num)
+        self.source.check(pl_module.sampler().pixel_shape, self.fidelity, "the model")
 
     @torch.no_grad()
     def measure(self, trainer, module) -> dict[str, dict]:

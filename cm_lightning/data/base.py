@@ -97,8 +97,12 @@ class ImageDataModule(L.LightningDataModule, abc.ABC):
         if self._resume:
             self.sampler.resume(self._resume["epoch"], self._resume["samples"] // (self.sampler.batch_size * world))
             self._resume = None
-        data = HFlip(self.dataset) if self.hflip else self.dataset
+        data = self.mirrored(self.dataset) if self.hflip else self.dataset
         return self._loader(data, sampler=self.sampler, drop_last=True)
+
+    def mirrored(self, dataset: Dataset) -> Dataset:
+        """The dataset with index i + n the mirror of item i (the sampler draws the flips)."""
+        return HFlip(dataset)
 
     def val_dataloader(self):
         n = min(self.val_size, len(self.dataset))

@@ -44,7 +44,7 @@ def progress(num: int, batch_size: int, rank: int, world: int, what: str) -> tqd
 
 def sample_shard(sampler, num: int, batch_size: int, seed: int, device, rank: int = 0, world: int = 1, **how):
     """All of this rank's samples at once."""
-    empty = torch.empty((0, *sampler.image_shape), dtype=torch.uint8, device=device)
+    empty = torch.empty((0, *sampler.pixel_shape), dtype=torch.uint8, device=device)
     return torch.cat([empty, *shard_batches(sampler, num, batch_size, seed, device, rank, world, **how)])
 
 

@@ -203,7 +203,9 @@ class GenerativeModule(L.LightningModule):
     # --- sampling ---------------------------------------------------------------------------
     def sampler(self, ema: int | None = None) -> Sampler:
         net = self.ema[self.sample_ema if ema is None else ema]
-        return Sampler(net.eval(), self.parameterisation)
+        # A latent run's samples decode through its data's VAE (latent/data.py), in grids and metrics alike.
+        data = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        return Sampler(net.eval(), self.parameterisation, decoder=getattr(data, "autoencoder", None))
 
     # --- checkpoints ------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
