@@ -9,7 +9,7 @@ import hydra
 from hydra import compose, initialize_config_dir
 from hydra.errors import InstantiationException
 from omegaconf import OmegaConf
-from omegaconf.errors import MissingMandatoryValue
+from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue, OmegaConfBaseException
 
 from cm_lightning import wandb_runs
 from cm_lightning.errors import ConfigError, TrainingError
@@ -24,6 +24,17 @@ RESOLVERS = {
     "wandb_group": wandb_runs.group,
     "wandb_tags": wandb_runs.tags,
 }
+
+
+# The exceptions that are a user's value (wrapped by Hydra or not), printed as one line.
+USER_CAUSES = (
+    ConfigError,
+    MissingMandatoryValue,
+    InterpolationResolutionError,
+    FileNotFoundError,
+    ValueError,
+    TypeError,
+)
 
 
 def register_resolvers() -> None:
@@ -54,14 +65,22 @@ def user_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (ConfigError, InstantiationException, MissingMandatoryValue, ImportError) as exc:
+        except (
+            ConfigError,
+            InstantiationException,
+            MissingMandatoryValue,
+            InterpolationResolutionError,
+            ImportError,
+        ) as exc:
             cause = _root_cause(exc)
             message = missing_extra(exc) or cause
-            if not isinstance(message, str) and not isinstance(
-                cause, (ConfigError, MissingMandatoryValue, FileNotFoundError, ValueError)
-            ):
+            # A TypeError or ValueError under Hydra's wrapper is a constructor refusing a value (or a keyword it
+            # does not take): its own message, not Hydra's "Error in call to target" and a traceback.
+            if not isinstance(message, str) and not isinstance(cause, USER_CAUSES):
                 raise
-            print(f"error: {message}", file=sys.stderr)
+            if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
+                message = f"{cause.full_key}: {cause.msg.splitlines()[0]}"  # the key, not OmegaConf's multi-line dump
+            print("error: " + " ".join(str(message).split()), file=sys.stderr)
             sys.exit(2)
         except TrainingError as exc:
             print(f"error: {exc}", file=sys.stderr)

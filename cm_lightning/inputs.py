@@ -2,9 +2,11 @@
 that ``data.batch_size=abc`` or ``num=0`` stops with one line naming the value instead of a traceback
 (or, worse, a run that silently does something else)."""
 
+import math
 import os
 
 import torch
+from omegaconf import OmegaConf
 
 from cm_lightning.errors import ConfigError
 
@@ -23,6 +25,24 @@ def positive(value, key: str, example: str) -> float:
     return float(value)
 
 
+def real(value, key: str, example: str, above: float | None = None, at_least: float | None = None) -> float:
+    """``value`` as a finite number (a bool or string is not one), above ``above`` or at least ``at_least``
+    when given; one line naming it otherwise."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    ok = ok and (above is None or value > above) and (at_least is None or value >= at_least)
+    if not ok:
+        bound = f" above {above}" if above is not None else f" >= {at_least}" if at_least is not None else ""
+        raise ConfigError(f"{key}={value} must be a finite number{bound}, e.g. {key}={example}")
+    return float(value)
+
+
+def boolean(value, key: str) -> bool:
+    """``value`` as a real boolean: ``distill=maybe`` is a mistake, not true."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}={value} must be true or false")
+    return value
+
+
 def cores() -> int:
     """CPU cores this process may run on (its affinity mask, which containers and SLURM set)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -32,8 +52,20 @@ def on_cpu(accelerator) -> bool:
     return str(accelerator) == "cpu" or (str(accelerator) == "auto" and not torch.cuda.is_available())
 
 
+def check_devices_spec(devices, key: str) -> None:
+    """Lightning's forms of ``devices``: a count, -1, auto, a list of indices, or "0,1"; ``devices=two`` is
+    none of them."""
+    parts = (
+        devices.split(",") if isinstance(devices, str) else list(devices) if OmegaConf.is_list(devices) else [devices]
+    )
+    if devices == "auto" or all(str(p).strip().lstrip("-").isdigit() and not isinstance(p, bool) for p in parts):
+        return
+    raise ConfigError(f"{key}={devices} is not a device count; use e.g. {key}=1, {key}=auto or {key}=[0,1]")
+
+
 def check_cpu_devices(devices, accelerator, key: str = "trainer.devices") -> None:
     """One process per CPU device: more processes than cores only thrash and exhaust memory."""
+    check_devices_spec(devices, key)
     if not on_cpu(accelerator) or isinstance(devices, str) and not devices.strip().isdigit():
         return  # auto, -1, "0,1" and GPU counts are Lightning's and SLURM's to check
     count = whole(int(devices) if isinstance(devices, str) else devices, key, example=1)
@@ -50,6 +82,10 @@ def check_training(cfg) -> None:
     positive(cfg.model.optimizer.lr, "model.optimizer.lr", example="1e-4")
     if cfg.trainer.max_steps != -1:
         whole(cfg.trainer.max_steps, "trainer.max_steps", example="2000 (or -1 for no limit)")
+    whole(cfg.model.get("warmup_steps", 0), "model.warmup_steps", minimum=0, example="0")
+    objective = cfg.model.get("objective") or {}
+    if "distill" in objective:  # read before the objective is built: it decides whether a teacher is loaded
+        boolean(objective.distill, "model.objective.distill")
     check_cpu_devices(cfg.trainer.get("devices", 1), cfg.trainer.get("accelerator", "auto"))
 
 

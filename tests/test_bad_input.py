@@ -307,3 +307,108 @@ def test_resume_applies_a_changed_learning_rate(finished_run):
     assert "resuming with model.optimizer.lr=3e-05" in proc.stderr + proc.stdout
     ckpt = torch.load(finished_run / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 6 and ckpt["optimizer_states"][0]["param_groups"][0]["lr"] == 3e-5
+
+
+# The in-process tests below cover these values; one CLI run per kind stays in the default suite.
+SLOW = pytest.mark.slow
+
+
+# --- values the constructors and checks refuse, in process (the CLI path of each kind is run once below) -----------
+def refused(build, names: str) -> str:
+    from cm_lightning.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        build()
+    assert names in str(info.value) and "\n" not in str(info.value), str(info.value)
+    return str(info.value)
+
+
+@pytest.mark.parametrize(
+    "kind,fields,names",
+    [
+        ("trigflow", {"sigma_data": -1}, "parameterisation.sigma_data=-1"),  # not blamed on t_mid
+        ("trigflow", {"sigma_max": 0.001}, "parameterisation.sigma_max=0.001"),
+        ("karras", {"sigma_data": 0}, "parameterisation.sigma_data=0"),
+        ("meanflow", {"time_scale": 0}, "parameterisation.time_scale=0"),
+        ("meanflow", {"time_scale": -1}, "parameterisation.time_scale=-1"),
+        ("meanflow", {"sigma_max": -5}, "parameterisation.sigma_max=-5"),
+        ("meanflow", {"sigma_min": 100.0}, "parameterisation.sigma_min=100.0 must be below"),
+    ],
+)
+def test_parameterisation_fields(kind, fields, names):
+    from cm_lightning.diffusion.precond import PARAMETERISATIONS
+
+    refused(lambda: PARAMETERISATIONS[kind](**fields), names)
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("p_mean", float("inf")), ("p_std", "abc"), ("fraction", "abc"), ("fraction", [0.1]), ("omega", float("nan"))],
+)
+def test_meanflow_fields(field, value):
+    from cm_lightning.diffusion.objectives.meanflow import MeanFlow
+    from cm_lightning.diffusion.precond import MeanFlowParam
+
+    message = refused(lambda: MeanFlow(MeanFlowParam(), **{field: value}), f"model.objective.{field}={value}")
+    assert "finite number" in message  # omega=nan names omega, not guidance or classes
+
+
+@pytest.mark.parametrize(
+    "options,names",
+    [
+        ({"sigmas": ["abc"]}, "sigmas=['abc']"),
+        ({"num": 10**12}, "num=1000000000000"),
+        ({"solver": "rk4"}, "solver=rk4"),
+    ],
+)
+def test_sampling_options(options, names):
+    from cm_lightning.tasks.common import check_numbers
+
+    refused(lambda: check_numbers(OmegaConf.create(options)), names)
+
+
+@pytest.mark.parametrize("devices", ["two", "1,x", True])
+def test_device_counts(devices):
+    from cm_lightning.inputs import check_cpu_devices
+
+    refused(lambda: check_cpu_devices(devices, "cpu"), f"trainer.devices={devices}")
+
+
+def test_fid_from_too_few_images_warns(caplog):
+    from cm_lightning.metrics.fidelity import warn_rank_deficient
+
+    warn_rank_deficient(5000, 10, 2048)
+    assert "10 reference images is unreliable" in caplog.text and "2048" in caplog.text
+    caplog.clear()
+    warn_rank_deficient(5000, 5000, 2048)
+    assert not caplog.text
+
+
+@pytest.mark.parametrize(
+    "overrides,names",
+    [
+        pytest.param(["experiment=digits_meanflow", "model.objective.fraction=abc"], "fraction=abc", marks=SLOW),
+        (["experiment=digits_meanflow", "+model.objective.bogus=1"], "bogus"),  # Hydra-wrapped TypeError
+        pytest.param(["experiment=digits_sct", "model.objective.distill=maybe"], "distill=maybe", marks=SLOW),
+        pytest.param(["model.warmup_steps=abc"], "model.warmup_steps=abc", marks=SLOW),
+        pytest.param(["trainer.devices=two"], "trainer.devices=two", marks=SLOW),
+    ],
+)
+def test_training_values_from_the_command_line(overrides, names, tmp_path):
+    message = one_line("train.py", *TINY, *overrides, "logger=none", f"hydra.run.dir={tmp_path}", names=names)
+    assert "Error in call to target" not in message
+
+
+@pytest.mark.parametrize(
+    "override,names",
+    [
+        pytest.param("sigmas=[abc]", "sigmas=['abc']", marks=SLOW),
+        pytest.param("num=${oc.env:NOPE}", "num: KeyError raised while resolving interpolation", marks=SLOW),
+        pytest.param("num=1000000000000", "num=1000000000000", marks=SLOW),
+        ("solver=heun", "solver=heun"),  # the default value, given to a consistency model
+    ],
+)
+def test_sampling_values_from_the_command_line(override, names, cd_run, tmp_path):
+    one_line(
+        "evaluate.py", f"ckpt={cd_run / 'checkpoints/last.ckpt'}", override, f"hydra.run.dir={tmp_path}", names=names
+    )

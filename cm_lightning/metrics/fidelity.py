@@ -12,6 +12,7 @@ Nothing is downloaded: weights come from a path or an existing file in torch's c
 """
 
 import hashlib
+import logging
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ from cm_lightning.metrics import digits_fidelity
 from cm_lightning.metrics.digits_classifier import WEIGHTS_PATH as DIGITS_WEIGHTS
 from cm_lightning.untrusted import load_weights, weights_stream
 
+log = logging.getLogger(__name__)
 INCEPTION = "inception-v3-compat"
 EXTRACTORS = (INCEPTION, digits_fidelity.FEATURE_EXTRACTOR_NAME)
 # torch-fidelity's result keys -> the short names logged as metrics/<name>_<k>step.
@@ -68,6 +70,19 @@ def resolve_weights(extractor: str, path) -> Path:
             f"time. Download {URL_INCEPTION_V3} to that path, or set feature_extractor_weights_path=<file>"
         )
     return path
+
+
+def warn_rank_deficient(generated: int, reference: int, dim: int) -> None:
+    """FID (Heusel et al. 2017, eq. 6) fits a dim x dim covariance to each side: with fewer images than feature
+    dimensions it is singular and the number is meaningless (a 10-image reference scores FID ~1600)."""
+    if min(generated, reference) < dim:
+        log.warning(
+            "FID from %d generated and %d reference images is unreliable: each side needs at least %d (the "
+            "feature dimension); raise num= or the reference count",
+            generated,
+            reference,
+            dim,
+        )
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -155,6 +170,7 @@ class Fidelity:
         if self.isc:
             results.update(isc_featuresdict_to_metric(generated, self.isc_layer, **self.options))
         if self.fid:
+            warn_rank_deficient(len(generated[self.layer]), len(reference.features), generated[self.layer].shape[1])
             stats = fid_features_to_statistics(generated[self.layer])
             results.update(fid_statistics_to_metric(stats, reference.statistics, verbose=False))
         ref = {self.layer: reference.features}

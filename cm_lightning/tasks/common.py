@@ -30,11 +30,24 @@ from cm_lightning.untrusted import instantiate_trusted
 log = logging.getLogger(__name__)
 
 
+# The most samples one command draws: FID's 50,000 twice over. Samples are held in memory until written, so a
+# typo such as num=10^12 stops here instead of filling memory.
+NUM_MAX = 100_000
+
+
 def check_numbers(cfg: DictConfig) -> None:
     """The numbers and devices of the task's options (those it has), before anything is read."""
     for key, example in (("num", "64"), ("batch_size", "256")):
         if key in cfg:
             whole(cfg[key], key, example=example)
+    if "num" in cfg and cfg.num > NUM_MAX:
+        raise ConfigError(f"num={cfg.num} is above the most one command draws ({NUM_MAX:,}); use num={NUM_MAX} or less")
+    sigmas = cfg.get("sigmas")
+    numbers = OmegaConf.is_list(sigmas) and all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in sigmas)
+    if sigmas is not None and not numbers:
+        raise ConfigError(f"sigmas={sigmas} must be a list of noise levels, e.g. sigmas=[80.0,0.8]")
+    if cfg.get("solver") not in (None, "heun", "euler"):
+        raise ConfigError(f"solver={cfg.solver} is unknown; use solver=heun or solver=euler (EDM teachers)")
     steps = cfg.get("steps")
     if steps is not None and (not steps or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in steps)):
         raise ConfigError(
@@ -87,7 +100,7 @@ def sampling_plans(cfg: DictConfig, sampler: Sampler) -> dict:
             f"sigmas= and ts= set the levels of consistency sampling, but ckpt={cfg.ckpt} is a diffusion "
             "denoiser; drop them and use steps= and solver="
         )
-    if few_step and cfg.solver != "heun":
+    if few_step and cfg.solver is not None:
         raise ConfigError(
             f"solver={cfg.solver} applies to diffusion teachers, but ckpt={cfg.ckpt} is a consistency "
             "model sampled by CM Algorithm 1; drop solver="
@@ -99,7 +112,7 @@ def sampling_plans(cfg: DictConfig, sampler: Sampler) -> dict:
         name = "ts" + "-".join(str(t) for t in cfg.ts)
         return sampler.plans((), {name: sigmas_from_indices(cfg.ts, cfg.ts_num_scales, **grid)})
     steps = None if cfg.steps is None else list(cfg.steps)
-    return sampler.plans(steps or [1, 2], teacher_steps=steps or [18], solver=cfg.solver)
+    return sampler.plans(steps or [1, 2], teacher_steps=steps or [18], solver=cfg.solver or "heun")
 
 
 def sample_batched(sampler: Sampler, num: int, batch_size: int, seed: int, device, labels=None, **how):

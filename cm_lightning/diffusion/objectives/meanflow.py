@@ -30,6 +30,7 @@ from cm_lightning.diffusion.objectives.base import Objective, StepContext
 from cm_lightning.diffusion.precond import MeanFlowParam
 from cm_lightning.diffusion.shapes import per_sample
 from cm_lightning.errors import ConfigError
+from cm_lightning.inputs import real
 
 
 def mean_flow_target(u_fn, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor, v: torch.Tensor, **jvp_mode):
@@ -71,6 +72,18 @@ class MeanFlow(Objective):
                 f"model.objective.parameterisation.chain={parameterisation.chain!r} is unknown; use flow_map "
                 "(MeanFlow's jumps z_r = z_t - (t - r) u) or renoise (CM Algorithm 1)"
             )
+        for key, value, example in (
+            ("p_mean", p_mean, "-0.4"),
+            ("p_std", p_std, "1.0"),
+            ("fraction", fraction, "0.25"),
+            ("norm_p", norm_p, "1.0"),
+            ("norm_c", norm_c, "1e-3"),
+            ("omega", omega, "1.0"),
+            ("kappa", kappa, "0.0"),
+            ("label_dropout", label_dropout, "0.0"),
+            ("guidance_t_max", guidance_t_max, "1.0"),
+        ):
+            real(value, f"model.objective.{key}", example=example)  # a string, list or NaN before any range check
         if not p_std > 0:
             raise ConfigError(
                 f"model.objective.p_std={p_std}: the logit-normal's standard deviation must be "
