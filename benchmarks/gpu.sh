@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu.sh cd ct lsun       # a subset, in this order
 #   DIR=/scratch/me/tp LIMIT=300 bash benchmarks/gpu.sh max
 #   EXTRA="model.speed.compile=false" bash benchmarks/gpu.sh cd    # EXTRA: overrides added to every run
+#   bash benchmarks/gpu.sh mf_b2 mf_b2_fd mf_xl2 mf_xl2_fd  # MeanFlow DiT steps, each JVP mode (not in the default list)
 #
 # Each run's JSON line is appended to $DIR/results.jsonl (default outputs/throughput in the repository) and
 # its output to $DIR/log.txt; its Hydra run directory is $RUNS_DIR/NAME (default $DIR/runs/NAME). Compiled
@@ -29,6 +30,10 @@ declare -A RUNS=(
   [fp32]="experiment=imagenet64_cd model/objective/distance=l2 bench.batch=64 trainer.precision=32-true
           model.speed.channels_last=false model.speed.compile=false"
   [sct]="experiment=imagenet64_sct bench.batch=64"
+  [mf_b2]="experiment=imagenet256_meanflow_b2 bench.batch=64"
+  [mf_b2_fd]="experiment=imagenet256_meanflow_b2 bench.batch=64 model.objective.jvp=finite_difference"
+  [mf_xl2]="experiment=imagenet256_meanflow_xl2 bench.batch=32"
+  [mf_xl2_fd]="experiment=imagenet256_meanflow_xl2 bench.batch=32 model.objective.jvp=finite_difference"
 )
 
 runs=("$@")
