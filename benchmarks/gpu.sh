@@ -2,7 +2,7 @@
 # The throughput suite of benchmarks/README.md on one GPU, most important first, each run under its own time
 # limit so that one that hangs or runs out of memory does not take the rest with it.
 #
-#   bash benchmarks/gpu.sh                  # cd ct lsun max fp32 sct
+#   bash benchmarks/gpu.sh                  # cd ct lsun max fp32 sct scd512s scd512xxl
 #   bash benchmarks/gpu.sh cd ct lsun       # a subset, in this order
 #   DIR=/scratch/me/tp LIMIT=300 bash benchmarks/gpu.sh max
 #   EXTRA="model.speed.compile=false" bash benchmarks/gpu.sh cd    # EXTRA: overrides added to every run
@@ -30,6 +30,8 @@ declare -A RUNS=(
   [fp32]="experiment=imagenet64_cd model/objective/distance=l2 bench.batch=64 trainer.precision=32-true
           model.speed.channels_last=false model.speed.compile=false"
   [sct]="experiment=imagenet64_sct bench.batch=64"
+  [scd512s]="experiment=imagenet512_scd_s bench.batch=64 trainer.precision=bf16-mixed"
+  [scd512xxl]="experiment=imagenet512_scd_xxl bench.batch=16 trainer.precision=bf16-mixed"
   [mf_b2]="experiment=imagenet256_meanflow_b2 bench.batch=64"
   [mf_b2_fd]="experiment=imagenet256_meanflow_b2 bench.batch=64 model.objective.jvp=finite_difference"
   [mf_xl2]="experiment=imagenet256_meanflow_xl2 bench.batch=32"
@@ -37,7 +39,7 @@ declare -A RUNS=(
 )
 
 runs=("$@")
-[[ $# -eq 0 ]] && runs=(cd ct lsun max fp32 sct)
+[[ $# -eq 0 ]] && runs=(cd ct lsun max fp32 sct scd512s scd512xxl)
 failed=0
 for run in "${runs[@]}"; do
   if [[ -z "${RUNS[$run]:-}" ]]; then

@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import hydra.utils
 import pytest
 import torch
 from conftest import ROOT, run_script
@@ -307,3 +308,27 @@ def test_posthoc_ema_from_a_runs_checkpoints_samples(tmp_path):
     images, _ = sampler_from_checkpoint(run / "checkpoints" / "posthoc_0.075.ckpt")(2, steps=2, solver="euler")
     assert images.shape == (2, 1, 16, 16) and torch.isfinite(images).all()
     assert posthoc_ema.main([str(run / "checkpoints"), "0.075"]) == 2  # the output exists: refused
+
+
+# train_edm2.py config_presets: (lr, dropout, Mi images) at batch 2048.
+TEACHERS = {"xs": (0.012, 0.0, 2048), "s": (0.01, 0.0, 2048), "m": (0.009, 0.1, 2048), "l": (0.008, 0.1, 1792)}
+TEACHERS |= {"xl": (0.007, 0.1, 1280), "xxl": (0.0065, 0.1, 896)}
+
+
+@pytest.mark.parametrize("name", TEACHERS)
+def test_imagenet512_teachers_and_students_are_the_presets(name):
+    lr, dropout, mimg = TEACHERS[name]
+    cfg = composed(f"experiment=imagenet512_edm2_{name}")
+    model = cfg.model
+    assert cfg.hydra.runtime.choices.data == "imagenet512_latent" and cfg.hydra.runtime.choices.net == f"edm2_{name}"
+    assert (model.optimizer.lr, cfg.net.dropout, cfg.trainer.max_steps) == (lr, dropout, (mimg << 20) // 2048)
+    assert (model.lr_decay_ref, model.warmup_steps, list(model.ema_stds)) == (70_000, 4883, [0.05, 0.1])
+    assert (model.objective.p_mean, model.objective.p_std, cfg.data.batch_size) == (-0.4, 1.0, 2048)
+    if name != "xs":  # sCM distils S to XXL
+        cfg = composed(f"experiment=imagenet512_scd_{name}")
+        objective = cfg.model.objective
+        assert cfg.hydra.runtime.choices.net == f"edm2_{name}" and objective.distill and cfg.model.init_from_teacher
+        assert (objective.p_mean, objective.p_std, objective.parameterisation.noise_kind) == (-0.8, 1.6, "edm")
+        with torch.device("meta"):
+            net = hydra.utils.instantiate(cfg.net)
+        assert sum(p.numel() for p in net.parameters()) + 128 == LAYOUT[f"edm2-img512-{name}"]["num_params"]
