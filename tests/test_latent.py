@@ -178,3 +178,11 @@ def test_cli_latent_teacher_trains_and_samples_pixels(tmp_path):
         capture_output=True,
     )
     assert np.load(out / "samples_18step.npz")["arr_0"].shape == (4, 16, 16, 1)
+    edit = subprocess.run(
+        [sys.executable, "evaluate.py", "task=inpaint", f"ckpt={run}/checkpoints/last.ckpt", f"out_dir={out}_edit"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert edit.returncode != 0 and "is a latent model" in edit.stderr + edit.stdout

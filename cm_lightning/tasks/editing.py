@@ -93,6 +93,12 @@ def load_editor(cfg: DictConfig, task: str) -> Editor:
     device = pick_device(cfg.device)
     sampler = speed_up(load_sampler(cfg, device), cfg, device)
     param = sampler.param
+    if sampler.decoder is not None:
+        # Algorithm 4 replaces known pixels at every step; a latent model's state is latents, not pixels.
+        raise ConfigError(
+            f"task={task}: ckpt={cfg.ckpt} is a latent model (its samples decode through a VAE), which the "
+            "editing tasks do not edit yet; use task=sample or a pixel-space checkpoint"
+        )
     if not param.few_step:
         raise ConfigError(
             f"task={task} needs a consistency model (CD, CT, sCM, ...); ckpt={cfg.ckpt} is an EDM teacher"
