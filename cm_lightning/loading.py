@@ -22,7 +22,7 @@ from hydra.utils import instantiate
 from torch import nn
 
 from cm_lightning.checkpoint import META_KEY, check_layout, is_state_dict, num_emas, upgrade, weights
-from cm_lightning.diffusion.precond import Precond, consistency_function, edm_denoiser, from_meta
+from cm_lightning.diffusion.precond import Precond, TrigFlow, consistency_function, edm_denoiser, from_meta
 from cm_lightning.errors import ConfigError
 from cm_lightning.runtime import atomic
 from cm_lightning.sampler import Sampler
@@ -162,10 +162,10 @@ def load_teacher(path, like: nn.Module | None = None, sigma_data: float = 0.5) -
         net = load_plain(copy.deepcopy(like), ckpt, "model.teacher_ckpt", path)
         return Teacher(net, edm_denoiser(sigma_data, like.noise_kind))
     param = parameterisation(ckpt[META_KEY])
-    if param.few_step or not isinstance(param, Precond):
+    if param.few_step or not isinstance(param, (Precond, TrigFlow)):  # TrigFlow: a diffusion=true teacher
         raise ConfigError(
             f"model.teacher_ckpt={path} is a consistency model's checkpoint; the teacher must come from an EDM run "
-            "(experiment=digits_edm or another *_edm experiment)"
+            "(experiment=digits_edm, digits_trigflow or another *_edm experiment)"
         )
     return Teacher(network_from_checkpoint(ckpt, "ema"), param)
 

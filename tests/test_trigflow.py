@@ -1,13 +1,21 @@
-"""The TrigFlow teacher (sCM's pretraining loss) against its closed form on an exact Gaussian."""
+"""The TrigFlow teacher (sCM's pretraining loss) against its closed form on an exact Gaussian, seen as an EDM
+denoiser, as sCD's velocity, and as the start of sCT (Algorithm 1) through ``python train.py``."""
+
+import copy
 
 import pytest
 import torch
+from conftest import TINY, run_script
+from helpers import randomise, tiny_net
 from torch import nn
 
 from cm_lightning.diffusion.objectives.base import StepContext
+from cm_lightning.diffusion.objectives.scm import SCM, teacher_velocity
 from cm_lightning.diffusion.objectives.trigflow import TrigFlowDenoising
 from cm_lightning.diffusion.precond import TrigFlow
 from cm_lightning.errors import ConfigError
+from cm_lightning.loading import Teacher
+from cm_lightning.modules.generative import GenerativeModule
 
 SIGMA_D, S = 0.5, 0.8  # the data's standard deviation S differs from sigma_d, so the optimum depends on t
 
@@ -40,3 +48,53 @@ def test_loss_at_the_optimum_of_an_exact_gaussian_is_the_conditional_variance():
 def test_an_edm_conditioned_parameterisation_is_refused_with_one_line():
     with pytest.raises(ConfigError, match="noise_kind=t"):
         TrigFlowDenoising(TrigFlow(noise_kind="edm"))
+
+
+def test_a_trigflow_diffusion_model_is_the_edm_denoiser_at_sigma_d_tan_t():
+    torch.manual_seed(0)
+    net, param = randomise(tiny_net()).double(), TrigFlow(diffusion=True)
+    x_sigma, sigma = torch.randn(3, 1, 8, 8, dtype=torch.float64), torch.tensor([0.05, 1.0, 20.0], dtype=torch.float64)
+    t = torch.atan(sigma / 0.5)
+    expected = TrigFlow()(net, torch.cos(t).view(-1, 1, 1, 1) * x_sigma, t)
+    torch.testing.assert_close(param(net, x_sigma, sigma), expected)
+    assert not param.few_step and TrigFlow().few_step
+
+
+def test_scd_velocity_of_a_trigflow_teacher_is_sigma_d_times_its_f():
+    torch.manual_seed(0)
+    net = randomise(tiny_net()).double()
+    x_t, t = torch.randn(3, 1, 8, 8, dtype=torch.float64), torch.tensor([0.1, 0.7, 1.4], dtype=torch.float64)
+    velocity = teacher_velocity(Teacher(net, TrigFlow(diffusion=True)), x_t, t, None, 0.5)
+    torch.testing.assert_close(velocity, 0.5 * TrigFlow().F(net, x_t, t))
+
+
+RUN = [*TINY, "logger=none", "trainer.accelerator=cpu"]
+
+
+@pytest.mark.slow
+def test_sct_started_from_a_trigflow_teacher_run_is_the_teachers_function(tmp_path):
+    run_script("train.py", "experiment=digits_trigflow", *RUN, f"hydra.run.dir={tmp_path / 'teacher'}")
+    ckpt = tmp_path / "teacher/checkpoints/last.ckpt"
+    from cm_lightning.loading import load_teacher
+
+    teacher = load_teacher(ckpt)
+    assert isinstance(teacher.precond, TrigFlow) and teacher.precond.diffusion
+    student = GenerativeModule(
+        randomise(copy.deepcopy(teacher.net).requires_grad_(True)),  # the same net config, other weights
+        SCM(TrigFlow()),
+        optimizer=lambda params: torch.optim.Adam(params),
+        teacher_ckpt=str(ckpt),
+        init_from_teacher=True,
+    )
+    net = teacher.net
+    x_t, t = torch.randn(2, net.in_channels, net.image_size, net.image_size), torch.tensor([0.3, 1.2])
+    torch.testing.assert_close(TrigFlow().F(student.net, x_t, t), TrigFlow().F(teacher.net, x_t, t), rtol=0, atol=0)
+    run_script(
+        "train.py",
+        "experiment=digits_sct",
+        *RUN,
+        "model.init_from_teacher=true",
+        f"model.teacher_ckpt={ckpt}",
+        f"hydra.run.dir={tmp_path / 'sct'}",
+    )
+    assert (tmp_path / "sct/checkpoints/last.ckpt").is_file()

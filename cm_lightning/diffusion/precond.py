@@ -154,6 +154,9 @@ class TrigFlow:
     so f(x, 0) = x exactly. The same formula is TrigFlow's denoiser, and sigma_d F is the PF-ODE velocity
     dx_t/dt. EDM's sigma corresponds to t = arctan(sigma / sigma_d), and x_t = cos(t) (x0 + sigma eps).
     Sampling starts at t_max = arctan(sigma_max / sigma_d); two steps go through ``t_mid`` (1.1, Section 5).
+    ``diffusion``: the model is a TrigFlow diffusion model (sCM's pretraining), seen by samplers and distillation
+    as an EDM denoiser: D(x_sigma, sigma) = f(cos(t) x_sigma, t) at t = arctan(sigma / sigma_d), since
+    x_t = cos(t) x_sigma; it is then sampled with the ODE solver, not one-step.
 
     ``noise_kind``: ``t`` feeds c_noise(t) = time_scale * t (sCM's identity time transformation). ``adm`` or
     ``edm`` feed EDM's c_noise(sigma_d tan t) of that kind and negate the output: then F is exactly an EDM
@@ -169,7 +172,11 @@ class TrigFlow:
     time_scale: float = 1.0
     sigma_min: float = 0.002  # the Karras grids of ts= indices and of k > 2 steps start here
     rho: float = 7.0
-    few_step = True
+    diffusion: bool = False
+
+    @property
+    def few_step(self) -> bool:
+        return not self.diffusion
 
     def __post_init__(self):
         check_fields(self)
@@ -177,10 +184,6 @@ class TrigFlow:
             raise ConfigError(
                 f"noise_kind={self.noise_kind!r} is unknown for TrigFlow; use t (sCM), adm or edm "
                 "(an EDM network's conditioning)"
-            )
-        if not 0 < self.time_scale < math.inf:
-            raise ConfigError(
-                f"time_scale={self.time_scale}: c_noise(t) = time_scale * t needs a positive finite scale (sCM: 1)"
             )
         if not 0 < self.t_mid < self.t_max:
             raise ConfigError(
@@ -196,6 +199,11 @@ class TrigFlow:
         return -net(x / self.sigma_data, c_noise(self.sigma_data * torch.tan(t), self.noise_kind), labels).to(x.dtype)
 
     def __call__(self, net: nn.Module, x: torch.Tensor, t: torch.Tensor, labels=None) -> torch.Tensor:
+        """f(x_t, t); with ``diffusion``, EDM's D(x_sigma, sigma) (the class docstring)."""
+        if self.diffusion:
+            sigma = torch.as_tensor(t, device=x.device).to(_working(x).dtype).flatten().expand(x.shape[0])
+            t = torch.atan(sigma / self.sigma_data)
+            x = per_sample(torch.cos(t), x) * _working(x)
         F = self.F(net, x, t, labels)
         x = _working(x)
         t = per_sample(t.flatten(), x)
