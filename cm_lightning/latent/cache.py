@@ -22,7 +22,7 @@ MANIFEST = "manifest.json"
 
 
 def _save_atomic(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # two nodes encoding one cache never share a temp file
     with open(tmp, "wb") as f:
         np.save(f, array)
         f.flush()
@@ -48,7 +48,9 @@ def build(folder: Path, images: Dataset, autoencoder, manifest: dict, flips: boo
     """Encode every missing shard of ``images`` (and its horizontal flips); return the number encoded."""
     folder.mkdir(parents=True, exist_ok=True)
     check_manifest(folder, manifest)
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    tmp = folder / f"{MANIFEST}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, folder / MANIFEST)
     n = len(images)
     todo = [k for k in range(-(-n // shard_size)) if not (folder / f"rows_{k:05d}.npy").is_file()]
     start, done = time.monotonic(), 0
