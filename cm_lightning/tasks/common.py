@@ -81,7 +81,17 @@ def _read(path: str, stamp) -> dict:
 
 def load_sampler(cfg: DictConfig, device) -> Sampler:
     """The sampler of ``ckpt=``; ``net=`` and ``kind=`` say what a plain state dict is."""
-    return sampler_from(checkpoint(cfg.ckpt), cfg.ckpt, cfg.ema, device, cfg.get("net"), cfg.get("kind"))
+    ckpt = checkpoint(cfg.ckpt)
+    sampler = sampler_from(ckpt, cfg.ckpt, cfg.ema, device, cfg.get("net"), cfg.get("kind"))
+    sampler.decoder = stored_autoencoder(ckpt, cfg.ckpt)
+    return sampler
+
+
+def stored_autoencoder(ckpt: dict, path):
+    """The VAE a latent run's checkpoint names (its data config's ``autoencoder``), so that every task sees pixels."""
+    data = (ckpt.get(META_KEY) or {}).get("config", {}).get("data") or {}
+    node = data.get("autoencoder")
+    return instantiate_trusted(node, f"ckpt={path}: the stored autoencoder") if node else None
 
 
 def speed_up(sampler: Sampler, cfg: DictConfig, device) -> Sampler:
@@ -172,7 +182,7 @@ class Scorer:
         self.source = ReferenceSource.create(
             m.reference, self.training_data() if m.reference is None else None, m.reference_num
         )
-        self.source.check(self.sampler.image_shape, self.fidelity, f"ckpt={cfg.ckpt}")
+        self.source.check(self.sampler.pixel_shape, self.fidelity, f"ckpt={cfg.ckpt}")
         self.fabric = self.reference = None
 
     def training_data(self):
@@ -188,7 +198,8 @@ class Scorer:
                 f"ckpt={self.cfg.ckpt} carries no data config to take real images from; pass "
                 "metrics.reference=<.npz of real images in the authors' format>"
             )
-        return instantiate_trusted(data, "the checkpoint's data")
+        # A latent run's real images are its source's pixels, not the cached latents (latent/data.py).
+        return instantiate_trusted(data.get("source") or data, "the checkpoint's data")
 
     def start(self) -> "Scorer":
         self.fabric = launch(self.cfg)
