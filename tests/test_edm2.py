@@ -216,9 +216,16 @@ def test_tiny_edm2_teacher_and_scd_student_train_and_sample_from_the_cli(tmp_pat
     state = ckpt["state_dict"]
     assert {"objective.logvar_linear.weight", "ema.2.out_gain", "net.enc.16x16_conv.weight"} <= set(state)
     assert all(torch.isfinite(v).all() for v in state.values())
-    # sCD through the EDM2 net's JVP, the student starting as the teacher (fed its ln(sigma) / 4).
+    # sCD through the EDM2 net's JVP, the student starting as the teacher (fed its ln(sigma) / 4); digits_scd sets
+    # the ADM-only net.double_norm, which an EDM2 net does not take.
     train_here(
-        ["experiment=digits_scd", f"model.teacher_ckpt={teacher / 'checkpoints' / 'last.ckpt'}", *common], student
+        [
+            "experiment=digits_scd",
+            "~net.double_norm",
+            f"model.teacher_ckpt={teacher / 'checkpoints' / 'last.ckpt'}",
+            *common,
+        ],
+        student,
     )
     ckpt = torch.load(student / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
