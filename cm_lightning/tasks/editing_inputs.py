@@ -8,7 +8,7 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image, ImageDraw
 
-from cm_lightning.data.transforms import center_crop_resize, header_problem, to_model_range
+from cm_lightning.data.transforms import center_crop_resize, decode_problem, to_model_range
 from cm_lightning.errors import ConfigError
 from cm_lightning.sampler import Sampler
 
@@ -28,7 +28,7 @@ def read_images(cfg: DictConfig, task: str) -> list[tuple[str, Image.Image]]:
     files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")) if path.is_dir() else [path]
     images = []
     for file in files:
-        problem = header_problem(file)
+        problem = decode_problem(file)
         if problem is None:
             try:
                 with Image.open(file) as img:
@@ -97,7 +97,7 @@ def build_masks(cfg: DictConfig, images: list[tuple[str, Image.Image]], size: in
     path = Path(str(cfg.mask)).expanduser()
     if not path.is_file():
         raise ConfigError(f"mask={cfg.mask} is neither box, left_half, random_strokes nor an image file")
-    problem = header_problem(path)
+    problem = decode_problem(path)
     try:
         if problem is None:
             with Image.open(path) as m:
