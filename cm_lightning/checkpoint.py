@@ -11,6 +11,9 @@ versions wrote into today's, so that no other module knows them.
 
 import torch
 
+from cm_lightning.diffusion.meanflow_param import MeanFlowParam
+from cm_lightning.diffusion.precond import Precond
+from cm_lightning.diffusion.trigflow import TrigFlow
 from cm_lightning.errors import ConfigError
 from cm_lightning.untrusted import check_inert, check_targets, current, instantiate_trusted
 
@@ -135,3 +138,16 @@ def legacy_method(config: dict) -> dict | None:
     final = curriculum(max_steps) if callable(curriculum) and isinstance(max_steps, int) else None
     family = "cd" if str(pair.get("_target_")).endswith(".CDPairRule") else "ct"
     return {"family": family, "num_scales": int(final[0]) if isinstance(final, tuple) else 0}
+
+
+PARAMETERISATIONS = {cls.name: cls for cls in (Precond, TrigFlow, MeanFlowParam)}
+
+
+def from_meta(meta: dict):
+    """The parameterisation a checkpoint's metadata (in today's layout, ``checkpoint.upgrade``) names, with its
+    stored fields."""
+    fields = dict(meta["parameterisation"])
+    name = fields.pop("name", None)
+    if name not in PARAMETERISATIONS:
+        raise ConfigError(f"the checkpoint's parameterisation {name!r} is unknown; known: {sorted(PARAMETERISATIONS)}")
+    return PARAMETERISATIONS[name](**fields)

@@ -3,7 +3,7 @@
 A Lightning checkpoint written by this project carries, under ``"cm_lightning"``, the resolved run
 config and what is needed to rebuild the sampler (the parameterisation by name, the EMA rates), so a
 checkpoint file is all a user has to keep. Checkpoints written before parameterisations had names carry
-``kind``, ``precond`` and ``grid`` instead, which ``precond.from_meta`` reads as the Karras family.
+``kind``, ``precond`` and ``grid`` instead, which ``checkpoint.upgrade`` reads as the Karras family.
 
 The authors' released files (``edm_imagenet64_ema.pt``, ``cd_imagenet64_l2.pt``, ``ct_bedroom256.pt``, ...)
 are plain state dicts of the ADM U-Net, whose keys ``nets/adm.py`` reproduces: they load into the network
@@ -21,8 +21,9 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
-from cm_lightning.checkpoint import META_KEY, check_layout, is_state_dict, num_emas, upgrade, weights
-from cm_lightning.diffusion.precond import Precond, TrigFlow, consistency_function, edm_denoiser, from_meta
+from cm_lightning.checkpoint import META_KEY, check_layout, from_meta, is_state_dict, num_emas, upgrade, weights
+from cm_lightning.diffusion.precond import Precond, consistency_function, edm_denoiser
+from cm_lightning.diffusion.trigflow import TrigFlow
 from cm_lightning.errors import ConfigError
 from cm_lightning.runtime import atomic
 from cm_lightning.sampler import Sampler
@@ -109,7 +110,7 @@ def network_from_checkpoint(ckpt: dict, which: str = "ema", index: int | None = 
 
 
 def parameterisation(meta: dict):
-    """``precond.from_meta`` for stored metadata, a field of the wrong name or kind stopping in one line."""
+    """``checkpoint.from_meta`` for stored metadata, a field of the wrong name or kind stopping in one line."""
     try:
         return from_meta(meta)
     except ConfigError:

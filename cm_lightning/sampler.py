@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from cm_lightning.diffusion.flow_map import CHAINS, flow_map_sample
+from cm_lightning.diffusion.parameterisation import Parameterisation
 from cm_lightning.diffusion.sampling import multistep_sample, ode_sample
 from cm_lightning.errors import ConfigError
 from cm_lightning.runtime.speed import Speed, amp_dtype, autocast
@@ -18,7 +19,7 @@ from cm_lightning.runtime.speed import Speed, amp_dtype, autocast
 @dataclass
 class Sampler:
     net: nn.Module
-    param: object  # diffusion/precond.py: a consistency function (CM Algorithm 1) or a denoiser (ODE solver)
+    param: Parameterisation  # a consistency function (CM Algorithm 1) or a denoiser (an ODE solver samples it)
     amp: torch.dtype | None = None  # autocast dtype of the network evaluations; None: fp32
     cuda_graphs: bool = False
     decoder: object = None  # latent/autoencoder.py: samples are latents, returned decoded to pixels

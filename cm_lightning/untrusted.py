@@ -221,6 +221,8 @@ MOVED = {
     "cm_lightning.diffusion.targets.ICTTarget": "cm_lightning.diffusion.pair_rules.ICTPairRule",
     "cm_lightning.diffusion.targets.ECTTarget": "cm_lightning.diffusion.pair_rules.ECTPairRule",
     "cm_lightning.speed.Speed": "cm_lightning.runtime.speed.Speed",
+    "cm_lightning.diffusion.precond.TrigFlow": "cm_lightning.diffusion.trigflow.TrigFlow",
+    "cm_lightning.diffusion.precond.MeanFlowParam": "cm_lightning.diffusion.meanflow_param.MeanFlowParam",
 }
 
 

@@ -338,7 +338,7 @@ def refused(build, names: str) -> str:
     ],
 )
 def test_parameterisation_fields(kind, fields, names):
-    from cm_lightning.diffusion.precond import PARAMETERISATIONS
+    from cm_lightning.checkpoint import PARAMETERISATIONS
 
     refused(lambda: PARAMETERISATIONS[kind](**fields), names)
 
@@ -348,8 +348,8 @@ def test_parameterisation_fields(kind, fields, names):
     [("p_mean", float("inf")), ("p_std", "abc"), ("fraction", "abc"), ("fraction", [0.1]), ("omega", float("nan"))],
 )
 def test_meanflow_fields(field, value):
+    from cm_lightning.diffusion.meanflow_param import MeanFlowParam
     from cm_lightning.diffusion.objectives.meanflow import MeanFlow
-    from cm_lightning.diffusion.precond import MeanFlowParam
 
     message = refused(lambda: MeanFlow(MeanFlowParam(), **{field: value}), f"model.objective.{field}={value}")
     assert "finite number" in message  # omega=nan names omega, not guidance or classes

@@ -113,8 +113,8 @@ def test_both_jvp_modes_equal_a_float64_central_difference_through_attention():
     equal the central difference of u(z + h v, r, t + h) taken here; in fp32 at the default step the two modes
     agree to the finite difference's O(h^2 + eps / h)."""
     from cm_lightning.diffusion.jvp import jvp
+    from cm_lightning.diffusion.meanflow_param import MeanFlowParam
     from cm_lightning.diffusion.objectives.meanflow import mean_flow_target
-    from cm_lightning.diffusion.precond import MeanFlowParam
 
     param = MeanFlowParam()
     z, v = torch.randn(2, 2, 8, 8, dtype=torch.float64), torch.randn(2, 2, 8, 8, dtype=torch.float64)
@@ -166,9 +166,10 @@ def test_a_kernel_without_forward_mode_ad_names_the_finite_difference():
 
 
 def test_bad_jvp_settings_stop_with_one_line():
+    from cm_lightning.diffusion.meanflow_param import MeanFlowParam
     from cm_lightning.diffusion.objectives.meanflow import MeanFlow
     from cm_lightning.diffusion.objectives.scm import SCM
-    from cm_lightning.diffusion.precond import MeanFlowParam, TrigFlow
+    from cm_lightning.diffusion.trigflow import TrigFlow
 
     with pytest.raises(ConfigError, match="model.objective.jvp='forward' is unknown"):
         MeanFlow(MeanFlowParam(), jvp="forward")
@@ -198,7 +199,7 @@ def start_noise(num: int, seed: int) -> torch.Tensor:
 def test_flow_map_sampler_lands_where_the_closed_form_says(steps):
     """With u = a z + b (t - r) + c t each jump is z_r = z_t - (t - r)(a z_t + b (t - r) + c t), from z_1 = e
     through the even levels 1, (k-1)/k, ..., 1/k to 0: the default sampler of MeanFlow lands on that product."""
-    from cm_lightning.diffusion.precond import MeanFlowParam
+    from cm_lightning.diffusion.meanflow_param import MeanFlowParam
     from cm_lightning.sampler import Sampler
 
     a, b, c = 0.7, 0.3, -0.2
@@ -213,7 +214,8 @@ def test_flow_map_sampler_lands_where_the_closed_form_says(steps):
 def test_flow_map_is_exact_for_a_point_mass_and_renoise_stays_an_option():
     """Data at x0 alone: the true average velocity is u = (z - x0) / t, and every jump count lands on x0. The
     re-noising chain stays available (a plan ``2step_renoise`` and ``chain=renoise``) and is another sampler."""
-    from cm_lightning.diffusion.precond import MeanFlowParam, from_meta
+    from cm_lightning.checkpoint import from_meta
+    from cm_lightning.diffusion.meanflow_param import MeanFlowParam
     from cm_lightning.sampler import Sampler
 
     x0 = 0.25
@@ -236,8 +238,9 @@ def test_flow_map_is_exact_for_a_point_mass_and_renoise_stays_an_option():
 
 
 def test_bad_sampler_chains_stop_with_one_line():
+    from cm_lightning.diffusion.meanflow_param import MeanFlowParam
     from cm_lightning.diffusion.objectives.meanflow import MeanFlow
-    from cm_lightning.diffusion.precond import MeanFlowParam, consistency_function
+    from cm_lightning.diffusion.precond import consistency_function
     from cm_lightning.sampler import Sampler
 
     with pytest.raises(ConfigError, match="parameterisation.chain='jump' is unknown"):
@@ -249,8 +252,8 @@ def test_bad_sampler_chains_stop_with_one_line():
 def test_guidance_stops_above_the_guidance_interval():
     """guidance_t_max = 0.75 (FastGen's DiT-XL): at t = 0.5 the target velocity is the folded v_g, at t = 0.9
     the plain v with the label kept."""
+    from cm_lightning.diffusion.meanflow_param import MeanFlowParam
     from cm_lightning.diffusion.objectives.meanflow import MeanFlow
-    from cm_lightning.diffusion.precond import MeanFlowParam
 
     net = tiny_dit(num_times=2, num_classes=3, null_class=True)
     for p in net.parameters():
@@ -307,8 +310,8 @@ def test_bad_dit_settings_stop_before_any_step_with_one_line(tmp_path):
     unconditional DiT stop in MeanFlow's check, which the module runs when the run is built."""
     from test_bad_input import fails
 
+    from cm_lightning.diffusion.meanflow_param import MeanFlowParam
     from cm_lightning.diffusion.objectives.meanflow import MeanFlow
-    from cm_lightning.diffusion.precond import MeanFlowParam
 
     tiny = ["experiment=digits_meanflow_dit", *DIT_TINY, "logger=none", f"hydra.run.dir={tmp_path}"]
     err = fails("train.py", *tiny, "net.patch_size=3")

@@ -6,9 +6,11 @@ import torch
 from helpers import randomise, tiny_net
 from torch import nn
 
+from cm_lightning.checkpoint import from_meta
+from cm_lightning.diffusion.meanflow_param import MeanFlowParam
 from cm_lightning.diffusion.objectives.base import StepContext
 from cm_lightning.diffusion.objectives.meanflow import MeanFlow, mean_flow_target
-from cm_lightning.diffusion.precond import MeanFlowParam, TrigFlow, from_meta
+from cm_lightning.diffusion.trigflow import TrigFlow
 from cm_lightning.errors import ConfigError
 from cm_lightning.modules.generative import GenerativeModule
 from cm_lightning.nets.adm import ADMUNet

@@ -4,7 +4,8 @@ import pytest
 import torch
 from helpers import randomise, tiny_net
 
-from cm_lightning.diffusion.precond import c_noise, consistency_function, edm_denoiser, scalings
+from cm_lightning.diffusion.parameterisation import c_noise
+from cm_lightning.diffusion.precond import consistency_function, edm_denoiser, scalings
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,12 @@ import pytest
 import torch
 from helpers import randomise, tiny_net
 
-from cm_lightning.checkpoint import upgrade
+from cm_lightning.checkpoint import from_meta, upgrade
 from cm_lightning.diffusion.jvp import jvp
 from cm_lightning.diffusion.objectives.base import StepContext
 from cm_lightning.diffusion.objectives.scm import SCM, tangent, teacher_velocity
-from cm_lightning.diffusion.precond import Precond, TrigFlow, edm_denoiser, from_meta
+from cm_lightning.diffusion.precond import Precond, edm_denoiser
+from cm_lightning.diffusion.trigflow import TrigFlow
 from cm_lightning.errors import ConfigError
 from cm_lightning.modules.generative import GenerativeModule
 

@@ -12,7 +12,7 @@ from torch import nn
 from cm_lightning.diffusion.objectives.base import StepContext
 from cm_lightning.diffusion.objectives.scm import SCM, teacher_velocity
 from cm_lightning.diffusion.objectives.trigflow import TrigFlowDenoising
-from cm_lightning.diffusion.precond import TrigFlow
+from cm_lightning.diffusion.trigflow import TrigFlow
 from cm_lightning.errors import ConfigError
 from cm_lightning.loading import Teacher
 from cm_lightning.modules.generative import GenerativeModule

@@ -4,7 +4,7 @@ Dynamics of Diffusion Models", eqs. 14-16 and 21; NVlabs/edm2 ``EDM2Loss``)."""
 import torch
 
 from cm_lightning.diffusion.objectives.base import Objective, StepContext
-from cm_lightning.diffusion.precond import c_noise
+from cm_lightning.diffusion.parameterisation import c_noise
 from cm_lightning.errors import ConfigError
 from cm_lightning.nets.magnitude_preserving import MPConv, MPFourier
 

@@ -26,8 +26,8 @@ import torch
 
 from cm_lightning.diffusion.flow_map import CHAINS
 from cm_lightning.diffusion.jvp import FD_STEP, check_mode, eager, jvp, probe
+from cm_lightning.diffusion.meanflow_param import MeanFlowParam
 from cm_lightning.diffusion.objectives.base import Objective, StepContext
-from cm_lightning.diffusion.precond import MeanFlowParam
 from cm_lightning.diffusion.shapes import per_sample
 from cm_lightning.errors import ConfigError
 from cm_lightning.inputs import real

@@ -24,8 +24,8 @@ from torch import nn
 
 from cm_lightning.diffusion.jvp import FD_STEP, check_mode, eager, jvp, probe
 from cm_lightning.diffusion.objectives.base import Objective, StepContext
-from cm_lightning.diffusion.precond import TrigFlow
 from cm_lightning.diffusion.shapes import per_sample
+from cm_lightning.diffusion.trigflow import TrigFlow
 from cm_lightning.errors import ConfigError
 from cm_lightning.nets.adm import timestep_embedding
 

@@ -13,8 +13,8 @@ import torch
 
 from cm_lightning.diffusion.objectives.base import Objective, StepContext
 from cm_lightning.diffusion.objectives.scm import LearnedWeighting
-from cm_lightning.diffusion.precond import TrigFlow
 from cm_lightning.diffusion.shapes import per_sample
+from cm_lightning.diffusion.trigflow import TrigFlow
 from cm_lightning.errors import ConfigError
 
 
