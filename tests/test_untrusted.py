@@ -147,6 +147,8 @@ def test_targets_outside_the_allow_list_are_refused(target):
         "cm_lightning.data.digits.DigitsDataModule",
         "cm_lightning.diffusion.curricula.ECTCurriculum",
         "cm_lightning.diffusion.karras.ECTSchedule",  # renamed since: stored configs still name it
+        "cm_lightning.diffusion.precond.TrigFlow",  # moved to diffusion/trigflow.py
+        "cm_lightning.diffusion.precond.MeanFlowParam",  # moved to diffusion/meanflow_param.py
         "torch.optim.RAdam",
         "torch.optim.Adam",
         "torch.optim.AdamW",
