@@ -25,6 +25,7 @@ from cm_lightning.checkpoint import META_KEY, check_layout, from_meta, is_state_
 from cm_lightning.diffusion.precond import Precond, consistency_function, edm_denoiser
 from cm_lightning.diffusion.trigflow import TrigFlow
 from cm_lightning.errors import ConfigError
+from cm_lightning.nvlabs_pickle import denoiser_state_dict
 from cm_lightning.runtime import atomic
 from cm_lightning.sampler import Sampler
 from cm_lightning.untrusted import instantiate_trusted, load_file, not_a_file
@@ -44,6 +45,8 @@ def read_checkpoint(path, what: str = "checkpoint") -> dict:
     reason = "is not set" if path is None else not_a_file(Path(str(path)).expanduser())
     if reason:
         raise ConfigError(f"{what}={path} {reason}; pass the path of a run's checkpoints/last.ckpt")
+    if Path(str(path)).suffix == ".pkl":  # NVlabs' released EDM / EDM2 networks, read as data
+        return denoiser_state_dict(path, what)
     ckpt = load_file(path, what)
     if not isinstance(ckpt, dict) or not (is_state_dict(ckpt) or META_KEY in ckpt):
         raise ConfigError(
@@ -60,7 +63,7 @@ def kind_from_name(path) -> str | None:
     """The authors' naming: ``edm_*`` files are EDM denoisers, ``cd_*`` / ``ct_*`` (``ict_``, ``ect_``)
     consistency models."""
     name = Path(str(path)).name.lower()
-    if name.startswith("edm"):
+    if name.startswith("edm") or name.endswith(".pkl"):  # NVlabs' pickles are EDM / EDM2 denoisers
         return "edm"
     return "consistency" if re.match(r"(cd|ct|ict|ect|sct)[_.-]", name) else None
 
