@@ -1,6 +1,7 @@
 """What the entry points share: Hydra resolvers and turning user mistakes into one clear message."""
 
 import functools
+import os
 import sys
 from importlib.resources import files
 from pathlib import Path
@@ -98,7 +99,27 @@ def config_dir() -> Path:
     return Path(str(files("cm_lightning") / "conf"))
 
 
+def output_dir_problem(args: list[str]) -> str | None:
+    """Hydra makes ``hydra.run.dir`` / ``hydra.sweep.dir`` before any of this project's code runs, and a path on
+    or under a file, or under a folder it cannot write, ends there in a traceback: checked first, one line."""
+    for arg in args:
+        key, _, value = arg.lstrip("+").partition("=")
+        if key not in ("hydra.run.dir", "hydra.sweep.dir") or not value or "${" in value:
+            continue
+        path = Path(value).expanduser().absolute()
+        existing = next(p for p in (path, *path.parents) if p.exists())
+        if not existing.is_dir():
+            return f"{key}={value} lies on or under the file {existing}; choose a directory"
+        if not os.access(existing, os.W_OK | os.X_OK):
+            return f"{key}={value}: {existing} is not writable; choose a directory you can write to"
+    return None
+
+
 def _run_hydra(config_name: str, task) -> None:
+    problem = output_dir_problem(sys.argv[1:])
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
     register_resolvers()
     hydra.main(config_path=str(config_dir()), config_name=config_name, version_base="1.3")(user_errors(task))()
 

@@ -235,3 +235,17 @@ def test_a_write_into_a_directory_or_under_a_file_stops_in_one_line(tmp_path):
             atomic.write_text(target, "new")
         assert "\n" not in str(info.value) and str(target) in str(info.value)
     assert (tmp_path / "folder/keep.txt").read_text() == "keep" and (tmp_path / "file").read_text() == "data"
+
+
+@pytest.mark.parametrize("under", [False, True])
+def test_a_run_directory_on_or_under_a_file_stops_in_one_line_before_hydra(under, tmp_path):
+    from conftest import run_script
+
+    file = tmp_path / "a_file"
+    file.write_text("mine")
+    target = file / "run" if under else file
+    proc = run_script("evaluate.py", "ckpt=x.ckpt", f"hydra.run.dir={target}", check=False)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert len(lines) == 1 and f"hydra.run.dir={target}" in lines[0] and f"the file {file}" in lines[0]
+    assert file.read_text() == "mine"
