@@ -12,6 +12,19 @@ from cm_lightning.diffusion.shapes import per_sample
 from cm_lightning.errors import ConfigError
 
 
+def draw_times(p_mean: float, p_std: float, x0: torch.Tensor, ctx):
+    """sCM's proposal (Section 4.2): t = arctan(exp(tau) / sigma_d), tau ~ N(P_mean, P_std^2), and the noise z,
+    for one batch through the step context's global draw; sigma_d is applied by the caller."""
+    g, shape = ctx.generator, x0.shape
+    return ctx.draw(
+        shape[0],
+        lambda b: (
+            p_mean + p_std * torch.randn(b, generator=g, device=g.device),
+            torch.randn((b, *shape[1:]), generator=g, device=g.device),
+        ),
+    )
+
+
 @dataclass(frozen=True)
 class TrigFlow(Parameterisation):
     """TrigFlow (sCM, Lu & Song 2025, Section 3 and eq. 8): x_t = cos(t) x0 + sin(t) z with z ~ N(0, sigma_d^2 I),

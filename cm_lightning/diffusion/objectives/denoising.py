@@ -16,7 +16,8 @@ class Denoising(Objective):
             raise ConfigError(f"model.objective.p_std={p_std}: the lognormal's standard deviation must be positive")
         self.p_mean, self.p_std = p_mean, p_std
 
-    def loss(self, student, target_net, x0, labels, ctx: StepContext):
+    def denoise(self, student, x0, labels, ctx: StepContext):
+        """(sigma, lambda(sigma), D(x0 + sigma z, sigma)) for a batch: the draw both EDM losses share."""
         g, shape = ctx.generator, x0.shape
         n, z = ctx.draw(
             shape[0],
@@ -28,5 +29,8 @@ class Denoising(Objective):
         sigma, sigma_data = torch.exp(self.p_mean + self.p_std * n), self.parameterisation.sigma_data
         weight = (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
         ctx.reseed_dropout()
-        denoised = self.parameterisation(student, x0 + sigma.view(-1, 1, 1, 1) * z, sigma, labels)
+        return sigma, weight, self.parameterisation(student, x0 + sigma.view(-1, 1, 1, 1) * z, sigma, labels)
+
+    def loss(self, student, target_net, x0, labels, ctx: StepContext):
+        _, weight, denoised = self.denoise(student, x0, labels, ctx)
         return weight * (denoised - x0).pow(2).flatten(1).mean(dim=1), {}

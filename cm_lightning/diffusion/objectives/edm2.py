@@ -3,13 +3,14 @@ Dynamics of Diffusion Models", eqs. 14-16 and 21; NVlabs/edm2 ``EDM2Loss``)."""
 
 import torch
 
-from cm_lightning.diffusion.objectives.base import Objective, StepContext
+from cm_lightning.diffusion.objectives.base import StepContext
+from cm_lightning.diffusion.objectives.denoising import Denoising
 from cm_lightning.diffusion.parameterisation import c_noise
 from cm_lightning.errors import ConfigError
 from cm_lightning.nets.magnitude_preserving import MPConv, MPFourier
 
 
-class EDM2Denoising(Objective):
+class EDM2Denoising(Denoising):
     """loss = lambda(sigma) / exp(u(sigma)) ||D(x0 + sigma z, sigma) - x0||^2 / dim + u(sigma),
     ln sigma ~ N(P_mean, P_std^2), lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2.
 
@@ -19,13 +20,7 @@ class EDM2Denoising(Objective):
     ``logvar_fourier`` and ``logvar_linear`` carry the official names, so released weights map onto them."""
 
     def __init__(self, parameterisation, p_mean: float = -0.4, p_std: float = 1.0, logvar_channels: int = 128):
-        super().__init__(parameterisation)
-        if not p_std > 0:
-            raise ConfigError(
-                f"model.objective.p_std={p_std}: the lognormal's standard deviation must be positive "
-                "(EDM2: 1.0 on ImageNet 512, 1.6 on ImageNet 64)"
-            )
-        self.p_mean, self.p_std = p_mean, p_std
+        super().__init__(parameterisation, p_mean, p_std)  # EDM2: P (-0.4, 1.0) on ImageNet 512, (-0.8, 1.6) on 64
         self.logvar_fourier = MPFourier(logvar_channels)
         self.logvar_linear = MPConv(logvar_channels, 1, ())
 
@@ -43,18 +38,7 @@ class EDM2Denoising(Objective):
         return self.logvar_linear(self.logvar_fourier(c_noise(sigma.float(), "edm"))).squeeze(-1)
 
     def loss(self, student, target_net, x0, labels, ctx: StepContext):
-        g, shape = ctx.generator, x0.shape
-        n, z = ctx.draw(
-            shape[0],
-            lambda b: (
-                torch.randn(b, generator=g, device=g.device),
-                torch.randn((b, *shape[1:]), generator=g, device=g.device),
-            ),
-        )
-        sigma, sigma_data = torch.exp(self.p_mean + self.p_std * n), self.parameterisation.sigma_data
-        weight = (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
-        ctx.reseed_dropout()
-        denoised = self.parameterisation(student, x0 + sigma.view(-1, 1, 1, 1) * z, sigma, labels)
+        sigma, weight, denoised = self.denoise(student, x0, labels, ctx)
         u = self.uncertainty(sigma)
         error = (denoised - x0).pow(2).flatten(1).mean(dim=1)
         return weight / torch.exp(u) * error + u, {"logvar": u.mean().detach()}

@@ -25,7 +25,7 @@ from torch import nn
 from cm_lightning.diffusion.jvp import FD_STEP, check_mode, eager, jvp, probe
 from cm_lightning.diffusion.objectives.base import Objective, StepContext
 from cm_lightning.diffusion.shapes import per_sample
-from cm_lightning.diffusion.trigflow import TrigFlow
+from cm_lightning.diffusion.trigflow import TrigFlow, draw_times
 from cm_lightning.errors import ConfigError
 from cm_lightning.nets.adm import timestep_embedding
 
@@ -146,15 +146,9 @@ class SCM(Objective):
         probe(net, lambda f, x, labels, t: jvp(lambda x, t: F(f, x, t, labels), (x, t), (x, t), **self.jvp_mode))
 
     def loss(self, student, target_net, x0, labels, ctx: StepContext):
-        g, shape, param = ctx.generator, x0.shape, self.parameterisation
+        param = self.parameterisation
         sigma_data = param.sigma_data
-        tau, z = ctx.draw(
-            shape[0],
-            lambda b: (
-                self.p_mean + self.p_std * torch.randn(b, generator=g, device=g.device),
-                torch.randn((b, *shape[1:]), generator=g, device=g.device),
-            ),
-        )
+        tau, z = draw_times(self.p_mean, self.p_std, x0, ctx)
         t = torch.atan(torch.exp(tau) / sigma_data)
         x_t = param.add_noise(x0, z, t)
         if self.requires_teacher:

@@ -14,7 +14,7 @@ import torch
 from cm_lightning.diffusion.objectives.base import Objective, StepContext
 from cm_lightning.diffusion.objectives.scm import LearnedWeighting
 from cm_lightning.diffusion.shapes import per_sample
-from cm_lightning.diffusion.trigflow import TrigFlow
+from cm_lightning.diffusion.trigflow import TrigFlow, draw_times
 from cm_lightning.errors import ConfigError
 
 
@@ -35,15 +35,9 @@ class TrigFlowDenoising(Objective):
         self.weighting = LearnedWeighting(weighting_channels) if weighting_channels else None
 
     def loss(self, student, target_net, x0, labels, ctx: StepContext):
-        g, shape, param = ctx.generator, x0.shape, self.parameterisation
+        param = self.parameterisation
         sigma_data = param.sigma_data
-        tau, z = ctx.draw(
-            shape[0],
-            lambda b: (
-                self.p_mean + self.p_std * torch.randn(b, generator=g, device=g.device),
-                torch.randn((b, *shape[1:]), generator=g, device=g.device),
-            ),
-        )
+        tau, z = draw_times(self.p_mean, self.p_std, x0, ctx)
         t = torch.atan(torch.exp(tau) / sigma_data)
         x_t = param.add_noise(x0, z, t)
         v_t = per_sample(torch.cos(t), x0) * sigma_data * z - per_sample(torch.sin(t), x0) * x0
