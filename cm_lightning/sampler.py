@@ -11,7 +11,13 @@ from torch import nn
 
 from cm_lightning.diffusion.flow_map import CHAINS, flow_map_sample
 from cm_lightning.diffusion.parameterisation import Parameterisation
-from cm_lightning.diffusion.sampling import multistep_sample, ode_sample
+from cm_lightning.diffusion.sampling import (
+    TEACHER_STEPS,
+    check_decreasing,
+    multistep_sample,
+    ode_sample,
+    sigmas_from_indices,
+)
 from cm_lightning.errors import ConfigError
 from cm_lightning.runtime.speed import Speed, amp_dtype, autocast
 
@@ -76,7 +82,9 @@ class Sampler:
         """The plan of explicit EDM noise levels, as the parameterisation's own (TrigFlow: arctan(sigma / sigma_d))."""
         return dict(sigmas=[self.param.from_sigma(s) for s in sigmas])
 
-    def plans(self, steps=(1, 2), sigmas: dict | None = None, teacher_steps=(18,), solver: str = "heun") -> dict:
+    def plans(
+        self, steps=(1, 2), sigmas: dict | None = None, teacher_steps=(TEACHER_STEPS,), solver: str = "heun"
+    ) -> dict:
         """Named sampling plans. A consistency model: ``k``-step sampling for each k in ``steps``, then one plan
         per entry of ``sigmas`` ({name: decreasing EDM noise levels}); a MeanFlow model's flow-map default also
         gets ``{k}step_renoise``, the re-noising chain, for each k > 1. A denoiser: its ODE sampler with each of
@@ -87,6 +95,30 @@ class Sampler:
         if getattr(self.param, "chain", "renoise") == "flow_map":
             named |= {f"{int(k)}step_renoise": dict(steps=int(k), chain="renoise") for k in steps if int(k) > 1}
         return named | {name: self.at_sigmas(levels) for name, levels in (sigmas or {}).items()}
+
+    def requested(self, sigmas=None, ts=None, ts_num_scales=None, steps=None, solver=None, model: str = "") -> dict:
+        """The plans a user asks for: explicit EDM ``sigmas`` inside the model's noise range, the authors' ``ts``
+        indices into a grid of ``ts_num_scales`` points, or ``steps`` (None: the model's default); ``model`` names
+        the model in the errors, e.g. ``ckpt=PATH``."""
+        if not self.param.few_step and (sigmas is not None or ts is not None):
+            raise ConfigError(
+                f"sigmas= and ts= set the levels of consistency sampling, but {model} is a diffusion "
+                "denoiser; drop them and use steps= and solver="
+            )
+        if self.param.few_step and solver is not None:
+            raise ConfigError(
+                f"solver={solver} applies to diffusion teachers, but {model} is a consistency "
+                "model sampled by CM Algorithm 1; drop solver="
+            )
+        grid = self.param.grid
+        if sigmas is not None:
+            return self.plans((), {"sigmas": check_decreasing(sigmas, "sigmas", grid["sigma_min"], grid["sigma_max"])})
+        if ts is not None:
+            return self.plans((), {"ts" + "-".join(str(t) for t in ts): sigmas_from_indices(ts, ts_num_scales, **grid)})
+        steps = None if steps is None else list(steps)
+        if steps is None:
+            return self.plans(solver=solver or "heun")
+        return self.plans(steps, teacher_steps=steps, solver=solver or "heun")
 
     def nfe(self, how: dict) -> int:
         """Network evaluations per sample: k for k consistency steps, 2n - 1 for n Heun steps, n for Euler."""
@@ -110,7 +142,7 @@ class Sampler:
 
         Consistency models take ``steps`` (default 1) or explicit decreasing levels ``sigmas`` (the
         parameterisation's own: sigma for EDM/CM, t for TrigFlow); denoisers take ``steps`` of the ODE
-        ``solver`` (default 18 Heun steps, 35 evaluations). ``chain`` (few-step models): ``flow_map`` (MeanFlow's
+        ``solver`` (default ``TEACHER_STEPS`` Heun steps). ``chain`` (few-step models): ``flow_map`` (MeanFlow's
         jumps) or ``renoise`` (CM Algorithm 1); None: the parameterisation's own (``param.chain``, else renoise).
         """
         chain = chain or getattr(self.param, "chain", "renoise")
@@ -127,7 +159,7 @@ class Sampler:
     def latents(self, z, labels, f, g, steps, sigmas, solver, chain):
         """The network's samples: images, or latents for a model trained on an autoencoder's latents."""
         if not self.param.few_step:
-            return ode_sample(f, z, steps=steps or 18, solver=solver, **self.param.grid)
+            return ode_sample(f, z, steps=steps or TEACHER_STEPS, solver=solver, **self.param.grid)
         levels = self.param.levels(steps or 1) if sigmas is None else sigmas
         if chain == "flow_map":
             start = self.param.add_noise(torch.zeros_like(z), z, levels[0])

@@ -178,7 +178,7 @@ def test_bad_schedules_and_masks():
     with pytest.raises(ConfigError, match=r"mask has shape \(1, 1, 16, 16\).*\(2, 3, 8, 8\)"):
         editing.edit(f, y, Identity(), torch.ones(1, 1, 16, 16), [80.0], PARAM)
     with pytest.raises(ConfigError, match=r"noise range \[0.002, 80.0\]"):
-        editing.check_levels([120.0, 1.0], EPS, 80.0)
+        editing.check_decreasing([120.0, 1.0], "edit_sigmas", EPS, 80.0)
     with pytest.raises(ConfigError, match="num=1"):
         editing.interpolate(f, y[0], y[1], 1, PARAM)
 

@@ -18,6 +18,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
 
+from cm_lightning.diffusion.sampling import TEACHER_STEPS
 from cm_lightning.errors import ConfigError
 from cm_lightning.metrics.fidelity import NAMES, Fidelity
 from cm_lightning.metrics.reference import ReferenceSource
@@ -68,7 +69,7 @@ class Metrics(L.Callback):
         at_end: bool = True,
         num: int = 500,
         steps=(1, 2),
-        teacher_steps: int = 18,
+        teacher_steps: int | None = None,
         batch_size: int = 250,
         seed: int = 0,
         feature_extractor: str = "digits-classifier",
@@ -87,10 +88,12 @@ class Metrics(L.Callback):
                 f"callbacks.metrics.every_n_steps={every_n_steps}; use a positive step count, "
                 "or null to measure only at the end with at_end=true"
             )
-        self.fidelity = Fidelity(feature_extractor, feature_extractor_weights_path, fid, isc, kid, prc, kid_subset_size)
+        # The arguments are the metrics config's keys (conf/callbacks/default.yaml takes them from conf/metrics/).
+        self.fidelity = Fidelity.from_config(locals())
         self.fidelity.check_count(num, "callbacks.metrics.num")
         self.every_n_steps, self.at_end, self.num, self.seed = every_n_steps, at_end, num, seed
-        self.steps, self.teacher_steps, self.batch_size = [int(k) for k in steps], teacher_steps, batch_size
+        self.steps, self.batch_size = [int(k) for k in steps], batch_size
+        self.teacher_steps = teacher_steps or TEACHER_STEPS
         self.reference_path, self.reference_num, self.cache_dir = reference, reference_num, cache_dir
         self.source = self.reference = None
         self.measured_step = None

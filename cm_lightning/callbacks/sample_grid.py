@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from torchvision.utils import make_grid, save_image
 
-from cm_lightning.diffusion.sampling import check_decreasing
+from cm_lightning.diffusion.sampling import TEACHER_STEPS, check_decreasing
 from cm_lightning.runtime import atomic
 
 
@@ -27,8 +27,8 @@ class SampleGrid(L.Callback):
     of successive validations are comparable.
     """
 
-    def __init__(self, num: int = 64, steps=(1, 2), sigmas=None, teacher_steps: int = 18, seed: int = 0):
-        self.num, self.steps, self.teacher_steps, self.seed = num, list(steps), teacher_steps, seed
+    def __init__(self, num: int = 64, steps=(1, 2), sigmas=None, teacher_steps: int | None = None, seed: int = 0):
+        self.num, self.steps, self.teacher_steps, self.seed = num, list(steps), teacher_steps or TEACHER_STEPS, seed
         self.sigmas = {
             f"sigmas{i}": check_decreasing(s, "callbacks.sample_grid.sigmas entry") for i, s in enumerate(sigmas or [])
         }

@@ -37,15 +37,6 @@ def published_edit_sigmas(method: str, num_scales: int, sigma_min=0.002, sigma_m
     return sigmas_from_indices(PUBLISHED_TS[method, num_scales], num_scales, sigma_min, sigma_max, rho)
 
 
-def check_levels(sigmas, sigma_min: float, sigma_max: float, what: str = "edit_sigmas") -> list[float]:
-    sigmas = check_decreasing(sigmas, what)
-    if sigmas[0] > sigma_max or sigmas[-1] < sigma_min:
-        raise ConfigError(
-            f"{what}={sigmas} leaves the model's noise range [{sigma_min}, {sigma_max}]; keep every level inside it"
-        )
-    return sigmas
-
-
 def check_mask(omega: torch.Tensor, y: torch.Tensor) -> None:
     try:
         torch.broadcast_shapes(omega.shape, y.shape)

@@ -90,8 +90,17 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
+# The keys of a metrics config (conf/metrics/default.yaml) that say what Fidelity measures.
+SETTINGS = ("feature_extractor", "feature_extractor_weights_path", "fid", "isc", "kid", "prc", "kid_subset_size")
+
+
 class Fidelity:
     """Which metrics, on which features; ``features`` on any rank, ``compute`` where they were gathered."""
+
+    @classmethod
+    def from_config(cls, m) -> "Fidelity":
+        """The Fidelity a metrics config names (evaluate.py's ``metrics`` or the metrics callback's arguments)."""
+        return cls(**{key: m[key] for key in SETTINGS})
 
     def __init__(
         self,

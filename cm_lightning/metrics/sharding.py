@@ -1,7 +1,8 @@
 """Sampling for metrics split over the processes of a DDP run (Lightning's trainer or Fabric).
 
 The ``num`` samples are cut into chunks of ``batch_size``; chunk ``c`` is drawn with seed
-``seed + c`` (as ``tasks.common.sample_batched`` does), and each rank takes a contiguous run of chunks.
+``seed + c`` (``seeded_chunks``, the one batch loop of sampling, metrics and editing), and each rank takes a
+contiguous run of chunks.
 So every rank draws its share with its own seeds, the total is exactly ``num`` for any world size,
 and the samples themselves do not depend on the world size. Each rank extracts the features of its
 share; rank 0 gathers them in chunk order.
@@ -21,6 +22,14 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+def seeded_chunks(num: int, batch_size: int, seed: int, chunks: range | None = None):
+    """(start, size, seed + c) of each chunk c of ``num`` items in chunks of ``batch_size`` (``chunks``: a subset),
+    so that what chunk c draws depends on neither the batch count before it nor the number of ranks."""
+    for c in range(-(-num // batch_size)) if chunks is None else chunks:
+        start = c * batch_size
+        yield start, min(batch_size, num - start), seed + c
+
+
 def shard_chunks(num: int, batch_size: int, rank: int, world: int) -> range:
     """This rank's chunk indices: a contiguous, balanced split of ceil(num / batch_size) chunks."""
     chunks = -(-num // batch_size)
@@ -29,15 +38,15 @@ def shard_chunks(num: int, batch_size: int, rank: int, world: int) -> range:
 
 def shard_batches(sampler, num: int, batch_size: int, seed: int, device, rank: int = 0, world: int = 1, **how):
     """This rank's chunks, one at a time, as uint8 N x C x H x W on ``device``."""
-    for c in shard_chunks(num, batch_size, rank, world):
-        images, _ = sampler(min(batch_size, num - c * batch_size), seed=seed + c, device=device, **how)
+    for _, size, chunk_seed in seeded_chunks(num, batch_size, seed, shard_chunks(num, batch_size, rank, world)):
+        images, _ = sampler(size, seed=chunk_seed, device=device, **how)
         yield to_uint8(images)
 
 
 def progress(num: int, batch_size: int, rank: int, world: int, what: str) -> tqdm:
     """A bar in images/s over rank 0's share of the ``num`` images (the other ranks go at its pace); hidden on
     the other ranks."""
-    share = sum(min(batch_size, num - c * batch_size) for c in shard_chunks(num, batch_size, 0, world))
+    share = sum(size for _, size, _ in seeded_chunks(num, batch_size, 0, shard_chunks(num, batch_size, 0, world)))
     suffix = f" (rank 0 of {world})" if world > 1 else ""
     return tqdm(total=share, unit="img", desc=what + suffix, disable=rank != 0, dynamic_ncols=True)
 

@@ -14,14 +14,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from cm_lightning import wandb_runs
 from cm_lightning.checkpoint import META_KEY
-from cm_lightning.diffusion.editing import check_levels
-from cm_lightning.diffusion.sampling import sigmas_from_indices
 from cm_lightning.errors import ConfigError
 from cm_lightning.inputs import check_cpu_devices, check_device, whole
 from cm_lightning.loading import is_plain, read_checkpoint, sampler_from
 from cm_lightning.metrics.fidelity import Fidelity, to_uint8
 from cm_lightning.metrics.reference import ReferenceSource
-from cm_lightning.metrics.sharding import progress, sharded_features
+from cm_lightning.metrics.sharding import progress, seeded_chunks, sharded_features
 from cm_lightning.runtime import atomic, ddp
 from cm_lightning.runtime.speed import Speed, auto_precision
 from cm_lightning.sampler import Sampler
@@ -104,34 +102,16 @@ def speed_up(sampler: Sampler, cfg: DictConfig, device) -> Sampler:
 
 def sampling_plans(cfg: DictConfig, sampler: Sampler) -> dict:
     """The plans of ``sigmas=``, the authors' ``ts=`` indices, or ``steps=`` (null: the model's default)."""
-    few_step = sampler.param.few_step
-    if not few_step and (cfg.sigmas is not None or cfg.ts is not None):
-        raise ConfigError(
-            f"sigmas= and ts= set the levels of consistency sampling, but ckpt={cfg.ckpt} is a diffusion "
-            "denoiser; drop them and use steps= and solver="
-        )
-    if few_step and cfg.solver is not None:
-        raise ConfigError(
-            f"solver={cfg.solver} applies to diffusion teachers, but ckpt={cfg.ckpt} is a consistency "
-            "model sampled by CM Algorithm 1; drop solver="
-        )
-    grid = sampler.param.grid
-    if cfg.sigmas is not None:
-        return sampler.plans((), {"sigmas": check_levels(cfg.sigmas, grid["sigma_min"], grid["sigma_max"], "sigmas")})
-    if cfg.ts is not None:
-        name = "ts" + "-".join(str(t) for t in cfg.ts)
-        return sampler.plans((), {name: sigmas_from_indices(cfg.ts, cfg.ts_num_scales, **grid)})
-    steps = None if cfg.steps is None else list(cfg.steps)
-    return sampler.plans(steps or [1, 2], teacher_steps=steps or [18], solver=cfg.solver or "heun")
+    return sampler.requested(cfg.sigmas, cfg.ts, cfg.ts_num_scales, cfg.steps, cfg.solver, f"ckpt={cfg.ckpt}")
 
 
 def sample_batched(sampler: Sampler, num: int, batch_size: int, seed: int, device, labels=None, **how):
-    """``num`` samples and their labels on the CPU; batch ``i`` is drawn with ``seed + i``."""
+    """``num`` samples and their labels on the CPU, in ``seeded_chunks``."""
     images, out_labels = [], []
     with progress(num, batch_size, 0, 1, "sampling") as bar:
-        for i, start in enumerate(range(0, num, batch_size)):
-            given = None if labels is None else labels[start : start + batch_size]
-            x, y = sampler(min(batch_size, num - start), seed=seed + i, device=device, labels=given, **how)
+        for start, size, chunk_seed in seeded_chunks(num, batch_size, seed):
+            given = None if labels is None else labels[start : start + size]
+            x, y = sampler(size, seed=chunk_seed, device=device, labels=given, **how)
             images.append(x.cpu())
             out_labels.append(None if y is None else y.cpu())
             bar.update(len(x))
@@ -173,9 +153,7 @@ class Scorer:
     def __init__(self, cfg: DictConfig):
         m = cfg.metrics
         self.cfg, self.cache_dir = cfg, m.cache_dir
-        self.fidelity = Fidelity(
-            m.feature_extractor, m.feature_extractor_weights_path, m.fid, m.isc, m.kid, m.prc, m.kid_subset_size
-        )
+        self.fidelity = Fidelity.from_config(m)
         self.fidelity.check_count(cfg.num, "num")
         self.ckpt = checkpoint(cfg.ckpt)
         self.sampler = load_sampler(cfg, "cpu")

@@ -24,6 +24,7 @@ from cm_lightning.diffusion import editing
 from cm_lightning.diffusion.linear_transforms import LUMINANCE, ChannelBasis, Identity, PatchBasis
 from cm_lightning.errors import ConfigError
 from cm_lightning.loading import is_plain
+from cm_lightning.metrics.sharding import seeded_chunks
 from cm_lightning.sampler import Sampler
 from cm_lightning.tasks.common import checkpoint, load_sampler, pick_device, speed_up
 from cm_lightning.tasks.editing_inputs import build_masks, read_images, to_tensor
@@ -47,9 +48,9 @@ class Editor:
     def batched(self, fn, *tensors):
         """``fn(f, generator, *batch)`` over batches; returns its outputs concatenated, on the CPU."""
         outputs = []
-        for i, start in enumerate(range(0, tensors[0].shape[0], self.batch_size)):
-            batch = [t[start : start + self.batch_size].to(self.device) for t in tensors]
-            g = torch.Generator(device=self.device).manual_seed(self.seed + i)
+        for start, size, chunk_seed in seeded_chunks(tensors[0].shape[0], self.batch_size, self.seed):
+            batch = [t[start : start + size].to(self.device) for t in tensors]
+            g = torch.Generator(device=self.device).manual_seed(chunk_seed)
             f = self.bound(batch[0].shape[0], g)
             outputs.append([o.cpu() for o in fn(f, g, *batch)])
         return [torch.cat(parts) for parts in zip(*outputs)]
@@ -75,7 +76,7 @@ def edit_levels(edit_sigmas, ckpt, param) -> list[float]:
     published two-step setting of the method of the run that wrote ``ckpt`` (as read), else the
     parameterisation's two-step levels (sCM)."""
     if edit_sigmas is not None:
-        sigmas = editing.check_levels(edit_sigmas, param.grid["sigma_min"], param.grid["sigma_max"])
+        sigmas = editing.check_decreasing(edit_sigmas, "edit_sigmas", param.grid["sigma_min"], param.grid["sigma_max"])
         return [param.from_sigma(s) for s in sigmas]
     method = run_method(ckpt)
     if method is None:
