@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from cm_lightning.checkpoint import META_KEY
+from cm_lightning.checkpoint import META_KEY, ema_prefix
+from cm_lightning.checkpoint import weights as weights_of
 from cm_lightning.errors import ConfigError
 from cm_lightning.modules.ema import posthoc_coefficients
 from cm_lightning.runtime import atomic
@@ -46,14 +47,14 @@ def reconstruct(paths, std: float) -> dict:
     weights = posthoc_coefficients(steps, stds, latest["global_step"], std)
     out = len(meta["ema_rates"]) + len(meta["ema_stds"])
     state = dict(latest["state_dict"])
-    for key in [k for k in state if k.startswith(f"ema.{first}.")]:
-        name = key[len(f"ema.{first}.") :]
-        tensors = [ckpt["state_dict"][f"ema.{index}.{name}"] for ckpt, index, _ in entries]
+    sources = [weights_of(ckpt, "ema", index) for ckpt, index, _ in entries]
+    for name in weights_of(latest, "ema", first):
+        tensors = [source[name] for source in sources]
         if tensors[0].is_floating_point():
             mix = sum(float(w) * t.double() for w, t in zip(weights, tensors))
-            state[f"ema.{out}.{name}"] = mix.to(tensors[0].dtype)
+            state[ema_prefix(out) + name] = mix.to(tensors[0].dtype)
         else:
-            state[f"ema.{out}.{name}"] = tensors[-1].clone()
+            state[ema_prefix(out) + name] = tensors[-1].clone()
     meta = {**meta, "ema_stds": [*meta["ema_stds"], float(std)], "sample_ema": out}
     return {**latest, "state_dict": state, META_KEY: meta}
 
