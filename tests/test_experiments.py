@@ -131,7 +131,7 @@ def shrink(cfg, disk: dict) -> list[str]:
     root, data, net = disk["root"], cfg.data._target_.rsplit(".", 1)[-1], cfg.net._target_.rsplit(".", 1)[-1]
     size = {"CIFAR10DataModule": 32}.get(data, 16)
     latent512 = cfg.hydra.runtime.choices.data in ("imagenet512_latent", "imagenet256_latent")
-    if latent512:  # ImageNet-512 latents stand in as the embedded digits' 4x4x4 latents: the same latent data path
+    if latent512 or cfg.hydra.runtime.choices.data == "digits_latent":  # the digits VAE's 4x4x4 latents
         size = 4
     out = [
         "trainer.max_steps=2",

@@ -116,12 +116,11 @@ def write_hydra_files(cfg: DictConfig, out_dir, overwrite: bool, resuming: bool 
         same = OmegaConf.load(folder / "config.yaml") == OmegaConf.create(OmegaConf.to_container(cfg))
         if same or resuming:  # the same run started again (a requeue before its first checkpoint), or resumed
             return
-        refuse_existing(
-            folder,
-            "hydra.run.dir's config",
-            overwrite,
-            "it records another run's config: start in another hydra.run.dir=...",
-        )
+        if not overwrite:  # its three files are rewritten below: overwrite=true replaces the record, not a folder
+            raise ConfigError(
+                f"hydra.run.dir's config={folder} records another run's config and would be overwritten; start in "
+                "another hydra.run.dir=..., or add overwrite=true to replace it"
+            )
     folder.mkdir(parents=True, exist_ok=True)
     hydra = HydraConfig.instance().cfg
     for name, content in (("config", cfg), ("hydra", hydra), ("overrides", hydra.hydra.overrides.task)):
