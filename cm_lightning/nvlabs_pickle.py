@@ -16,9 +16,15 @@ import io
 import pickle
 from pathlib import Path
 
+import numpy
 import torch
 
 from cm_lightning.errors import ConfigError
+
+try:  # NumPy 2 moved it; pickles name either path
+    from numpy._core.multiarray import _reconstruct
+except ImportError:
+    from numpy.core.multiarray import _reconstruct
 
 PERSISTENT = ("torch_utils.persistence", "_reconstruct_persistent_obj")
 
@@ -62,6 +68,13 @@ ALLOWED = {
     ("dnnlib.util", "EasyDict"): dict,
     ("copyreg", "_reconstructor"): lambda cls, base, state: cls(),
     ("copyreg", "__newobj__"): _new_plain,
+    ("torch._utils", "_rebuild_parameter_with_state"): torch._utils._rebuild_parameter_with_state,
+    # EDM2's pickles keep their VAE encoder's scale and bias as NumPy arrays: plain arrays from raw bytes
+    # (an object array's elements would still pass through find_class).
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy", "ndarray"): numpy.ndarray,
+    ("numpy", "dtype"): numpy.dtype,
     ("torch", "float32"): torch.float32,
     ("torch", "float16"): torch.float16,
 }

@@ -9,6 +9,7 @@ import pickle
 import sys
 import types
 
+import numpy
 import pytest
 import torch
 from conftest import TINY
@@ -73,8 +74,9 @@ def write_pickle(path, persistence, net, marker, precond="EDMPrecond", backbone=
     ema = as_record(persistence, torch.nn.Module(), source, precond)
     ema.reduce[1][0]["state"]["_modules"][backbone] = as_record(persistence, net, source)
     ema.reduce[1][0]["state"]["_init_kwargs"] = {"img_resolution": 8, "sigma_data": sigma_data}
-    with open(path, "wb") as f:
-        pickle.dump({"ema": ema, "loss_fn": None, "augment_pipe": None}, f)
+    encoder = {"scale": numpy.full(4, 0.5, dtype=numpy.float32), "bias": numpy.zeros(4, dtype=numpy.float32)}
+    with open(path, "wb") as f:  # EDM2's files also carry their VAE encoder's NumPy arrays
+        pickle.dump({"ema": ema, "loss_fn": None, "augment_pipe": None, "encoder": encoder}, f)
     return path
 
 
