@@ -2,6 +2,7 @@
 and run from a directory that is not the checkout."""
 
 import os
+import site
 import subprocess
 import sys
 
@@ -25,8 +26,12 @@ def test_installed_commands_train_and_evaluate_elsewhere(tmp_path):
     venv, work = tmp_path / "venv", tmp_path / "elsewhere"
     work.mkdir()
     # The dependencies and the build backend come from this interpreter's site-packages (no venv pip, whose
-    # bundled setuptools would shadow them), so nothing is downloaded.
-    _run(sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv, cwd=tmp_path)
+    # bundled setuptools would shadow them), so nothing is downloaded. A .pth names them: when this interpreter is
+    # itself a virtual environment, --system-site-packages would reach the base interpreter's instead, whose
+    # older setuptools cannot build a wheel.
+    _run(sys.executable, "-m", "venv", "--without-pip", venv, cwd=tmp_path)
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    (venv / "lib" / version / "site-packages" / "_parent_site.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     bin_dir = venv / "bin"
     _run(
         sys.executable,
