@@ -52,10 +52,10 @@ def earlier_history(path: Path) -> list[dict]:
         return []
     try:
         history = json.loads(path.read_text())["history"]
-        if isinstance(history, list) and all(isinstance(h, dict) and isinstance(h.get("step"), int) for h in history):
-            return history
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-        pass
+        history = None
+    if isinstance(history, list) and all(isinstance(h, dict) and isinstance(h.get("step"), int) for h in history):
+        return history
     aside = path.with_name("metrics.json.damaged")
     path.replace(aside)
     log.warning("%s is damaged (not a metrics history); moved it to %s and started the history afresh", path, aside)

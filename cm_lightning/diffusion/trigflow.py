@@ -12,17 +12,19 @@ from cm_lightning.diffusion.shapes import per_sample
 from cm_lightning.errors import ConfigError
 
 
-def draw_times(p_mean: float, p_std: float, x0: torch.Tensor, ctx):
-    """sCM's proposal (Section 4.2): t = arctan(exp(tau) / sigma_d), tau ~ N(P_mean, P_std^2), and the noise z,
-    for one batch through the step context's global draw; sigma_d is applied by the caller."""
+def draw_times(param, p_mean: float, p_std: float, x0: torch.Tensor, ctx):
+    """sCM's proposal (Section 4.2): t = arctan(exp(tau) / sigma_d), tau ~ N(P_mean, P_std^2), the noise z, and
+    x_t = cos(t) x0 + sin(t) sigma_d z, for one batch through the step context's global draw."""
     g, shape = ctx.generator, x0.shape
-    return ctx.draw(
+    tau, z = ctx.draw(
         shape[0],
         lambda b: (
             p_mean + p_std * torch.randn(b, generator=g, device=g.device),
             torch.randn((b, *shape[1:]), generator=g, device=g.device),
         ),
     )
+    t = torch.atan(torch.exp(tau) / param.sigma_data)
+    return t, z, param.add_noise(x0, z, t)
 
 
 @dataclass(frozen=True)

@@ -148,9 +148,7 @@ class SCM(Objective):
     def loss(self, student, target_net, x0, labels, ctx: StepContext):
         param = self.parameterisation
         sigma_data = param.sigma_data
-        tau, z = draw_times(self.p_mean, self.p_std, x0, ctx)
-        t = torch.atan(torch.exp(tau) / sigma_data)
-        x_t = param.add_noise(x0, z, t)
+        t, z, x_t = draw_times(param, self.p_mean, self.p_std, x0, ctx)
         if self.requires_teacher:
             with torch.no_grad():
                 dxt_dt = teacher_velocity(self.teacher, x_t, t, labels, sigma_data)

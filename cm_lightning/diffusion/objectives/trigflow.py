@@ -37,9 +37,7 @@ class TrigFlowDenoising(Objective):
     def loss(self, student, target_net, x0, labels, ctx: StepContext):
         param = self.parameterisation
         sigma_data = param.sigma_data
-        tau, z = draw_times(self.p_mean, self.p_std, x0, ctx)
-        t = torch.atan(torch.exp(tau) / sigma_data)
-        x_t = param.add_noise(x0, z, t)
+        t, z, x_t = draw_times(param, self.p_mean, self.p_std, x0, ctx)
         v_t = per_sample(torch.cos(t), x0) * sigma_data * z - per_sample(torch.sin(t), x0) * x0
         ctx.reseed_dropout()
         distance = (sigma_data * param.F(student, x_t, t, labels) - v_t).pow(2).flatten(1).mean(dim=1)
