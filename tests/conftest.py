@@ -12,12 +12,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 TINY = ["+debug=tiny"]
 
 
-def run_script(script: str, *overrides: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_script(
+    script: str, *overrides: str, check: bool = True, timeout: int = 600, threads: int = 1
+) -> subprocess.CompletedProcess:
+    """``python <script> <overrides>`` in a subprocess; ``threads``: its OMP_NUM_THREADS (1 keeps parallel runs
+    from oversubscribing the cores)."""
     env = {
         **os.environ,
         "WANDB_MODE": os.environ.get("WANDB_MODE", "offline"),
         "HYDRA_FULL_ERROR": "0",
-        "OMP_NUM_THREADS": "1",
+        "OMP_NUM_THREADS": str(threads),
     }
     proc = subprocess.run(
         [sys.executable, str(ROOT / script), *overrides],
