@@ -58,6 +58,7 @@ def test_fused_kernel_where_the_optimiser_has_one():
     assert not plain.defaults["fused"]
 
 
+@pytest.mark.slow  # torch.compile's first compile: minutes on 2 CPU cores
 def test_channels_last_and_compile_keep_the_loss_gradients_and_checkpoint_keys():
     x = torch.rand(8, 1, 8, 8) * 2 - 1
     eager = prepared(Speed(channels_last=False, compile=False), dropout=0.0)
@@ -75,6 +76,7 @@ def test_channels_last_and_compile_keep_the_loss_gradients_and_checkpoint_keys()
     torch.testing.assert_close(bf16_loss, loss, rtol=0.05, atol=0)  # bf16 has 8 bits of mantissa
 
 
+@pytest.mark.slow  # torch.compile's first compile: minutes on 2 CPU cores
 def test_compiled_student_and_target_draw_the_same_dropout_masks():
     """Channels-last lays dropout masks out in another order (another draw, the same distribution), but the
     student and the target, both compiled and channels-last, must still share theirs."""
