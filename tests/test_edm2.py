@@ -150,6 +150,18 @@ def test_dropout_only_at_the_named_resolutions():
     assert rates["16x16_block0"] == 0.0
 
 
+def test_bf16_forward_with_upsampling_in_fp32_as_cuda_autocast_runs_it(monkeypatch):
+    """CUDA's autocast runs upsample_nearest2d in fp32 (CPU's keeps the input dtype): the up blocks' fp32 skip
+    then met a bf16 branch in mp_sum's lerp, and every EDM2 step under bf16-mixed stopped on the first GPU."""
+    upsample = torch.nn.functional.interpolate
+    monkeypatch.setattr(torch.nn.functional, "interpolate", lambda *a, **k: upsample(*a, **k).float())
+    net = tiny_edm2(gain=0.5).eval()
+    x, sigma = torch.randn(2, 1, 8, 8), torch.rand(2)
+    with torch.autocast("cpu", torch.bfloat16), torch.no_grad():
+        out = net(x, sigma)
+    assert out.dtype == torch.float32 and out.isfinite().all()
+
+
 def test_power_function_profile_at_known_points():
     # FastGen's EDM2 configs keep std 0.010, 0.050, 0.100 as gamma 96.99, 16.97, 6.94; eq. 123 maps them back.
     for std, gamma in [(0.010, 96.99), (0.050, 16.97), (0.100, 6.94)]:

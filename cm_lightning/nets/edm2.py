@@ -57,7 +57,9 @@ class Block(nn.Module):
         if self.resample == "down":
             x = F.avg_pool2d(x, 2)
         elif self.resample == "up":
-            x = F.interpolate(x, scale_factor=2, mode="nearest")
+            # CUDA's autocast runs upsampling in fp32; cast back, or the fp32 skip meets a bf16 branch in mp_sum's
+            # lerp, which takes one dtype.
+            x = F.interpolate(x, scale_factor=2, mode="nearest").to(x.dtype)
         if self.flavor == "enc":
             if self.conv_skip is not None:
                 x = self.conv_skip(x)
