@@ -119,7 +119,8 @@ def build_trainer(cfg: DictConfig, steps: int, callbacks, workdir: Path) -> L.Tr
 
 
 def train_run(cfg: DictConfig, batch: int, warmup: int, steps: int, workdir: Path, flops: bool = False):
-    """(module, seconds for the timed steps, peak GiB, FLOPs per image or None) of a fresh model."""
+    """(module on the training device, seconds for the timed steps, peak GiB, FLOPs per image or None) of a fresh
+    model."""
     torch._dynamo.reset()
     model = instantiate(cfg.model)
     timer = StepTimer(warmup, steps)
@@ -129,7 +130,8 @@ def train_run(cfg: DictConfig, batch: int, warmup: int, steps: int, workdir: Pat
     loader = torch.utils.data.DataLoader(Synthetic(batch, model.net), batch_size=None, pin_memory=device.type == "cuda")
     trainer.fit(model, train_dataloaders=loader)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return model, timer.seconds, peak, counted
+    # Lightning's teardown leaves the module on the CPU: sampling (and the device's name) would be timed there.
+    return model.to(device), timer.seconds, peak, counted
 
 
 def max_batch(cfg: DictConfig, start: int, start_run: tuple[float, float], workdir: Path) -> tuple[int, float, float]:
