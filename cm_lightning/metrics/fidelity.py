@@ -6,7 +6,8 @@ direct ``torch_fidelity.calculate_metrics`` call on the same images. The referen
 training set) arrives as cached features and FID statistics (``reference.py``), never re-extracted.
 
 Extractors: ``inception-v3-compat`` (torch-fidelity's port of the TF-slim Inception, comparable to
-published FIDs) and ``digits-classifier`` (``digits_fidelity.py``, meaningful on 16x16 digits).
+published FIDs), ``dinov2-vitl14`` (``dinov2.py``: FD-DINOv2, as EDM2 and sCM report at 512; its "fid" is the
+Frechet distance in DINOv2 features) and ``digits-classifier`` (``digits_fidelity.py``, meaningful on 16x16 digits).
 Nothing is downloaded: weights come from a path or an existing file in torch's cache, and are read with
 ``weights_only=True`` (``untrusted.py``).
 """
@@ -24,13 +25,16 @@ from torch_fidelity.metric_prc import prc_featuresdict_to_metric
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from cm_lightning.errors import ConfigError
-from cm_lightning.metrics import digits_fidelity
+from cm_lightning.metrics import digits_fidelity, dinov2
 from cm_lightning.metrics.digits_classifier import WEIGHTS_PATH as DIGITS_WEIGHTS
 from cm_lightning.untrusted import load_weights, weights_stream
 
 log = logging.getLogger(__name__)
 INCEPTION = "inception-v3-compat"
-EXTRACTORS = (INCEPTION, digits_fidelity.FEATURE_EXTRACTOR_NAME)
+DINOV2 = dinov2.FEATURE_EXTRACTOR_NAME
+EXTRACTORS = (INCEPTION, DINOV2, digits_fidelity.FEATURE_EXTRACTOR_NAME)
+# Where torch.hub would have stored each downloaded extractor's weights, and where they come from.
+DOWNLOADED = {INCEPTION: URL_INCEPTION_V3, DINOV2: dinov2.WEIGHTS_URL}
 # torch-fidelity's result keys -> the short names logged as metrics/<name>_<k>step.
 NAMES = {
     "frechet_inception_distance": "fid",
@@ -44,9 +48,9 @@ NAMES = {
 }
 
 
-def inception_cache_path() -> Path:
-    """Where torch.hub would have stored torch-fidelity's Inception weights."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / URL_INCEPTION_V3.rsplit("/", 1)[1]
+def hub_cache_path(extractor: str = INCEPTION) -> Path:
+    """Where torch.hub would have stored the extractor's weights."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / DOWNLOADED[extractor].rsplit("/", 1)[1]
 
 
 def resolve_weights(extractor: str, path) -> Path:
@@ -58,16 +62,16 @@ def resolve_weights(extractor: str, path) -> Path:
         if not path.is_file():
             raise ConfigError(
                 f"feature_extractor_weights_path={path} does not exist; point it at the {extractor} weights file"
-                + (f" (torch-fidelity's {URL_INCEPTION_V3})" if extractor == INCEPTION else "")
+                + (f" ({DOWNLOADED[extractor]})" if extractor in DOWNLOADED else "")
             )
         return path
-    if extractor != INCEPTION:
+    if extractor not in DOWNLOADED:
         return DIGITS_WEIGHTS
-    path = inception_cache_path()
+    path = hub_cache_path(extractor)
     if not path.is_file():
         raise ConfigError(
-            f"Inception weights for {INCEPTION} not found at {path} (torch's cache); nothing is downloaded at run "
-            f"time. Download {URL_INCEPTION_V3} to that path, or set feature_extractor_weights_path=<file>"
+            f"{extractor} weights not found at {path} (torch's cache); nothing is downloaded at run "
+            f"time. Download {DOWNLOADED[extractor]} to that path, or set feature_extractor_weights_path=<file>"
         )
     return path
 
@@ -121,9 +125,11 @@ class Fidelity:
         self.fid, self.isc, self.kid, self.prc = fid, isc, kid, prc
         self.kid_subset_size, self.batch_size = int(kid_subset_size), batch_size
         cls = FEATURE_EXTRACTORS_REGISTRY[feature_extractor]
-        # FID, KID and precision/recall share one layer in both extractors; the reference caches it.
+        # FID, KID and precision/recall share one layer in every extractor; the reference caches it.
         self.layer = cls.get_default_feature_layer_for_metric("fid")
         self.isc_layer = cls.get_default_feature_layer_for_metric("isc")
+        if isc and self.isc_layer is None:
+            raise ConfigError(f"isc=true needs class logits, which {feature_extractor} has not; set isc=false")
         self._extractor = None
 
     @property
