@@ -1,16 +1,15 @@
 """Sample quality on the embedded digits for a fixed CPU budget: the EDM teacher, CD, CT, iCT, ECT, sCT, sCD and
-MeanFlow.
+MeanFlow (U-Net and tiny DiT; two steps also with the re-noising chain).
 
 Trains ``digits_edm``, then ``digits_cd``, ``digits_ect`` and ``digits_scd`` from its checkpoint, and ``digits_ct``,
-``digits_ict``, ``digits_sct`` and ``digits_meanflow`` through train.py (each for the steps its experiment sets, unless
-overridden; sCM's and MeanFlow's step budgets match iCT's and CD's wall-clock time, since a JVP step costs more than a
-discrete one), samples 1,797 images from each (as
-many as the dataset holds), prints one JSON line per row and a table, appends the lines to
-benchmarks/results/digits_quality.jsonl and rewrites docs/results.md from them (benchmarks/write_results.py; a
-``--study`` other than the default ``budgets`` needs its table named in benchmarks/results/results.md.in). Consistency
-models are scored
-at one step, at two steps with the default midpoint (the middle of a 3-point Karras grid, sigma = 2.5; sCM: t = 1.1),
-and at two steps with the midpoint the authors' ternary search picks (ts = (0, p, 39) of 40):
+``digits_ict``, ``digits_sct``, ``digits_meanflow`` and ``digits_meanflow_dit`` through train.py (each for the steps
+its experiment sets, unless overridden; sCM's and MeanFlow's step budgets match iCT's and CD's wall-clock time, since
+a JVP step costs more than a discrete one), samples 1,797 images from each (as many as the dataset holds), prints one
+JSON line per row and a table, appends the lines to benchmarks/results/digits_quality.jsonl and rewrites
+docs/results.md from them (benchmarks/write_results.py; a ``--study`` other than the default ``budgets`` needs its
+table named in benchmarks/results/results.md.in). Consistency models are scored at one step, at two steps with the
+default midpoint (the middle of a 3-point Karras grid, sigma = 2.5; sCM: t = 1.1), and at two steps with the
+midpoint the authors' ternary search picks (ts = (0, p, 39) of 40):
 
     FID in the features of a small digits classifier (torch-fidelity, extractor "digits-classifier",
     held-out accuracy 100 %) between the samples and the whole dataset, plus IS from its logits.
@@ -49,6 +48,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import write_results  # noqa: E402
 
 FEW_STEPS = [("1 step", dict(steps=1)), ("2 steps", dict(steps=2))]
+# MeanFlow's 2 steps are its own jumps (the default chain); CM's re-noising chain is scored beside them.
+MEANFLOW_STEPS = [*FEW_STEPS, ("2 steps, re-noising", dict(steps=2, chain="renoise"))]
 ROWS = {  # row -> (experiment, its name in docs/results.md, which samplings to score)
     "edm": ("digits_edm", "EDM teacher", [("18-step Heun", dict(steps=18))]),
     "cd": ("digits_cd", "CD", FEW_STEPS),
@@ -57,7 +58,8 @@ ROWS = {  # row -> (experiment, its name in docs/results.md, which samplings to 
     "ect": ("digits_ect", "ECT", FEW_STEPS),
     "sct": ("digits_sct", "sCT", FEW_STEPS),
     "scd": ("digits_scd", "sCD", FEW_STEPS),
-    "meanflow": ("digits_meanflow", "MeanFlow", FEW_STEPS),
+    "meanflow": ("digits_meanflow", "MeanFlow", MEANFLOW_STEPS),
+    "meanflow_dit": ("digits_meanflow_dit", "MeanFlow, tiny DiT", MEANFLOW_STEPS),
 }
 DISTILLED = ("cd", "ect", "scd")  # rows that read the teacher
 
@@ -120,7 +122,7 @@ def main() -> None:
             ckpt, seconds = train(experiment, args.out / row, extra)
         if row != "edm" and not args.no_search:
             how, found = searched_two_step(ckpt, reference)
-            samplings = [*samplings, (f"{samplings[-1][0]}, searched midpoint", how)]
+            samplings = [*samplings, ("2 steps, searched midpoint", how)]
         setting = args.setting or " ".join([label, *overrides])
         rows = []
         for name, how in samplings:
