@@ -69,6 +69,7 @@ def test_a_tiny_random_vae_loads_through_the_sd_vae_path(tmp_path):
     with torch.no_grad():
         post = vae.encode(x).latent_dist
     torch.testing.assert_close(rows, torch.cat([post.mean, post.std], 1))
+    torch.testing.assert_close(ae.latents(x), EDM2Scaling().from_vae(post.mean))  # editing's encoding: the mean
     assert ae.decode(EDM2Scaling().read(rows[0])[None]).shape == (1, 3, 8, 8)
 
 
@@ -185,4 +186,5 @@ def test_cli_latent_teacher_trains_and_samples_pixels(tmp_path):
         capture_output=True,
         text=True,
     )
-    assert edit.returncode != 0 and "is a latent model" in edit.stderr + edit.stdout
+    # the teacher is refused as an editor; a latent consistency model edits (tests/test_latent_editing.py)
+    assert edit.returncode != 0 and "is an EDM teacher" in edit.stderr + edit.stdout

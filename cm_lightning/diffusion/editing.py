@@ -71,10 +71,12 @@ def edit(
 
 
 @torch.no_grad()
-def stroke_guided(f, strokes: torch.Tensor, noise: torch.Tensor, levels, param, generator=None) -> torch.Tensor:
+def stroke_guided(
+    f, strokes: torch.Tensor, noise: torch.Tensor, levels, param, generator=None, clip: bool = True
+) -> torch.Tensor:
     """SDEdit with a consistency model (CM Section 6): start from the stroke painting noised to levels[0]."""
     levels = check_decreasing(levels, "sigma")
-    return consistency_chain(f, param.add_noise(strokes, noise, levels[0]), levels, param, generator)
+    return consistency_chain(f, param.add_noise(strokes, noise, levels[0]), levels, param, generator, clip=clip)
 
 
 @torch.no_grad()
@@ -94,9 +96,11 @@ def slerp(z0: torch.Tensor, z1: torch.Tensor, alpha: torch.Tensor) -> torch.Tens
 
 
 @torch.no_grad()
-def interpolate(f, z0: torch.Tensor, z1: torch.Tensor, num: int, param) -> torch.Tensor:
-    """``num`` one-step samples from t_max along the great circle from z0 to z1 (C, H, W)."""
+def interpolate(f, z0: torch.Tensor, z1: torch.Tensor, num: int, param, clip: bool = True) -> torch.Tensor:
+    """``num`` one-step samples from t_max along the great circle from z0 to z1 (C, H, W); ``clip=False`` for
+    latents, which have no [-1, 1] range."""
     if num < 2:
         raise ConfigError(f"num={num}: interpolation needs at least the two end frames (num >= 2)")
     z = slerp(z0, z1, torch.linspace(0, 1, num))
-    return consistency_chain(f, param.add_noise(torch.zeros_like(z), z, param.t_max), [param.t_max], param)
+    start = param.add_noise(torch.zeros_like(z), z, param.t_max)
+    return consistency_chain(f, start, [param.t_max], param, clip=clip)

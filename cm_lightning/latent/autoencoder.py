@@ -101,6 +101,18 @@ class Autoencoder:
         return torch.cat(rows)
 
     @torch.no_grad()
+    def latents(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> training latents of the posterior mean, on the images' device: the deterministic
+        encoding (the VAE's best reconstruction, no posterior noise) that editing keeps as its reference."""
+        device = next(self.vae.parameters()).device
+        out = []
+        for batch in images.split(self.batch_size):
+            with self._autocast(device):
+                mean = self.vae.encode(batch.to(device)).latent_dist.mean
+            out.append(self.scaling.from_vae(mean.float()).to(images.device))
+        return torch.cat(out)
+
+    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Training latents -> images in [-1, 1], on the latents' device."""
         device = next(self.vae.parameters()).device

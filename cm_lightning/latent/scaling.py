@@ -1,7 +1,8 @@
 """The two published ways from a VAE posterior to the latents a network is trained on.
 
 ``stored`` is what the cache keeps per image, ``read`` turns a stored row into a training latent (drawing
-fresh noise where the convention samples at every read), ``to_vae`` inverts the scaling before decoding."""
+fresh noise where the convention samples at every read), ``from_vae`` scales one raw VAE latent (editing
+encodes the posterior mean through it) and ``to_vae`` inverts it before decoding."""
 
 import torch
 
@@ -21,10 +22,13 @@ class ConstantScaling:
 
     def stored(self, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None = None):
         eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        return (mean + std * eps) * self.factor
+        return self.from_vae(mean + std * eps)
 
     def read(self, row: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return row
+
+    def from_vae(self, latent: torch.Tensor) -> torch.Tensor:
+        return latent * self.factor
 
     def to_vae(self, latent: torch.Tensor) -> torch.Tensor:
         return latent / self.factor
@@ -53,9 +57,11 @@ class EDM2Scaling:
 
     def read(self, row: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         mean, std = row.float().chunk(2, dim=-3)
-        z = mean + std * torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
-        raw_mean, raw_std = self._stats(z)
-        return (z - raw_mean) * (self.final_std / raw_std)
+        return self.from_vae(mean + std * torch.randn(mean.shape, generator=generator, dtype=mean.dtype))
+
+    def from_vae(self, latent: torch.Tensor) -> torch.Tensor:
+        raw_mean, raw_std = self._stats(latent)
+        return (latent - raw_mean) * (self.final_std / raw_std)
 
     def to_vae(self, latent: torch.Tensor) -> torch.Tensor:
         raw_mean, raw_std = self._stats(latent)

@@ -7,6 +7,9 @@ Tasks (CM paper, Section 6; the math is in cm_lightning/diffusion/editing.py):
     stroke       SDEdit: the stroke painting noised to ``sigma``, then f
     denoise      the input plus noise of ``sigma`` (or, with noisy_input=true, already noisy), then f
     interpolate  ``num`` one-step samples along the great circle between two seeded noises
+A latent model (one whose checkpoint names a VAE) edits on its latent grid where the edit has a latent meaning:
+inpaint (the mask max-pooled to the grid), stroke (the painting encoded) and interpolate (latent noises), each
+decoded (cm_lightning/latent/editing.py); colorize, superres and denoise refuse it in one line (LATENT_REFUSALS).
 Each writes ``<task>.png`` (rows of input | degraded | result; interpolate: one row of frames) and the
 results as ``<task>/<name>.png`` under out_dir.
 """
@@ -23,6 +26,7 @@ from cm_lightning.checkpoint import META_KEY, upgrade
 from cm_lightning.diffusion import editing
 from cm_lightning.diffusion.linear_transforms import LUMINANCE, ChannelBasis, Identity, PatchBasis
 from cm_lightning.errors import ConfigError
+from cm_lightning.latent import editing as latent_editing
 from cm_lightning.loading import is_plain
 from cm_lightning.metrics.sharding import seeded_chunks
 from cm_lightning.sampler import Sampler
@@ -32,6 +36,15 @@ from cm_lightning.tasks.editing_inputs import build_masks, read_images, to_tenso
 log = logging.getLogger(__name__)
 
 DEFAULT_SIGMA = {"stroke": 2.0, "denoise": 0.5}  # noise levels where a digit's shape survives
+
+# Why a latent model cannot take these edits: each acts on pixels in a way no operation on latents reproduces.
+PIXEL_LINEAR = "is a linear map of pixels, and a VAE's latents have no linear counterpart of it to keep"
+LATENT_REFUSALS = {
+    "colorize": f"its luminance basis {PIXEL_LINEAR}",
+    "superres": f"its patch-mean basis {PIXEL_LINEAR}",
+    "denoise": "its noise is in pixels, and a VAE's encoding of a noisy image is not a latent plus noise of a "
+    "known level, which f needs",
+}
 
 
 @dataclass
@@ -54,6 +67,11 @@ class Editor:
             f = self.bound(batch[0].shape[0], g)
             outputs.append([o.cpu() for o in fn(f, g, *batch)])
         return [torch.cat(parts) for parts in zip(*outputs)]
+
+    @property
+    def vae(self):
+        """The checkpoint's autoencoder on the device; None for a pixel model."""
+        return None if self.sampler.decoder is None else self.sampler.decoder.to(self.device)
 
     def bound(self, num: int, g: torch.Generator):
         """f(x, sigma) with class labels bound: ``label`` if given, else drawn from the seed."""
@@ -94,11 +112,10 @@ def load_editor(cfg: DictConfig, task: str) -> Editor:
     device = pick_device(cfg.device)
     sampler = speed_up(load_sampler(cfg, device), cfg, device)
     param = sampler.param
-    if sampler.decoder is not None:
-        # Algorithm 4 replaces known pixels at every step; a latent model's state is latents, not pixels.
+    if sampler.decoder is not None and task in LATENT_REFUSALS:
         raise ConfigError(
-            f"task={task}: ckpt={cfg.ckpt} is a latent model (its samples decode through a VAE), which the "
-            "editing tasks do not edit yet; use task=sample or a pixel-space checkpoint"
+            f"task={task} cannot edit ckpt={cfg.ckpt}, a latent model (it samples a VAE's latents): "
+            f"{LATENT_REFUSALS[task]}; latent models edit with task=inpaint, stroke or interpolate"
         )
     if not param.few_step:
         raise ConfigError(
@@ -162,8 +179,23 @@ def algorithm4_task(cfg: DictConfig, task: str, transform, omega_for, editor: Ed
 def inpaint_task(cfg: DictConfig) -> list[Path]:
     editor = load_editor(cfg, "inpaint")
     images = read_images(cfg, "inpaint")
-    masks = build_masks(cfg, images, editor.sampler.image_shape[-1])
-    return algorithm4_task(cfg, "inpaint", Identity(), lambda shape: masks, editor, images)
+    masks = build_masks(cfg, images, editor.sampler.pixel_shape[-1])
+    if editor.vae is None:
+        return algorithm4_task(cfg, "inpaint", Identity(), lambda shape: masks, editor, images)
+    return latent_inpaint_task(cfg, editor, images, masks)
+
+
+def latent_inpaint_task(cfg: DictConfig, editor: Editor, images, masks: torch.Tensor) -> list[Path]:
+    """Algorithm 4 on the latent grid (latent/editing.py), decoded: columns input | the pixels of the kept
+    latent cells | result."""
+    y, vae = to_tensor(images, editor.sampler), editor.vae
+
+    def run(f, g, y, omega):
+        _, cells, edited = latent_editing.inpaint(f, vae, y, omega, editor.levels, editor.sampler.param, g)
+        return y * (1 - latent_editing.covered(cells, vae.factor)), vae.decode(edited)
+
+    kept, result = editor.batched(run, y, masks)
+    return write_results(cfg, "inpaint", [n for n, _ in images], [y, kept, result])
 
 
 def colorize_task(cfg: DictConfig) -> list[Path]:
@@ -193,12 +225,15 @@ def stroke_task(cfg: DictConfig) -> list[Path]:
     editor = load_editor(cfg, "stroke")
     sigma = edit_sigma(cfg, "stroke", editor.sampler)
     images = read_images(cfg, "stroke")
-    strokes = to_tensor(images, editor.sampler)
+    strokes, vae, param = to_tensor(images, editor.sampler), editor.vae, editor.sampler.param
 
     def run(f, g, y):
-        noise = torch.randn(y.shape, generator=g, device=y.device)
-        param = editor.sampler.param
-        return y + sigma * noise, editing.stroke_guided(f, y, noise, [param.from_sigma(sigma)], param, g)
+        if vae is None:
+            noise = torch.randn(y.shape, generator=g, device=y.device)
+            return y + sigma * noise, editing.stroke_guided(f, y, noise, [param.from_sigma(sigma)], param, g)
+        noise = torch.randn((y.shape[0], *editor.sampler.image_shape), generator=g, device=y.device)
+        z, edited = latent_editing.stroke_guided(f, vae, y, noise, [param.from_sigma(sigma)], param, g)
+        return vae.decode(z + sigma * noise), vae.decode(edited)
 
     noisy, result = editor.batched(run, strokes)
     return write_results(cfg, "stroke", [n for n, _ in images], [strokes, noisy, result])
@@ -223,8 +258,9 @@ def interpolate_task(cfg: DictConfig) -> list[Path]:
     shape = editor.sampler.image_shape
     g = torch.Generator(device=editor.device).manual_seed(cfg.seed)
     z0, z1 = torch.randn((2, *shape), generator=g, device=editor.device)
-    frames = editing.interpolate(editor.bound(cfg.num, g), z0, z1, cfg.num, editor.sampler.param)
-    return write_frames(cfg, frames.cpu())
+    f, latent = editor.bound(cfg.num, g), editor.vae is not None  # a latent model's noises are latents
+    frames = editing.interpolate(f, z0, z1, cfg.num, editor.sampler.param, clip=not latent)
+    return write_frames(cfg, editor.sampler.pixels(frames).cpu())
 
 
 def write_frames(cfg: DictConfig, frames: torch.Tensor) -> list[Path]:

@@ -44,7 +44,8 @@ def read_images(cfg: DictConfig, task: str) -> list[tuple[str, Image.Image]]:
 
 
 def to_tensor(images: list[tuple[str, Image.Image]], sampler: Sampler) -> torch.Tensor:
-    channels, _, size = sampler.image_shape
+    """The images at the resolution of the model's samples (a latent model's: its decoder's pixels), in [-1, 1]."""
+    channels, _, size = sampler.pixel_shape
     return torch.stack([to_model_range(center_crop_resize(img.convert("RGB"), size), channels) for _, img in images])
 
 
