@@ -33,10 +33,12 @@ from cm_lightning.errors import ConfigError
 from cm_lightning.inputs import real
 
 
-def mean_flow_target(u_fn, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor, v: torch.Tensor, **jvp_mode):
-    """(u(z, r, t), u_tgt = v - (t - r) du/dt) with du/dt = v . d_z u + d_t u, the JVP along (v, 0, 1) in
-    (z, r, t) (MeanFlow eq. 10); both without a graph. ``jvp_mode``: ``mode`` and ``step`` of ``jvp``."""
-    u, du_dt = jvp(u_fn, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)), **jvp_mode)
+def mean_flow_target(u_fn, z, r: torch.Tensor, t: torch.Tensor, v: torch.Tensor, tangent=None, **jvp_mode):
+    """(u(z, r, t), u_tgt = v - (t - r) du/dt) with du/dt = w . d_z u + d_t u, the JVP along (w, 0, 1) in
+    (z, r, t), both without a graph. The tangent w is v (MeanFlow eq. 10) unless ``tangent`` gives another
+    (improved MeanFlow's u(z, t, t), ``imeanflow.py``). ``jvp_mode``: ``mode`` and ``step`` of ``jvp``."""
+    w = v if tangent is None else tangent
+    u, du_dt = jvp(u_fn, (z, r, t), (w, torch.zeros_like(r), torch.ones_like(t)), **jvp_mode)
     return u, v - per_sample(t - r, v) * du_dt
 
 
@@ -175,6 +177,10 @@ class MeanFlow(Objective):
         mask = per_sample(dropped | (t > self.guidance_t_max), v).bool()
         return torch.where(mask, v, v_g), torch.where(dropped, none, labels)
 
+    def tangent(self, u_fn, z: torch.Tensor, t: torch.Tensor, v: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """The z-direction of du/dt: MeanFlow's is the (guided) conditional velocity v itself (eq. 10)."""
+        return v
+
     def loss(self, student, target_net, x0, labels, ctx: StepContext):
         param = self.parameterisation
         t, r, e, dropped = self.draws(x0, ctx)
@@ -183,9 +189,10 @@ class MeanFlow(Objective):
         with torch.autocast(x0.device.type, enabled=False):  # the JVP in fp32 (the official code)
             if self.guided:
                 v, labels = self.guided_velocity(student, z, t, v, labels, dropped)
-            ctx.reseed_dropout()
             u_fn = lambda z, r, t: param.u(eager(student), z, r, t, labels)  # noqa: E731
-            _, u_tgt = mean_flow_target(u_fn, z, r, t, v, **self.jvp_mode)
+            tangent = self.tangent(u_fn, z, t, v, ctx)
+            ctx.reseed_dropout()
+            _, u_tgt = mean_flow_target(u_fn, z, r, t, v, tangent, **self.jvp_mode)
         ctx.reseed_dropout()  # the JVP's dropout masks, so that u_theta is the function the target was taken of
         u_theta = param.u(student, z, r, t, labels)
         squared = (u_theta - u_tgt).pow(2).flatten(1).sum(dim=1)
