@@ -1,39 +1,16 @@
-import os
-import subprocess
+"""The session's shared runs, as pytest fixtures; every other shared helper is in the ``helpers`` package."""
+
 import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+# pytest's default (prepend) import mode puts tests/ on sys.path already, for this file and the test modules;
+# this keeps ``helpers`` importable under --import-mode=importlib too.
 sys.path.insert(0, str(Path(__file__).parent))
 
-# Shrinks any digits experiment to seconds on a CPU (conf/debug/tiny.yaml, which users run the same way).
-TINY = ["+debug=tiny"]
-
-
-def run_script(
-    script: str, *overrides: str, check: bool = True, timeout: int = 600, threads: int = 1
-) -> subprocess.CompletedProcess:
-    """``python <script> <overrides>`` in a subprocess; ``threads``: its OMP_NUM_THREADS (1 keeps parallel runs
-    from oversubscribing the cores)."""
-    env = {
-        **os.environ,
-        "WANDB_MODE": os.environ.get("WANDB_MODE", "offline"),
-        "HYDRA_FULL_ERROR": "0",
-        "OMP_NUM_THREADS": str(threads),
-    }
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / script), *overrides],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{script} {' '.join(overrides)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
+from helpers import TINY  # noqa: E402
+from helpers.launch import run_script  # noqa: E402
 
 
 @pytest.fixture(scope="session")

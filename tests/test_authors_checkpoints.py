@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY, run_script
-from helpers import randomise
+from helpers import ROOT, TINY
+from helpers.builders import randomise
+from helpers.launch import evaluate_here, run_script, train_here
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from inprocess import evaluate_here, train_here
 from omegaconf import OmegaConf
 
 from cm_lightning.diffusion.precond import consistency_function, edm_denoiser

@@ -8,17 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, run_script
+from helpers import TINY
+from helpers.launch import fails, run_script
 from omegaconf import OmegaConf
 from PIL import Image
-
-
-def fails(script, *overrides):
-    proc = run_script(script, *overrides, check=False)
-    assert proc.returncode != 0, proc.stdout[-2000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert "Epoch 0" not in proc.stderr + proc.stdout  # nothing was trained
-    return proc.stderr
 
 
 def test_missing_teacher_checkpoint(tmp_path):

@@ -4,7 +4,8 @@ import csv
 
 import numpy as np
 import torch
-from conftest import TINY, run_script
+from helpers import TINY
+from helpers.launch import run_script
 from PIL import Image
 
 

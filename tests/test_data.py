@@ -1,8 +1,7 @@
-import pickle
-
 import numpy as np
 import pytest
 import torch
+from helpers.fixtures import write_cifar_fixture
 from PIL import Image
 
 from cm_lightning.data.cifar10 import CIFAR10DataModule
@@ -38,22 +37,6 @@ def test_global_batch_must_divide():
         dm.per_device_batch()
     dm.batch_size = 129
     assert dm.per_device_batch() == 43
-
-
-def write_cifar_fixture(root, n=20):
-    """A tiny CIFAR-10 in torchvision's pickled layout (cifar-10-batches-py)."""
-    base = root / "cifar-10-batches-py"
-    base.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {
-            "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-            "labels": [int(v) for v in rng.integers(0, 10, n)],
-        }
-        with open(base / name, "wb") as f:
-            pickle.dump(batch, f)
-    with open(base / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
 
 
 def test_cifar10_reads_torchvision_layout(tmp_path, monkeypatch):

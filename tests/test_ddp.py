@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from conftest import TINY
-from probes import run
+from helpers import TINY
+from helpers.launch import run_script
 
 from cm_lightning.data.epoch_sampler import EpochSampler
 from cm_lightning.runtime.ddp import config_flags
@@ -20,7 +20,7 @@ ONE_STEP = [
     "trainer.accelerator=cpu",
     "trainer.deterministic=true",
     "logger=csv",
-    "+callbacks.probe._target_=probes.RankProbe",
+    "+callbacks.probe._target_=helpers.probes.RankProbe",
 ]
 
 
@@ -33,7 +33,7 @@ def weights(run_dir):
 def sweep(tmp_path_factory):
     """One sweep of three jobs in one process: DDP on 2 ranks, a single process, DDP again."""
     out = tmp_path_factory.mktemp("sweep")
-    proc = run("train.py", "-m", *ONE_STEP, "trainer.devices=2,1,2", f"hydra.sweep.dir={out}", timeout=400)
+    proc = run_script("train.py", "-m", *ONE_STEP, "trainer.devices=2,1,2", f"hydra.sweep.dir={out}", timeout=400)
     return out, proc.stdout + proc.stderr
 
 

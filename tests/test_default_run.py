@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import run_script
+from helpers.launch import run_script
 
 from cm_lightning.metrics.digits_classifier import load_pretrained_digits_classifier
 

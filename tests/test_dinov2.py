@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run_script
+from helpers.launch import run_script
 from torch_fidelity.metric_fid import fid_features_to_statistics
 
 from cm_lightning.errors import ConfigError

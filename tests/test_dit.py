@@ -292,7 +292,7 @@ MEANFLOW_DIT = [
 def test_a_tiny_dit_meanflow_run_trains_and_samples_with_both_chains(tmp_path):
     """python train.py experiment=digits_meanflow_dit for a few steps: a finite DiT with its h-embedder, and sample
     grids of the flow map (1 and 2 steps) and of the re-noising chain (2 steps)."""
-    from conftest import run_script
+    from helpers.launch import run_script
 
     run_script("train.py", *MEANFLOW_DIT, "model.objective.jvp=finite_difference", f"hydra.run.dir={tmp_path}")
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
@@ -308,7 +308,7 @@ def test_a_tiny_dit_meanflow_run_trains_and_samples_with_both_chains(tmp_path):
 def test_bad_dit_settings_stop_before_any_step_with_one_line(tmp_path):
     """Through train.py for a patch size that does not divide the resolution; a one-time DiT and guidance on an
     unconditional DiT stop in MeanFlow's check, which the module runs when the run is built."""
-    from test_bad_input import fails
+    from helpers.launch import fails
 
     from cm_lightning.diffusion.meanflow_param import MeanFlowParam
     from cm_lightning.diffusion.objectives.meanflow import MeanFlow
@@ -325,7 +325,7 @@ def test_bad_dit_settings_stop_before_any_step_with_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_two_ranks_take_the_single_process_dit_meanflow_step(tmp_path):
-    from probes import two_ranks_and_one
+    from helpers.scenarios import two_ranks_and_one
 
     ddp, _ = two_ranks_and_one(MEANFLOW_DIT, tmp_path)
     assert any(k.startswith("net.h_embedder.") for k in ddp)
@@ -333,6 +333,6 @@ def test_two_ranks_take_the_single_process_dit_meanflow_step(tmp_path):
 
 @pytest.mark.slow
 def test_dit_meanflow_resumes_bit_for_bit(tmp_path):
-    from probes import killed_and_resumed
+    from helpers.scenarios import killed_and_resumed
 
     killed_and_resumed([*MEANFLOW_DIT, "model.objective.jvp=finite_difference"], tmp_path)

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import randomise, tiny_net
+from helpers.builders import randomise, tiny_net
 
 from cm_lightning.data.digits import DigitsDataModule, colour_digits_tensor, colour_pairs, digits_tensor
 from cm_lightning.diffusion import editing

@@ -5,10 +5,10 @@ Algorithm 4 on the trained colour model, and each kind of bad input."""
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY, run_script
+from helpers import ROOT, TINY
+from helpers.launch import run_script, train_here
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
-from inprocess import train_here
 from PIL import Image
 from torchvision.utils import save_image
 

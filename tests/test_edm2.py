@@ -9,10 +9,10 @@ from pathlib import Path
 import hydra.utils
 import pytest
 import torch
-from conftest import ROOT, run_script
-from helpers import cpu_trainer, tiny_net
+from helpers import ROOT
+from helpers.builders import cpu_trainer, tiny_net
+from helpers.launch import run_script, train_here
 from hydra import compose, initialize_config_dir
-from inprocess import train_here
 from torch.utils.data import DataLoader, TensorDataset
 
 from cm_lightning.diffusion.jvp import jvp

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_script
+from helpers import ROOT
+from helpers.fixtures import write_cifar_fixture, write_imagenet_batches, write_lsun_lmdb
+from helpers.launch import run_script, train_here
 from hydra import compose, initialize_config_dir
-from inprocess import train_here
-from test_data import write_cifar_fixture
-from test_imagenet_lsun import write_imagenet_batches, write_lsun_lmdb
 from torchvision.models.vgg import cfgs, make_layers
 
 from cm_lightning.training import needs_teacher

@@ -11,8 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ROOT, TINY
-from probes import run
+from helpers import ROOT, TINY
+from helpers.launch import run_script
 
 from cm_lightning.callbacks.checkpoint import check_writable, latest_readable, resume_path, unreadable
 from cm_lightning.callbacks.finite_loss import FiniteLoss, NonFiniteLoss
@@ -32,7 +32,7 @@ SLURM_STEP = {
 
 
 def fails(*overrides, code: int = 2) -> str:
-    proc = run("train.py", *TINY, "trainer.accelerator=cpu", *overrides, check=False)
+    proc = run_script("train.py", *TINY, "trainer.accelerator=cpu", *overrides, check=False)
     assert proc.returncode == code and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     return proc.stderr
 
@@ -134,7 +134,7 @@ def test_nan_loss_names_the_checkpoint_from_before_the_divergence(tmp_path):
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     err = fails(
         "callbacks.checkpoint.every_n_train_steps=2",
-        "+callbacks.poison._target_=probes.PoisonAt",
+        "+callbacks.poison._target_=helpers.probes.PoisonAt",
         "+callbacks.poison.step=3",
         "logger=none",
         f"hydra.run.dir={tmp_path}",
@@ -151,7 +151,7 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous(tmp_path):
     torch.save({"state_dict": {"w": torch.zeros(3)}, "global_step": 4}, path)
     before = path.read_bytes()
     code = (
-        "import torch; from probes import kill_during_writes; kill_during_writes(); "
+        "import torch; from helpers.probes import kill_during_writes; kill_during_writes(); "
         "from cm_lightning.callbacks.checkpoint import AtomicCheckpointIO; "
         "AtomicCheckpointIO().save_checkpoint({'state_dict': {'w': torch.ones(10**6)}, 'global_step': 6}, "
         f"'{path}')"

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY, run_script
-from helpers import consistency_module, cpu_trainer, pair_outputs, randomise, tiny_net
+from helpers import ROOT, TINY
+from helpers.builders import consistency_module, cpu_trainer, pair_outputs, randomise, tiny_net
+from helpers.launch import run_script
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from torch.utils.data import DataLoader, TensorDataset

@@ -1,7 +1,6 @@
 """ImageNet 64 (downsampled-ImageNet .npz batches, class folders) and LSUN (LMDB, exported folder): the
 on-disk formats, the authors' crop, labels, and the messages for files that are not what they should be."""
 
-import hashlib
 import io
 from types import SimpleNamespace
 
@@ -9,42 +8,14 @@ import lmdb
 import numpy as np
 import pytest
 import torch
-from conftest import run_script
+from helpers.fixtures import random_image, write_imagenet_batches, write_lsun_lmdb
+from helpers.launch import run_script
 from PIL import Image
 
 from cm_lightning.data.imagenet64 import ImageNet64DataModule, batch_files
 from cm_lightning.data.lsun import LSUNDataModule, adm_center_crop
 from cm_lightning.errors import ConfigError
 from cm_lightning.training import check_data_matches_net
-
-
-def write_imagenet_batches(root, size=16, n=6, batches=2, first_label=1, seed=0):
-    """Downsampled-ImageNet batches as released: data (N, 3*S*S) uint8 channel-major, 1-based labels, mean."""
-    root.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for b in range(1, batches + 1):
-        data = rng.integers(0, 256, (n, 3 * size * size), dtype=np.uint8)
-        labels = [first_label, first_label + 999]  # both ends of the range, then random
-        labels += [int(v) for v in rng.integers(first_label, first_label + 1000, n - 2)]
-        np.savez(root / f"train_data_batch_{b}.npz", data=data, labels=labels, mean=data.mean(axis=0))
-    return root
-
-
-def random_image(rng, width, height) -> Image.Image:
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-def write_lsun_lmdb(path, n=6, formats=("webp", "jpeg"), seed=0):
-    """An LMDB as LSUN distributes it: 40-character hex ids -> encoded images of varying size."""
-    rng = np.random.default_rng(seed)
-    env = lmdb.open(str(path), map_size=1 << 26)
-    with env.begin(write=True) as txn:
-        for i in range(n):
-            buf = io.BytesIO()
-            random_image(rng, 24 + 4 * i, 20 + 2 * i).save(buf, format=formats[i % len(formats)])
-            txn.put(hashlib.sha1(str(i).encode()).hexdigest().encode(), buf.getvalue())
-    env.close()
-    return path
 
 
 def test_npz_batches_are_channel_major_and_one_based(tmp_path):

@@ -55,7 +55,7 @@ def test_fixed_curriculum_and_validation():
 
 def _published_ct_curriculum(experiment: str) -> CMCurriculum:
     """The experiment's CT curriculum as composed (searched for, so it is found wherever the model nests it)."""
-    from conftest import ROOT
+    from helpers import ROOT
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
     from omegaconf import DictConfig, OmegaConf

@@ -3,7 +3,7 @@ analytic u, flow matching at r = t, the (t, r) sampler, the folded guidance, the
 
 import pytest
 import torch
-from helpers import randomise, tiny_net
+from helpers.builders import randomise, tiny_net
 from torch import nn
 
 from cm_lightning.checkpoint import from_meta

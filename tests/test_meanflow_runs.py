@@ -3,8 +3,8 @@ global batch (the JVP is taken without a graph, the gradient through Lightning's
 mid-way resumes bit for bit, every evaluate task runs on a MeanFlow checkpoint, and bad settings stop before any
 step with one line."""
 
-from conftest import TINY
-from probes import every_evaluate_task, killed_and_resumed, two_ranks_and_one
+from helpers import TINY
+from helpers.scenarios import every_evaluate_task, killed_and_resumed, two_ranks_and_one
 
 MEANFLOW = [
     "experiment=digits_meanflow",
@@ -32,7 +32,7 @@ def test_every_evaluate_task_runs_on_a_meanflow_checkpoint(tmp_path):
 
 
 def test_bad_meanflow_settings_stop_before_any_step_with_one_line(tmp_path):
-    from test_bad_input import fails
+    from helpers.launch import fails
 
     tiny = ["experiment=digits_meanflow", *TINY, "logger=none", f"hydra.run.dir={tmp_path}"]
     cases = [

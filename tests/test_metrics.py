@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 import torch_fidelity
-from conftest import ROOT, TINY, run_script
+from helpers import ROOT, TINY
+from helpers.launch import run_script
 from hydra import compose, initialize_config_dir
 from torch import nn
 from torch.utils.data import Dataset

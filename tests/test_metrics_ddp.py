@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import run_script
-from helpers import randomise, tiny_net
+from helpers.builders import randomise, tiny_net
+from helpers.launch import run_script
 
 from cm_lightning.data.digits import DigitsDataModule
 from cm_lightning.diffusion.precond import consistency_function

@@ -12,9 +12,9 @@ import types
 import numpy
 import pytest
 import torch
-from conftest import TINY
-from helpers import randomise, tiny_net
-from inprocess import train_here
+from helpers import TINY
+from helpers.builders import randomise, tiny_net
+from helpers.launch import train_here
 
 from cm_lightning.diffusion.precond import edm_denoiser
 from cm_lightning.errors import ConfigError

@@ -4,14 +4,12 @@ forever in a collective for a rank 0 that is gone (``ddp.exit_with_launcher``)."
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TINY
-
-HERE = Path(__file__).resolve().parent
+from helpers import ROOT, TINY
+from helpers.launch import command, environment
 
 
 def children(pid: int) -> list[int]:
@@ -41,29 +39,21 @@ def test_ranks_exit_when_the_launcher_is_killed(when, tmp_path):
     """``starting``: killed as soon as rank 1 exists, while it still imports; it would then wait for the
     rendezvous of a rank 0 that is gone (30 minutes, torch's default timeout). ``training``: killed between
     steps; rank 1 is in the step's collectives."""
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
-        "OMP_NUM_THREADS": "1",
-        "WANDB_MODE": "offline",
-        "HYDRA_FULL_ERROR": "0",
-    }
-    command = [
-        sys.executable,
-        str(ROOT / "train.py"),
+    args = command(
+        "train.py",
         *TINY,
         "trainer.max_steps=100000",
         "trainer.devices=2",
         "trainer.accelerator=cpu",
         "trainer.val_check_interval=100000",
         "logger=none",
-        "+callbacks.start._target_=probes.StartLog",
-        "+callbacks.slow._target_=probes.SlowDown",
+        "+callbacks.start._target_=helpers.probes.StartLog",
+        "+callbacks.slow._target_=helpers.probes.SlowDown",
         "+callbacks.slow.seconds=0.2",
         f"hydra.run.dir={tmp_path}",
-    ]
+    )
     launcher = subprocess.Popen(
-        command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "stderr.txt", "w")
+        args, cwd=ROOT, env=environment(), stdout=subprocess.DEVNULL, stderr=open(tmp_path / "stderr.txt", "w")
     )
     ranks = []
     try:

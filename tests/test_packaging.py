@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, TINY
+from helpers import ROOT, TINY
 
 
 def _env() -> dict:

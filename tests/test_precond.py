@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from helpers import randomise, tiny_net
+from helpers.builders import randomise, tiny_net
 
 from cm_lightning.diffusion.parameterisation import c_noise
 from cm_lightning.diffusion.precond import consistency_function, edm_denoiser, scalings
@@ -54,3 +54,9 @@ def test_network_sees_c_noise_not_sigma():
     assert c_noise(torch.tensor([1.0]), "edm").item() == 0.0
     with pytest.raises(ValueError, match="'bogus'"):
         c_noise(torch.tensor([1.0]), "bogus")
+
+
+def test_default_multistep_levels():
+    assert consistency_function().levels(1) == [pytest.approx(80.0)]
+    two = consistency_function().levels(2)
+    assert two[0] == pytest.approx(80.0) and 0.002 < two[1] < 80.0

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import run_script
+from helpers.launch import run_script
 from omegaconf import OmegaConf
 
 from cm_lightning.errors import ConfigError

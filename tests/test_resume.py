@@ -8,8 +8,8 @@ import signal
 
 import pytest
 import torch
-from conftest import TINY
-from probes import run
+from helpers import TINY
+from helpers.launch import run_script
 
 from cm_lightning.data.digits import DigitsDataModule
 from cm_lightning.data.epoch_sampler import EpochSampler
@@ -44,28 +44,30 @@ def assert_same_training_state(a, b):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted")
-    run("train.py", *RUN, "logger=csv", f"hydra.run.dir={out}")
+    run_script("train.py", *RUN, "logger=csv", f"hydra.run.dir={out}")
     return out
 
 
 def test_sigkill_then_sigterm_resume_exactly(uninterrupted, tmp_path):
     out = [*RUN, "logger=wandb", f"hydra.run.dir={tmp_path}"]
     # SIGKILL when step 5 is done but not saved: the restart redoes it from the step-4 checkpoint.
-    killed = run("train.py", *out, "+callbacks.kill._target_=probes.KillAt", "+callbacks.kill.step=5", check=False)
+    killed = run_script(
+        "train.py", *out, "+callbacks.kill._target_=helpers.probes.KillAt", "+callbacks.kill.step=5", check=False
+    )
     assert killed.returncode == -signal.SIGKILL
     assert load(tmp_path)["global_step"] == 4 and load(tmp_path)["DigitsDataModule"] == {"epoch": 0, "samples": 4 * 448}
     # SIGTERM during step 6: that step is finished and written to last.ckpt, then the run exits cleanly.
-    stopped = run(
+    stopped = run_script(
         "train.py",
         *out,
-        "+callbacks.kill._target_=probes.KillAt",
+        "+callbacks.kill._target_=helpers.probes.KillAt",
         "+callbacks.kill.step=5",
         "+callbacks.kill.signal_name=SIGTERM",
     )
     log = stopped.stdout + stopped.stderr
     assert "SIGTERM at step 6: wrote" in log and "not requeued" in log, log[-3000:]
     assert load(tmp_path)["global_step"] == 6 and not (tmp_path / "checkpoints/step0000006.ckpt").exists()
-    run("train.py", *out)
+    run_script("train.py", *out)
     assert_same_training_state(load(tmp_path), load(uninterrupted))
     # All three starts log to one W&B run.
     run_id = (tmp_path / "wandb_run_id").read_text().strip()
@@ -77,7 +79,7 @@ def test_truncated_last_checkpoint_falls_back_to_the_previous(uninterrupted, tmp
     shutil.copytree(uninterrupted, tmp_path, dirs_exist_ok=True)
     last = tmp_path / "checkpoints/last.ckpt"
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
-    proc = run("train.py", *RUN, "logger=csv", f"hydra.run.dir={tmp_path}")
+    proc = run_script("train.py", *RUN, "logger=csv", f"hydra.run.dir={tmp_path}")
     log = proc.stdout + proc.stderr
     assert f"{last} is unreadable, probably truncated or corrupt" in log, log[-3000:]
     assert f"resuming from the previous checkpoint {tmp_path / 'checkpoints/step0000006.ckpt'}" in log

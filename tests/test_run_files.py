@@ -139,8 +139,8 @@ def tree_hashes(folder) -> dict:
 
 
 def test_a_run_into_its_teachers_directory_is_refused_even_with_overwrite(edm_run):
-    from conftest import TINY
-    from inprocess import train_here
+    from helpers import TINY
+    from helpers.launch import train_here
 
     before = tree_hashes(edm_run)
     teacher = edm_run / "checkpoints/last.ckpt"
@@ -154,8 +154,8 @@ def test_a_run_into_its_teachers_directory_is_refused_even_with_overwrite(edm_ru
 
 
 def test_overwrite_removes_the_previous_runs_history_grids_and_wandb_id(edm_run, tmp_path):
-    from conftest import TINY
-    from inprocess import train_here
+    from helpers import TINY
+    from helpers.launch import train_here
 
     run = tmp_path / "run"
     shutil.copytree(edm_run, run)
@@ -171,7 +171,7 @@ def test_overwrite_removes_the_previous_runs_history_grids_and_wandb_id(edm_run,
 
 
 def test_an_evaluation_never_writes_into_a_training_run(cd_run, tmp_path):
-    from inprocess import evaluate_here
+    from helpers.launch import evaluate_here
 
     before = tree_hashes(cd_run)
     for overwrite in ("false", "true"):
@@ -239,7 +239,7 @@ def test_a_write_into_a_directory_or_under_a_file_stops_in_one_line(tmp_path):
 
 @pytest.mark.parametrize("under", [False, True])
 def test_a_run_directory_on_or_under_a_file_stops_in_one_line_before_hydra(under, tmp_path):
-    from conftest import run_script
+    from helpers.launch import run_script
 
     file = tmp_path / "a_file"
     file.write_text("mine")

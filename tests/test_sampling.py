@@ -20,12 +20,6 @@ def test_sigmas_from_the_authors_indices():
         sigmas_from_indices([0, 22], 40)
 
 
-def test_default_multistep_levels():
-    assert consistency_function().levels(1) == [pytest.approx(80.0)]
-    two = consistency_function().levels(2)
-    assert two[0] == pytest.approx(80.0) and 0.002 < two[1] < 80.0
-
-
 def test_sampling_plans_must_strictly_decrease():
     for bad in ([1.0, 2.0], [2.0, 2.0], [], [1.0, 0.0]):
         with pytest.raises(ValueError, match="strictly decreasing"):

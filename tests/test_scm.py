@@ -1,51 +1,19 @@
-"""sCM (sCT, sCD) and TrigFlow against their formulas: the boundary, the noising, the JVP, the teacher's
-velocity on an analytic Gaussian, and the loss."""
+"""sCM (sCT, sCD) against its formulas: the JVP, the teacher's velocity on an analytic Gaussian, and the loss.
+(The TrigFlow parameterisation itself: test_trigflow.py.)"""
 
 import math
 
 import pytest
 import torch
-from helpers import randomise, tiny_net
+from helpers.builders import randomise, tiny_net
 
-from cm_lightning.checkpoint import from_meta, upgrade
 from cm_lightning.diffusion.jvp import jvp
 from cm_lightning.diffusion.objectives.base import StepContext
 from cm_lightning.diffusion.objectives.scm import SCM, tangent, teacher_velocity
-from cm_lightning.diffusion.precond import Precond, edm_denoiser
+from cm_lightning.diffusion.precond import edm_denoiser
 from cm_lightning.diffusion.trigflow import TrigFlow
 from cm_lightning.errors import ConfigError
 from cm_lightning.modules.generative import GenerativeModule
-
-
-def test_boundary_is_exact_at_t_zero():
-    f = TrigFlow()
-    net = randomise(tiny_net())
-    x = torch.randn(3, 1, 8, 8)
-    assert torch.equal(f(net, x, torch.zeros(3)), x)
-
-
-def test_trigflow_noising_matches_edm_at_sigma_d_tan_t():
-    """x_t / cos t = x0 + sigma_d tan(t) z: EDM's x_sigma at sigma = sigma_d tan t with the same z."""
-    f = TrigFlow(sigma_data=0.5)
-    x0, z = torch.randn(4, 1, 8, 8, dtype=torch.float64), torch.randn(4, 1, 8, 8, dtype=torch.float64)
-    t = torch.tensor([0.1, 0.5, 1.0, 1.5], dtype=torch.float64)
-    sigma = 0.5 * torch.tan(t)
-    x_t = f.add_noise(x0, z, t)
-    torch.testing.assert_close(x_t / torch.cos(t).view(-1, 1, 1, 1), edm_denoiser().add_noise(x0, z, sigma))
-    assert f.from_sigma(80.0) == pytest.approx(f.t_max) == pytest.approx(math.atan(160.0))
-    torch.testing.assert_close(f.from_edm(x0 + sigma.view(-1, 1, 1, 1) * z, t), x_t)
-
-
-def test_trigflow_with_an_edm_conditioning_equals_the_edm_denoiser():
-    """F_trig = -F_edm with EDM's c_noise(sigma_d tan t): the same backbone is the same denoiser."""
-    net = randomise(tiny_net()).double()
-    x0, z = torch.randn(2, 1, 8, 8, dtype=torch.float64), torch.randn(2, 1, 8, 8, dtype=torch.float64)
-    t = torch.tensor([0.3, 1.2], dtype=torch.float64)
-    trig, edm = TrigFlow(noise_kind="adm"), edm_denoiser()
-    sigma = 0.5 * torch.tan(t)
-    ours = trig(net.float(), trig.add_noise(x0, z, t).float(), t.float())
-    theirs = edm(net.float(), (x0 + sigma.view(-1, 1, 1, 1) * z).float(), sigma.float())
-    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
 
 
 def test_jvp_equals_a_central_finite_difference_in_float64():
@@ -103,26 +71,6 @@ def test_loss_at_initialisation_is_the_tangent_term_and_gradients_reach_the_weig
     assert extra["weight"] == pytest.approx(1.0)
 
 
-def test_trigflow_survives_the_checkpoint_metadata():
-    f = TrigFlow(t_mid=0.9, noise_kind="adm")
-    assert from_meta({"parameterisation": f.to_meta()}) == f
-    old = {
-        "kind": "consistency",
-        "precond": {"sigma_data": 0.5, "eps": 0.002, "noise_kind": "adm"},
-        "grid": {"sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0},
-    }
-    assert from_meta(upgrade(old)) == Precond()
-
-
-@pytest.mark.parametrize(
-    "kwargs, message",
-    [(dict(t_mid=1.6), "t_mid=1.6"), (dict(t_mid=0.0), "t_mid=0.0"), (dict(noise_kind="fourier"), "'fourier'")],
-)
-def test_bad_trigflow_settings_stop_with_one_line(kwargs, message):
-    with pytest.raises(ConfigError, match=message):
-        TrigFlow(**kwargs)
-
-
 def test_bad_scm_settings_stop_with_one_line():
     with pytest.raises(ConfigError, match="p_std=0"):
         SCM(TrigFlow(), p_std=0)
@@ -135,14 +83,6 @@ def test_a_layer_without_forward_mode_ad_stops_with_one_line():
     attention = lambda x: torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(x, x, x)[0]  # noqa: E731
     with pytest.raises(ConfigError, match="_scaled_dot_product_flash_attention_for_cpu, which has no forward-mode AD"):
         jvp(attention, (x,), (x,))
-
-
-def test_sampling_levels_are_the_published_ones():
-    f = TrigFlow()
-    assert f.levels(1) == [pytest.approx(math.atan(80.0 / 0.5))]
-    assert f.levels(2) == [pytest.approx(math.atan(160.0)), 1.1]
-    three = f.levels(3)
-    assert three[0] == pytest.approx(f.t_max) and three[0] > three[1] > three[2] > 0
 
 
 def test_double_normalisation_keeps_the_state_dict_and_pixel_normalises_scale_and_shift():
@@ -246,8 +186,3 @@ def test_bad_sct_values_stop_with_one_line_naming_the_value(kwargs, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")) as info:
         SCM(TrigFlow(), **kwargs)
     assert "\n" not in str(info.value)
-
-
-def test_a_zero_time_scale_stops_with_one_line():
-    with pytest.raises(ConfigError, match="time_scale=0"):
-        TrigFlow(time_scale=0)

@@ -2,8 +2,8 @@
 batch (the JVP is taken without a graph, the gradient through Lightning's DDP wrapper), and a run killed mid-way
 resumes bit for bit, the learned weighting and the tangent warm-up included."""
 
-from conftest import TINY
-from probes import every_evaluate_task, killed_and_resumed, two_ranks_and_one
+from helpers import TINY
+from helpers.scenarios import every_evaluate_task, killed_and_resumed, two_ranks_and_one
 
 SCT = [
     "experiment=digits_sct",
@@ -29,11 +29,11 @@ def test_sct_resumes_bit_for_bit_through_the_warm_up(tmp_path):
 
 def test_every_evaluate_task_runs_on_an_sct_checkpoint(tmp_path):
     """sample, fid, the midpoint search and every editing task run on a checkpoint of the TrigFlow parameterisation."""
-    every_evaluate_task(SCT, tmp_path)
+    every_evaluate_task(tmp_path)
 
 
 def test_bad_scm_settings_stop_before_any_step_with_one_line(edm_run, tmp_path):
-    from test_bad_input import fails
+    from helpers.launch import fails
 
     tiny = [*TINY, "logger=none", f"hydra.run.dir={tmp_path}"]
     teacher = f"model.teacher_ckpt={edm_run / 'checkpoints/last.ckpt'}"

@@ -6,8 +6,8 @@ import math
 import lightning as L
 import pytest
 import torch
-from conftest import TINY
-from helpers import cpu_trainer, ct_module, randomise, tiny_net
+from helpers import TINY
+from helpers.builders import cpu_trainer, ct_module, randomise, tiny_net
 from lightning.pytorch.plugins.precision import MixedPrecision
 
 from cm_lightning.errors import ConfigError
@@ -93,8 +93,8 @@ def test_compiled_student_and_target_draw_the_same_dropout_masks():
 
 
 def test_bf16_mixed_training_keeps_the_teacher_in_bf16_and_the_weights_in_fp32(tmp_path, edm_run):
+    from helpers.launch import compose_run
     from hydra.utils import instantiate
-    from inprocess import compose_run
 
     cfg = compose_run(
         "train",

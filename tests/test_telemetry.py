@@ -3,7 +3,8 @@ over optimiser steps with the time left, and evaluate.py's bar in images/s."""
 
 import csv
 
-from conftest import TINY, run_script
+from helpers import TINY
+from helpers.launch import run_script
 from lightning.pytorch.callbacks import LearningRateMonitor
 
 from cm_lightning.callbacks.telemetry import StepProgressBar, Throughput, usable

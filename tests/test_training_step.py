@@ -1,6 +1,6 @@
 import lightning as L
 import torch
-from helpers import cpu_trainer, ct_module, edm_module, pair_outputs, randomise, tiny_net
+from helpers.builders import cpu_trainer, ct_module, edm_module, pair_outputs, randomise, tiny_net
 from torch.utils.data import DataLoader, TensorDataset
 
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, run_script
-from helpers import randomise, tiny_net
+from helpers import TINY
+from helpers.builders import randomise, tiny_net
+from helpers.launch import evaluate_here, run_script, train_here
 from hydra.errors import InstantiationException
-from inprocess import evaluate_here, train_here
 
 from cm_lightning.cli import _root_cause
 from cm_lightning.errors import ConfigError

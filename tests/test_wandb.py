@@ -1,8 +1,8 @@
 """A Hydra sweep as a W&B user sees it: read back from the offline runs' files."""
 
 import pytest
-from conftest import run_script
-from wandb_records import OfflineRun
+from helpers.launch import run_script
+from helpers.wandb_records import OfflineRun
 
 
 def offline_run(run_dir) -> OfflineRun:
@@ -67,7 +67,7 @@ def test_evaluation_run_joins_the_training_group_and_keeps_its_outputs(sweep, tm
 @pytest.mark.parametrize("task", ["fid", "sample"])
 def test_an_evaluation_reads_its_checkpoint_once(sweep, tmp_path, monkeypatch, task):
     """The task, its scorer and its W&B record share one read of ``ckpt=``."""
-    from inprocess import evaluate_here
+    from helpers.launch import evaluate_here
 
     import cm_lightning.loading as loading
     from cm_lightning.tasks import common

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY
-
-HERE = Path(__file__).resolve().parent
+from helpers import ROOT, TINY
+from helpers.launch import environment
 
 
 def slurm_is_up() -> bool:
@@ -29,13 +28,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(not slurm_is_up(), reason="no
 
 RUN = ["experiment=digits_ct", *TINY, "trainer.accelerator=cpu", "trainer.val_check_interval=100", "logger=csv"]
 ENV = {
-    **os.environ,
+    **environment(threads=1),
     "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
     "PYTHON": sys.executable,
-    "WANDB_MODE": "offline",
-    "OMP_NUM_THREADS": "1",
-    "HYDRA_FULL_ERROR": "0",
-    "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
 }
 
 
@@ -103,9 +98,9 @@ def test_sigusr1_checkpoints_requeues_and_resumes_exactly(uninterrupted, tmp_pat
         tmp_path,
         *RUN,
         *STEPS,
-        "+callbacks.slow._target_=probes.SlowDown",
+        "+callbacks.slow._target_=helpers.probes.SlowDown",
         "+callbacks.slow.seconds=0.5",
-        "+callbacks.starts._target_=probes.StartLog",
+        "+callbacks.starts._target_=helpers.probes.StartLog",
     )
     run_dir = ROOT / f"outputs/digits_ct/slurm-{job}"  # train.sh's run directory, the same after the requeue
     try:
