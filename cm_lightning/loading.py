@@ -142,17 +142,24 @@ class Teacher(nn.Module):
 
 
 def load_plain(net: nn.Module, state: dict, what: str, path) -> nn.Module:
+    """``state`` into ``net``. EDM's networks (an ``EDMState``) are checked against the net first, and the net is
+    fed as EDM fed them (c_noise = ln(sigma) / 4) whatever its config's noise_kind."""
+    if isinstance(state, EDMState):
+        state.check(net, f"{what}={path}")
+        net.noise_kind = state.noise_kind
     load_matching(net, state, f"{what}={path}", f"Name the network it was trained with: {net_hint(path)}")
     return net.eval().requires_grad_(False)
 
 
 def load_teacher(path, like: nn.Module | None = None, sigma_data: float = 0.5) -> Teacher:
     """The frozen EDM teacher of a CD run. A plain state dict (e.g. the authors' ``edm_imagenet64_ema.pt``)
-    loads into a copy of ``like``, the run's own network, and is fed that network's conditioning."""
+    loads into a copy of ``like``, the run's own network, and is fed that network's conditioning (an NVlabs EDM
+    pickle: EDM's, ``load_plain``)."""
     if path is None:
         raise ConfigError(
-            "model.teacher_ckpt is not set: CD distils (and ECT tunes) a trained EDM teacher. Train one with "
-            "`python train.py experiment=digits_edm` and pass model.teacher_ckpt=<that run>/checkpoints/last.ckpt"
+            "model.teacher_ckpt is not set: CD distils (and ECT tunes) a trained EDM teacher, sCT and sCD start from "
+            "a TrigFlow one. Train one with `python train.py experiment=digits_edm` (or experiment=digits_trigflow) "
+            "and pass model.teacher_ckpt=<that run>/checkpoints/last.ckpt"
         )
     ckpt = read_checkpoint(path, "model.teacher_ckpt")
     if is_plain(ckpt):

@@ -21,6 +21,14 @@ def edm_run(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def trigflow_run(tmp_path_factory) -> Path:
+    """The TrigFlow teacher that digits_sct and digits_scd start from."""
+    out = tmp_path_factory.mktemp("trigflow")
+    run_script("train.py", "experiment=digits_trigflow", *TINY, "logger=csv", f"hydra.run.dir={out}")
+    return out
+
+
+@pytest.fixture(scope="session")
 def cd_run(tmp_path_factory, edm_run) -> Path:
     out = tmp_path_factory.mktemp("cd")
     run_script(

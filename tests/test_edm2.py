@@ -228,11 +228,12 @@ def test_tiny_edm2_teacher_and_scd_student_train_and_sample_from_the_cli(tmp_pat
     state = ckpt["state_dict"]
     assert {"objective.logvar_linear.weight", "ema.2.out_gain", "net.enc.16x16_conv.weight"} <= set(state)
     assert all(torch.isfinite(v).all() for v in state.values())
-    # sCD through the EDM2 net's JVP, the student starting as the teacher (fed its ln(sigma) / 4); digits_scd sets
-    # the ADM-only net.double_norm, which an EDM2 net does not take.
+    # sCD through the EDM2 net's JVP, the student starting as the teacher (fed its ln(sigma) / 4, where digits_scd
+    # feeds its TrigFlow teacher's t); digits_scd sets the ADM-only net.double_norm, which an EDM2 net does not take.
     train_here(
         [
             "experiment=digits_scd",
+            "model.objective.parameterisation.noise_kind=edm",
             "~net.double_norm",
             f"model.teacher_ckpt={teacher / 'checkpoints' / 'last.ckpt'}",
             *common,

@@ -181,10 +181,12 @@ def shrink(cfg, disk: dict) -> list[str]:
 
 
 def teacher_for(name: str, cfg, disk: dict) -> str:
-    """A one-step EDM run of the same shrunk net on the same data (the dataset's *_edm experiment)."""
+    """A one-step EDM run of the same shrunk net on the same data (the dataset's *_edm experiment), or its
+    TrigFlow teacher (*_trigflow) for a student fed TrigFlow's c_noise(t) = t."""
     choices = cfg.hydra.runtime.choices
     prefix = name.rsplit("_", 1)[0]
-    experiment = f"{prefix}_edm" if f"{prefix}_edm" in EXPERIMENTS else "digits_edm"
+    kind = "trigflow" if cfg.model.objective.get("parameterisation", {}).get("noise_kind") == "t" else "edm"
+    experiment = f"{prefix}_{kind}" if f"{prefix}_{kind}" in EXPERIMENTS else f"digits_{kind}"
     key = (experiment, choices.data, choices.net)
     if key not in disk["teachers"]:
         overrides = [f"experiment={experiment}", f"data={choices.data}", f"net={choices.net}"]

@@ -163,7 +163,6 @@ def test_sct_started_from_a_trigflow_teacher_run_is_the_teachers_function(tmp_pa
         "train.py",
         "experiment=digits_sct",
         *RUN,
-        "model.init_from_teacher=true",
         f"model.teacher_ckpt={ckpt}",
         f"hydra.run.dir={tmp_path / 'sct'}",
     )
