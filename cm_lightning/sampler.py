@@ -157,14 +157,16 @@ class Sampler:
         return self.pixels(self.latents(z, labels, f, g, steps, sigmas, solver, chain)), labels
 
     def latents(self, z, labels, f, g, steps, sigmas, solver, chain):
-        """The network's samples: images, or latents for a model trained on an autoencoder's latents."""
+        """The network's samples: images, or latents for a model trained on an autoencoder's latents. Only images
+        are clamped to [-1, 1], as the authors clamp them; latents range wider (SD's scaled ones beyond +-4)."""
+        clip = self.decoder is None
         if not self.param.few_step:
-            return ode_sample(f, z, steps=steps or TEACHER_STEPS, solver=solver, **self.param.grid)
+            return ode_sample(f, z, steps=steps or TEACHER_STEPS, solver=solver, clip=clip, **self.param.grid)
         levels = self.param.levels(steps or 1) if sigmas is None else sigmas
         if chain == "flow_map":
             start = self.param.add_noise(torch.zeros_like(z), z, levels[0])
-            return flow_map_sample(lambda x, r, t: self.jump(x, r, t, labels), start, levels)
-        return multistep_sample(f, z, levels, self.param, generator=g)
+            return flow_map_sample(lambda x, r, t: self.jump(x, r, t, labels), start, levels, clip=clip)
+        return multistep_sample(f, z, levels, self.param, generator=g, clip=clip)
 
     def pixels(self, x: torch.Tensor) -> torch.Tensor:
         """Samples as images in [-1, 1]: latents go through the decoder."""
