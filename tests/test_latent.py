@@ -188,3 +188,38 @@ def test_cli_latent_teacher_trains_and_samples_pixels(tmp_path):
     )
     # the teacher is refused as an editor; a latent consistency model edits (tests/test_latent_editing.py)
     assert edit.returncode != 0 and "is an EDM teacher" in edit.stderr + edit.stdout
+
+
+class Constant(torch.nn.Module):
+    """F = -8 everywhere: one TrigFlow step from t_max gives f = cos(t) x_t + 8 sin(t) sigma_d, about 4."""
+
+    in_channels, image_size = 4, 4
+
+    def forward(self, x, c_noise, labels=None):
+        return torch.full_like(x, -8.0)
+
+
+class Recorder:
+    factor, image_channels = 4, 1
+
+    def to(self, device):
+        return self
+
+    def decode(self, latents):
+        self.seen = latents
+        return latents
+
+
+@pytest.mark.parametrize("decoder", [None, Recorder()])
+def test_latent_samples_are_not_clamped_images_are(decoder):
+    """Consistency samples of a model whose f(x_t, t_min) is far outside [-1, 1]: an image model clamps them as the
+    authors do, a latent model hands them to the decoder as they are."""
+    from cm_lightning.diffusion.trigflow import TrigFlow
+    from cm_lightning.sampler import Sampler
+
+    sampler = Sampler(Constant(), TrigFlow(sigma_max=80.0), decoder=decoder)
+    out, _ = sampler(8, steps=1)
+    if decoder is None:
+        assert out.max() == 1.0
+    else:
+        assert out is decoder.seen and out.min() > 3.9
