@@ -1,12 +1,12 @@
-"""Sample quality on the embedded digits for a fixed CPU budget: the EDM teacher, CD, CT, iCT, ECT, sCT, sCD and
-MeanFlow (U-Net and tiny DiT; two steps also with the re-noising chain).
+"""Sample quality on the embedded digits for a fixed CPU budget: the EDM and TrigFlow teachers, CD, CT, iCT, ECT,
+sCT, sCD, MeanFlow and iMF (U-Net and tiny DiT; two steps also with the re-noising chain), and the latent twins.
 
-Trains ``digits_edm``, then ``digits_cd``, ``digits_ect`` and ``digits_scd`` from its checkpoint, and ``digits_ct``,
-``digits_ict``, ``digits_sct``, ``digits_meanflow`` and ``digits_meanflow_dit`` through train.py (each for the steps
-its experiment sets, unless overridden; sCM's and MeanFlow's step budgets match iCT's and CD's wall-clock time, since
-a JVP step costs more than a discrete one), samples 1,797 images from each (as many as the dataset holds), prints one
-JSON line per row and a table, appends the lines to benchmarks/results/digits_quality.jsonl and rewrites
-docs/results.md from them (benchmarks/write_results.py; a ``--study`` other than the default ``budgets`` needs its
+Trains ``digits_edm`` and ``digits_trigflow``, then ``digits_cd`` and ``digits_ect`` from the EDM teacher and
+``digits_sct`` and ``digits_scd`` from the TrigFlow one (``--teacher sct=edm`` swaps), and the from-scratch rows
+through train.py (each for the steps its experiment sets, unless overridden; sCM's and MeanFlow's step budgets match
+iCT's and CD's wall-clock time, since a JVP step costs more than a discrete one; ``--seed`` reruns the students),
+samples 1,797 images from each (as many as the dataset holds), prints one JSON line per row and a table, appends the
+lines to benchmarks/results/digits_quality.jsonl and rewrites docs/results.md from them (benchmarks/write_results.py; a ``--study`` other than the default ``budgets`` needs its
 table named in benchmarks/results/results.md.in). Consistency models are scored at one step, at two steps with the
 default midpoint (the middle of a 3-point Karras grid, sigma = 2.5; sCM: t = 1.1), and at two steps with the
 midpoint the authors' ternary search picks (ts = (0, p, 39) of 40):
@@ -20,7 +20,7 @@ blur (features collapse) and missing classes (means shift). Reference points: tw
 of the real data score about 15 (finite-sample bias at 898 images); noise scores over 2,000.
 
     python benchmarks/digits_quality.py [--out DIR] [--rows edm,cd,ct] [--set row:key=value ...]
-        [--study ict_s1 --setting "s1 = 40"] [--no-record]
+        [--study ict_s1 --setting "s1 = 40"] [--no-record] [--teacher sct=edm] [--seed 1]
 """
 
 import argparse
@@ -47,11 +47,13 @@ from cm_lightning.tasks.common import sample_batched  # noqa: E402
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import write_results  # noqa: E402
 
+TEACHER_STEPS = [("18-step Heun", dict(steps=18))]
 FEW_STEPS = [("1 step", dict(steps=1)), ("2 steps", dict(steps=2))]
 # MeanFlow's 2 steps are its own jumps (the default chain); CM's re-noising chain is scored beside them.
 MEANFLOW_STEPS = [*FEW_STEPS, ("2 steps, re-noising", dict(steps=2, chain="renoise"))]
 ROWS = {  # row -> (experiment, its name in docs/results.md, which samplings to score)
-    "edm": ("digits_edm", "EDM teacher", [("18-step Heun", dict(steps=18))]),
+    "edm": ("digits_edm", "EDM teacher", TEACHER_STEPS),
+    "trigflow": ("digits_trigflow", "TrigFlow teacher", TEACHER_STEPS),
     "cd": ("digits_cd", "CD", FEW_STEPS),
     "ct": ("digits_ct", "CT", FEW_STEPS),
     "ict": ("digits_ict", "iCT", FEW_STEPS),
@@ -60,8 +62,18 @@ ROWS = {  # row -> (experiment, its name in docs/results.md, which samplings to 
     "scd": ("digits_scd", "sCD", FEW_STEPS),
     "meanflow": ("digits_meanflow", "MeanFlow", MEANFLOW_STEPS),
     "meanflow_dit": ("digits_meanflow_dit", "MeanFlow, tiny DiT", MEANFLOW_STEPS),
+    "imeanflow": ("digits_imeanflow", "iMF", MEANFLOW_STEPS),
+    "latent_edm": ("digits_latent_edm", "EDM teacher, latents", TEACHER_STEPS),
+    "latent_ict": ("digits_latent_ict", "iCT, latents", FEW_STEPS),
+    "latent_meanflow": ("digits_latent_meanflow", "MeanFlow, latents", MEANFLOW_STEPS),
 }
-DISTILLED = ("cd", "ect", "scd")  # rows that read the teacher
+# Rows that start from a teacher, and which: sCT and sCD start from the TrigFlow teacher (sCM, Algorithm 1),
+# CD and ECT from the EDM one. --teacher sct=edm starts sCT or sCD from the EDM teacher instead, fed its
+# conditioning so that the student starts as that teacher (docs/scm.md).
+TEACHERS = {"cd": "edm", "ect": "edm", "sct": "trigflow", "scd": "trigflow"}
+EDM_CONDITIONING = ["net.noise_kind=edm", "model.objective.parameterisation.noise_kind=edm"]
+TEACHER_ROWS = ("edm", "trigflow", "latent_edm")
+TEACHER_SWITCH = {("sct", "edm"): EDM_CONDITIONING, ("scd", "edm"): EDM_CONDITIONING}
 
 
 def train(experiment: str, out: Path, extra: list[str]) -> tuple[Path, float]:
@@ -98,6 +110,19 @@ def searched_two_step(ckpt: Path, reference: torch.Tensor) -> tuple[dict, dict]:
     return how(best), {"ts": [0, best, 39], "sigma_mid": round(sigmas(best)[1], 3)}
 
 
+def plan(row: str, overrides: list[str], teacher: str | None, seed: int | None, out: Path):
+    """A row's run directory, its overrides (which name the row) and the teacher's path: ``<row>[-from_<teacher>]
+    [-seed<N>]`` under ``out``; a teacher other than the row's own brings the conditioning it needs; a seed
+    changes the student, never the teacher."""
+    if teacher and teacher != TEACHERS[row]:
+        overrides = [*overrides, *TEACHER_SWITCH[row, teacher]]
+    name = row + (f"-from_{teacher}" if teacher != TEACHERS.get(row) else "")
+    if seed is not None and row not in TEACHER_ROWS:
+        overrides, name = [*overrides, f"seed={seed}"], f"{name}-seed{seed}"
+    extra = [f"model.teacher_ckpt={out / teacher / 'checkpoints/last.ckpt'}"] if teacher else []
+    return out / name, overrides, extra
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "outputs/digits_quality")
@@ -108,19 +133,22 @@ def main() -> None:
     parser.add_argument("--study", default="budgets", help="the table of docs/results.md the rows belong to")
     parser.add_argument("--setting", help="the rows' name in that table (default: the method and its overrides)")
     parser.add_argument("--no-record", action="store_true", help="print only; leave benchmarks/results/ as it is")
+    parser.add_argument("--teacher", nargs="*", default=[], help="row=teacher row, e.g. sct=edm (default: TEACHERS)")
+    parser.add_argument("--seed", type=int, help="the students' seed (teachers keep theirs); each seed its own run")
     args = parser.parse_args()
+    teachers = {**TEACHERS, **dict(s.split("=", 1) for s in args.teacher)}
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))
     reference = to_uint8(digits_tensor(16)[0])
-    results, teacher = [], args.out / "edm/checkpoints/last.ckpt"
+    results = []
     for row in args.rows.split(","):
         experiment, label, samplings = ROWS[row]
         overrides = [s.split(":", 1)[1] for s in args.set if s.startswith(f"{row}:")]
-        extra = [*overrides, f"model.teacher_ckpt={teacher}"] if row in DISTILLED else overrides
+        run, overrides, extra = plan(row, overrides, teachers.get(row), args.seed, args.out)
         if args.score_only:
-            ckpt, seconds = args.out / row / "checkpoints/last.ckpt", None
+            ckpt, seconds = run / "checkpoints/last.ckpt", None
         else:
-            ckpt, seconds = train(experiment, args.out / row, extra)
-        if row != "edm" and not args.no_search:
+            ckpt, seconds = train(experiment, run, [*overrides, *extra])
+        if row not in TEACHER_ROWS and not args.no_search:
             how, found = searched_two_step(ckpt, reference)
             samplings = [*samplings, ("2 steps, searched midpoint", how)]
         setting = args.setting or " ".join([label, *overrides])
