@@ -8,6 +8,11 @@ One U-Net, two published settings (``conf/net/ncsnpp_cifar10.yaml``, ``conf/net/
   with the filter [1, 3, 3, 1];
 - DDPM++: positional (sinusoidal) noise embedding, a plain encoder, box resampling with [1, 1].
 
+Two choices reproduce EDM's networks exactly, so that NVlabs' released CIFAR-10 / FFHQ / AFHQ pickles load
+(``nets/edm_layout.py``): ``embedding_endpoint`` (DDPM++'s frequencies reach 1/max_positions) and
+``aux_conv_first`` (NCSN++'s progressive input convolved before it is downsampled). Both default to off, the
+layout of the runs trained before they existed; the published configs turn them on.
+
 Both use BigGAN-style residual blocks (the up/down-sampling happens inside the block, on the main
 and the skip path) and scale every residual sum by sqrt(1/2). Like the ADM U-Net the network takes
 an already computed noise scalar; EDM feeds these nets c_noise = 0.25 ln(sigma) (``noise_kind: edm`` in their configs).
@@ -41,15 +46,15 @@ class FourierEmbedding(nn.Module):
 
 
 class PositionalEmbedding(nn.Module):
-    """[cos(s c w_i), sin(s c w_i)] with w_i = max_positions^(-i / half), i = 0..half-1 (DDPM++)."""
+    """[cos(s c w_i), sin(s c w_i)] with w_i = max_positions^(-i / half), i = 0..half-1 (DDPM++); with
+    ``endpoint`` w_i = max_positions^(-i / (half - 1)), so that the last frequency is 1/max_positions (EDM's)."""
 
-    def __init__(self, channels: int, scale: float = 1.0, max_positions: float = 10000.0):
+    def __init__(self, channels: int, scale: float = 1.0, max_positions: float = 10000.0, endpoint: bool = False):
         super().__init__()
         half = channels // 2
-        self.register_buffer(
-            "freqs", max_positions ** (-torch.arange(half, dtype=torch.float32) / half), persistent=False
-        )
-        self.scale = scale
+        steps = torch.arange(half, dtype=torch.float32) / (half - int(endpoint))
+        self.register_buffer("freqs", max_positions**-steps, persistent=False)
+        self.scale, self.endpoint = scale, endpoint
 
     def forward(self, noise_labels: torch.Tensor) -> torch.Tensor:
         args = (self.scale * noise_labels.float()).outer(self.freqs)
@@ -64,16 +69,35 @@ class Resample(nn.Module):
 
     def __init__(self, taps: Sequence[float], up: bool):
         super().__init__()
-        taps = torch.as_tensor(taps, dtype=torch.float32)
+        self.taps, self.up, self.pad = tuple(float(t) for t in taps), up, (len(taps) - 1) // 2
+        taps = torch.as_tensor(self.taps, dtype=torch.float32)
         kernel = taps.outer(taps) / taps.sum() ** 2
         self.register_buffer("kernel", kernel * 4 if up else kernel, persistent=False)
-        self.up, self.pad = up, (len(taps) - 1) // 2
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pad: int | None = None) -> torch.Tensor:
         c = x.shape[1]
         weight = self.kernel.to(x.dtype).expand(c, 1, *self.kernel.shape)
         op = F.conv_transpose2d if self.up else F.conv2d
-        return op(x, weight, stride=2, padding=self.pad, groups=c)
+        return op(x, weight, stride=2, padding=self.pad if pad is None else pad, groups=c)
+
+
+class ProgressiveInput(nn.Sequential):
+    """NCSN++'s progressive input at one level: the previous level's copy of the input, downsampled and projected
+    by a 3x3 convolution. ``conv_first``: the convolution runs at the finer resolution, padded by the filter's
+    reach too, before the unpadded downsampling and the bias, as score_sde's and EDM's fused resampling do; otherwise
+    it runs on the downsampled copy. The two differ (the kernel spans 3 or 6 finer pixels), and EDM's weights
+    need the first."""
+
+    def __init__(self, taps: Sequence[float], cin: int, cout: int, conv_first: bool):
+        super().__init__(Resample(taps, up=False), conv(cin, cout, 3))
+        self.conv_first = conv_first
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        resample, layer = self
+        if not self.conv_first:
+            return layer(resample(x))
+        x = F.conv2d(x, layer.weight, padding=layer.padding[0] + resample.pad)
+        return resample(x, pad=0) + layer.bias[:, None, None]
 
 
 def conv(cin: int, cout: int, kernel: int, zero: bool = False) -> nn.Conv2d:
@@ -144,6 +168,8 @@ class NCSNpp(nn.Module):
     ``embedding`` is ``fourier`` or ``positional`` (``embedding_scale`` multiplies the Fourier frequencies'
     standard deviation, or the positional embedding's argument); ``encoder`` is ``standard`` or
     ``residual`` (NCSN++'s progressive input); ``resample_filter`` is [1, 1] or [1, 3, 3, 1].
+    ``embedding_endpoint`` and ``aux_conv_first``: EDM's positional frequencies and progressive-input order
+    (``PositionalEmbedding``, ``ProgressiveInput``).
     ``num_times=2``: conditioned on two times, ``noise_labels`` (B, 2), their embeddings concatenated before the
     mapping MLP (MeanFlow's (t, t - r), as the official PyTorch MeanFlow's DDPM++); 1 keeps the EDM layout.
     """
@@ -167,6 +193,8 @@ class NCSNpp(nn.Module):
         resample_filter: Sequence[float] = (1, 3, 3, 1),
         num_times: int = 1,
         noise_kind: str = "edm",
+        embedding_endpoint: bool = False,
+        aux_conv_first: bool = False,
     ):
         """``noise_kind``: the c_noise(sigma) the embedding is trained on (``edm``: 0.25 ln sigma, as EDM feeds
         these nets), which the parameterisation feeds it; kept on the module for teachers and plain state dicts."""
@@ -198,7 +226,8 @@ class NCSNpp(nn.Module):
         out_channels = in_channels if out_channels is None else out_channels
         noise_channels, emb_channels = model_channels * noise_channel_mult, model_channels * emb_channel_mult
 
-        self.map_noise = embeddings[embedding](noise_channels, embedding_scale)
+        endpoint = {"endpoint": embedding_endpoint} if embedding == "positional" else {}
+        self.map_noise = embeddings[embedding](noise_channels, embedding_scale, **endpoint)
         self.map_label = nn.Embedding(num_classes, noise_channels * num_times) if num_classes else None
         self.map_layer0 = linear(noise_channels * num_times, emb_channels)
         self.map_layer1 = linear(emb_channels, emb_channels)
@@ -217,9 +246,8 @@ class NCSNpp(nn.Module):
             else:
                 self.enc[f"{res}x{res}_down"] = block(cout, cout, down=True)
                 if encoder == "residual":
-                    self.enc[f"{res}x{res}_aux_residual"] = nn.Sequential(
-                        Resample(resample_filter, up=False), conv(caux, cout, 3)
-                    )
+                    aux = ProgressiveInput(resample_filter, caux, cout, aux_conv_first)
+                    self.enc[f"{res}x{res}_aux_residual"] = aux
                     caux = cout
             for i in range(num_res_blocks):
                 cin, cout = cout, model_channels * mult
