@@ -25,6 +25,7 @@ from cm_lightning.checkpoint import META_KEY, check_layout, from_meta, is_state_
 from cm_lightning.diffusion.precond import Precond, consistency_function, edm_denoiser
 from cm_lightning.diffusion.trigflow import TrigFlow
 from cm_lightning.errors import ConfigError
+from cm_lightning.nets.edm_config import EDMState
 from cm_lightning.nvlabs_pickle import denoiser_state_dict
 from cm_lightning.runtime import atomic
 from cm_lightning.sampler import Sampler
@@ -32,6 +33,8 @@ from cm_lightning.untrusted import instantiate_trusted, load_file, not_a_file
 
 # Parts of the authors' file names that say which of our net configs rebuilds the network.
 AUTHORS_NETS = {"imagenet64": "adm_imagenet64", "bedroom256": "adm_lsun256", "cat256": "adm_lsun256"}
+# Where NVlabs publishes EDM's networks (edm-cifar10-32x32-uncond-vp.pkl, ...).
+EDM_DOWNLOADS = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/"
 
 
 def is_plain(ckpt: dict) -> bool:
@@ -43,6 +46,11 @@ def read_checkpoint(path, what: str = "checkpoint") -> dict:
     """A cm-lightning checkpoint (its layout checked and upgraded to today's, ``checkpoint.py``), or a plain state
     dict of tensors (the authors' .pt files) as it is; read with ``weights_only=True`` (``untrusted.py``)."""
     reason = "is not set" if path is None else not_a_file(Path(str(path)).expanduser())
+    if reason and Path(str(path)).suffix == ".pkl":
+        raise ConfigError(
+            f"{what}={path} {reason}; download NVlabs' released network (EDM's: {EDM_DOWNLOADS}"
+            f"{Path(str(path)).name}) or pass the path of one"
+        )
     if reason:
         raise ConfigError(f"{what}={path} {reason}; pass the path of a run's checkpoints/last.ckpt")
     if Path(str(path)).suffix == ".pkl":  # NVlabs' released EDM / EDM2 networks, read as data
@@ -171,7 +179,7 @@ def load_teacher(path, like: nn.Module | None = None, sigma_data: float = 0.5) -
         if like is None:
             raise ConfigError(f"model.teacher_ckpt={path} is a plain state dict; it needs the run's net config")
         net = load_plain(copy.deepcopy(like), ckpt, "model.teacher_ckpt", path)
-        return Teacher(net, edm_denoiser(sigma_data, like.noise_kind))
+        return Teacher(net, edm_denoiser(sigma_data, net.noise_kind))
     param = parameterisation(ckpt[META_KEY])
     if param.few_step or not isinstance(param, (Precond, TrigFlow)):  # TrigFlow: a diffusion=true teacher
         raise ConfigError(
@@ -198,6 +206,8 @@ def plain_sampler(path, state: dict, net=None, kind: str | None = None) -> Sampl
             f"ckpt={path} is a plain state dict whose name does not say what it is; add "
             "kind=consistency (a CD/CT model) or kind=edm (a diffusion teacher)"
         )
+    if net is None and isinstance(state, EDMState):  # EDM's networks say which of ours holds them
+        net = state.net_config
     if net is None:
         raise ConfigError(
             f"ckpt={path} is a plain state dict (the authors' format); name its network: {net_hint(path)}"

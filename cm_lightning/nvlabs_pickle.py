@@ -20,6 +20,8 @@ import numpy
 import torch
 
 from cm_lightning.errors import ConfigError
+from cm_lightning.nets.edm_config import EDMState
+from cm_lightning.nets.edm_layout import convert
 
 try:  # NumPy 2 moved it; pickles name either path
     from numpy._core.multiarray import _reconstruct
@@ -52,6 +54,14 @@ def _new_plain(cls, *args):
     return cls()
 
 
+def _scalar(dtype, data=None):
+    """A NumPy scalar from its dtype and raw bytes: EDM's blocks keep ``np.sqrt(0.5)`` and the like in their
+    state. A scalar of Python objects is refused: it would carry an arbitrary object."""
+    if not isinstance(dtype, numpy.dtype) or dtype.hasobject or not isinstance(data, bytes):
+        raise ValueError(f"a NumPy scalar of dtype {dtype} is not plain data")
+    return numpy.frombuffer(data, dtype=dtype)[0]
+
+
 def _load_storage(data: bytes):
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
@@ -74,6 +84,8 @@ ALLOWED = {
     ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
     ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
     ("numpy", "ndarray"): numpy.ndarray,
+    ("numpy.core.multiarray", "scalar"): _scalar,
+    ("numpy._core.multiarray", "scalar"): _scalar,
     ("numpy", "dtype"): numpy.dtype,
     ("torch", "float32"): torch.float32,
     ("torch", "float16"): torch.float16,
@@ -113,9 +125,10 @@ def flatten(record, prefix: str = "") -> dict:
 
 def read_pickle(path) -> dict:
     """The network an NVlabs pickle holds under ``ema`` (EDM, EDM2): ``{"class_name", "state_dict",
-    "kwargs"}``, the preconditioning's class, the state dict of its backbone (the precond's own ``model`` (EDM)
-    or ``unet`` (EDM2) submodule, prefix removed; EDM2's ``logvar_*`` head kept under its names) and the
-    precond's constructor keywords (``sigma_data``, ``img_resolution``, ...)."""
+    "kwargs", "backbone"}``, the preconditioning's class, the state dict of its backbone (the precond's own
+    ``model`` (EDM) or ``unet`` (EDM2) submodule, prefix removed; EDM2's ``logvar_*`` head kept under its names),
+    the precond's constructor keywords (``sigma_data``, ``img_resolution``, ...) and the backbone's class name
+    and constructor keywords (``SongUNet``, ``{"embedding_type": ...}``), as its record stores them."""
     path = Path(str(path)).expanduser()
     try:
         with open(path, "rb") as f:
@@ -134,16 +147,23 @@ def read_pickle(path) -> dict:
     net = {k[len(backbone) :]: v for k, v in state.items() if k.startswith(backbone)}
     head = {k: v for k, v in state.items() if not k.startswith(backbone)}
     kwargs = ema.state.get("_init_kwargs") or {}
-    return {"class_name": ema.class_name, "state_dict": net, "head": head, "kwargs": dict(kwargs)}
+    inner = (ema.state.get("_modules") or {}).get(backbone[:-1])
+    inner_kwargs = inner.state.get("_init_kwargs") if isinstance(inner, Record) else None
+    backbone = {"class_name": getattr(inner, "class_name", "?"), "kwargs": dict(inner_kwargs or {})}
+    return {"class_name": ema.class_name, "state_dict": net, "head": head, "kwargs": dict(kwargs), "backbone": backbone}
 
 
 # The preconditionings whose backbone is an EDM denoiser's: EDM's EDMPrecond and EDM2's Precond.
 DENOISERS = ("EDMPrecond", "Precond")
+# EDM's backbones whose layout differs from our nets' (nets/edm_layout.py); EDM2's UNet has the official one.
+EDM_BACKBONES = ("SongUNet", "DhariwalUNet")
 
 
 def denoiser_state_dict(path, what: str) -> dict:
     """The backbone's state dict of an NVlabs EDM or EDM2 denoiser pickle, to load like a plain state dict into
-    the network the user names; one line for a pickle of another preconditioning or sigma_data."""
+    the network the user names; one line for a pickle of another preconditioning or sigma_data. EDM's SongUNet
+    and DhariwalUNet backbones come in our NCSNpp's and ADMUNet's layout, as an ``EDMState`` that also names
+    that net's config (``nets/edm_config.py``)."""
     found = read_pickle(path)
     if found["class_name"] not in DENOISERS:
         raise ConfigError(
@@ -154,4 +174,9 @@ def denoiser_state_dict(path, what: str) -> dict:
         raise ConfigError(f"{what}={path} has sigma_data={sigma_data}; the released networks' 0.5 is read")
     if not found["state_dict"]:
         raise ConfigError(f"{what}={path} holds no tensors")
+    backbone = found["backbone"]
+    if backbone["class_name"] in EDM_BACKBONES:
+        source = f"{what}={path}"
+        state = convert(backbone["class_name"], backbone["kwargs"], found["state_dict"], source)
+        return EDMState(state, backbone["class_name"], backbone["kwargs"], source)
     return found["state_dict"]
