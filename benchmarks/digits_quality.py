@@ -2,14 +2,14 @@
 sCT, sCD, MeanFlow and iMF (U-Net and tiny DiT; two steps also with the re-noising chain), and the latent twins.
 
 Trains ``digits_edm`` and ``digits_trigflow``, then ``digits_cd`` and ``digits_ect`` from the EDM teacher and
-``digits_sct`` and ``digits_scd`` from the TrigFlow one (``--teacher sct=edm`` swaps), and the from-scratch rows
-through train.py (each for the steps its experiment sets, unless overridden; sCM's and MeanFlow's step budgets match
-iCT's and CD's wall-clock time, since a JVP step costs more than a discrete one; ``--seed`` reruns the students),
-samples 1,797 images from each (as many as the dataset holds), prints one JSON line per row and a table, appends the
-lines to benchmarks/results/digits_quality.jsonl and rewrites docs/results.md from them (benchmarks/write_results.py; a ``--study`` other than the default ``budgets`` needs its
-table named in benchmarks/results/results.md.in). Consistency models are scored at one step, at two steps with the
-default midpoint (the middle of a 3-point Karras grid, sigma = 2.5; sCM: t = 1.1), and at two steps with the
-midpoint the authors' ternary search picks (ts = (0, p, 39) of 40):
+``digits_sct`` and ``digits_scd`` from the TrigFlow one (``--teacher sct=edm`` swaps), and the from-scratch rows through
+train.py (each for the steps its experiment sets, unless overridden; sCM's and MeanFlow's step budgets match iCT's and
+CD's wall-clock time, since a JVP step costs more than a discrete one; ``--seed`` reruns the students), samples 1,797
+images from each (as many as the dataset holds), prints one JSON line per row and a table, appends the lines to
+benchmarks/results/digits_quality.jsonl and rewrites docs/results.md from them (benchmarks/write_results.py; a
+``--study`` other than the default ``budgets`` needs its table named in benchmarks/results/results.md.in). Consistency
+models are scored at one step, at two steps with the default midpoint (the middle of a 3-point Karras grid, sigma = 2.5;
+sCM: t = 1.1), and at two steps with the midpoint the authors' ternary search picks (ts = (0, p, 39) of 40):
 
     FID in the features of a small digits classifier (torch-fidelity, extractor "digits-classifier",
     held-out accuracy 100 %) between the samples and the whole dataset, plus IS from its logits.
