@@ -55,6 +55,12 @@ SCM_PUBLISHED = {
     "imagenet64_sct": (2048, 1e-4, [0.9, 0.99], -1.0, 1.6, 0.45, "edm2_img64_s", False, 35000),
     "imagenet64_scd": (2048, 1e-4, [0.9, 0.99], -1.0, 1.6, 0.0, "edm2_img64_s", True, 35000),
 }
+# sCD on ImageNet 512 (sCM arXiv v2 Table 5, sCD rows, and Appendix G.2): size -> (lr, dropout at resolutions <= 16).
+SCD512_PUBLISHED = {"s": (1e-4, 0.0), "m": (9e-5, 0.1), "l": (8e-5, 0.1), "xl": (7e-5, 0.1), "xxl": (6.5e-5, 0.1)}
+SCM_PUBLISHED |= {
+    f"imagenet512_scd_{size}": (2048, lr, [0.9, 0.99], -0.8, 1.6, dropout, f"edm2_{size}", True, 70000)
+    for size, (lr, dropout) in SCD512_PUBLISHED.items()
+}
 
 
 @pytest.mark.parametrize("name", sorted(SCM_PUBLISHED))
@@ -67,6 +73,17 @@ def test_published_scm_settings(name):
     assert (objective.tangent_c, objective.warmup_steps, objective.parameterisation.t_mid) == (0.1, 10000, 1.1)
     assert cfg.net.dropout == dropout and cfg.hydra.runtime.choices.net == net and cfg.model.lr_decay_ref == t_ref
     assert cfg.model.init_from_teacher and objective.parameterisation.noise_kind == cfg.net.noise_kind  # as the teacher
+
+
+@pytest.mark.parametrize("size", sorted(SCD512_PUBLISHED))
+def test_published_scd512_settings(size):
+    """The rest of Table 5 and G.2 at 512: 200k iterations, Adam eps 1e-11, dropout at 16 and 8 only, EMA std 0.05."""
+    cfg = composed(f"experiment=imagenet512_scd_{size}")
+    model, optimizer = cfg.model, cfg.model.optimizer
+    assert (cfg.trainer.max_steps, optimizer._target_, optimizer.eps) == (200_000, "torch.optim.Adam", 1e-11)
+    assert list(cfg.net.dropout_resolutions) == [16, 8] and cfg.hydra.runtime.choices.data == "imagenet512_latent"
+    assert (list(model.ema_rates), list(model.ema_stds), model.warmup_steps) == ([], [0.05], 0)
+    assert model.objective.parameterisation.sigma_max == 80.0
 
 
 def test_published_meanflow_settings():
