@@ -65,7 +65,7 @@ def main() -> None:
             f"--ckpt {args.ckpt} makes {sampler.image_shape} images; this benchmark needs a 1x16x16 digits "
             "model such as the default `python train.py`"
         )
-    levels = edit_levels(args.edit_sigmas, read_checkpoint(args.ckpt), sampler.param)
+    levels = edit_levels(args.edit_sigmas, read_checkpoint(args.ckpt), sampler.parameterisation)
     x, y = digits_tensor(16)
     mean_digit = x.mean(0, keepdim=True)
     pick = torch.randperm(len(y), generator=torch.Generator().manual_seed(args.seed))[: args.num]
@@ -76,7 +76,9 @@ def main() -> None:
     for name in args.masks.split(","):
         omega = masks(name, len(y), 16, args.seed)
         background, mean_fill = x * (1 - omega) - omega, x * (1 - omega) + mean_digit * omega
-        out = editing.edit(f, x, Identity(), omega, levels, sampler.param, torch.Generator().manual_seed(args.seed))
+        out = editing.edit(
+            f, x, Identity(), omega, levels, sampler.parameterisation, torch.Generator().manual_seed(args.seed)
+        )
         row = {
             "study": "inpainting",
             "mask": name,

@@ -165,7 +165,7 @@ def time_sampling(model, cfg: DictConfig, device: torch.device) -> dict:
     sampler = model.sampler().speed_up(model.speed, cfg.trainer.precision, device)
     rates = {}
     for steps in cfg.bench.sample_steps:
-        how = {"steps": steps} if sampler.param.few_step else {"steps": steps, "solver": "heun"}
+        how = {"steps": steps} if sampler.parameterisation.few_step else {"steps": steps, "solver": "heun"}
 
         def call(seed: int, how=how):
             sampler(cfg.bench.sample_batch, seed=seed, device=device, **how)

@@ -87,8 +87,8 @@ def check_layout(ckpt: dict, source: str) -> None:
     net = config.get("model", {}).get("net") if isinstance(config.get("model"), dict) else None
     if not isinstance(net, dict) or "_target_" not in net:
         raise damaged("the stored config's model.net", "is missing or names no network class")
-    param = meta.get("parameterisation", meta.get("precond"))  # "precond": the layout before names
-    if not isinstance(param, dict):
+    parameterisation = meta.get("parameterisation", meta.get("precond"))  # "precond": the layout before names
+    if not isinstance(parameterisation, dict):
         raise damaged("its parameterisation", "is missing or not a mapping")
     for key in ("ema_rates", "ema_stds"):
         rates = meta.get(key, [])

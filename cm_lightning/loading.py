@@ -22,6 +22,7 @@ from hydra.utils import instantiate
 from torch import nn
 
 from cm_lightning.checkpoint import META_KEY, check_layout, from_meta, is_state_dict, num_emas, upgrade, weights
+from cm_lightning.diffusion.parameterisation import Parameterisation
 from cm_lightning.diffusion.precond import Precond, consistency_function, edm_denoiser
 from cm_lightning.diffusion.trigflow import TrigFlow
 from cm_lightning.errors import ConfigError
@@ -120,7 +121,7 @@ def network_from_checkpoint(ckpt: dict, which: str = "ema", index: int | None = 
     return net.eval().requires_grad_(False)
 
 
-def parameterisation(meta: dict):
+def stored_parameterisation(meta: dict):
     """``checkpoint.from_meta`` for stored metadata, a field of the wrong name or kind stopping in one line."""
     try:
         return from_meta(meta)
@@ -136,17 +137,17 @@ def parameterisation(meta: dict):
 class Teacher(nn.Module):
     """A frozen EDM denoiser D(x, sigma): always in eval mode, no gradients into its weights."""
 
-    def __init__(self, net: nn.Module, precond: Precond):
+    def __init__(self, net: nn.Module, parameterisation: Parameterisation):
         super().__init__()
         self.net = net.requires_grad_(False)
-        self.precond = precond
+        self.parameterisation = parameterisation
         self.eval()
 
     def train(self, mode: bool = True):
         return super().train(False)
 
     def forward(self, x, sigma, labels=None):
-        return self.precond(self.net, x, sigma, labels)
+        return self.parameterisation(self.net, x, sigma, labels)
 
 
 def load_plain(net: nn.Module, state: dict, what: str, path) -> nn.Module:
@@ -180,13 +181,15 @@ def load_teacher(path, like: nn.Module | None = None, sigma_data: float = 0.5) -
             raise ConfigError(f"model.teacher_ckpt={path} is a plain state dict; it needs the run's net config")
         net = load_plain(copy.deepcopy(like), ckpt, "model.teacher_ckpt", path)
         return Teacher(net, edm_denoiser(sigma_data, net.noise_kind))
-    param = parameterisation(ckpt[META_KEY])
-    if param.few_step or not isinstance(param, (Precond, TrigFlow)):  # TrigFlow: a diffusion=true teacher
+    parameterisation = stored_parameterisation(ckpt[META_KEY])
+    if parameterisation.few_step or not isinstance(
+        parameterisation, (Precond, TrigFlow)
+    ):  # TrigFlow: a diffusion=true teacher
         raise ConfigError(
             f"model.teacher_ckpt={path} is a consistency model's checkpoint; the teacher must come from an EDM run "
             "(experiment=digits_edm, digits_trigflow or another *_edm experiment)"
         )
-    return Teacher(network_from_checkpoint(ckpt, "ema"), param)
+    return Teacher(network_from_checkpoint(ckpt, "ema"), parameterisation)
 
 
 def check_ema(meta: dict, ema: int | None) -> None:
@@ -231,7 +234,7 @@ def sampler_from(ckpt: dict, path, ema: int | None = None, device="cpu", net=Non
         sampler.net.to(device)
         return sampler
     check_ema(ckpt[META_KEY], ema)
-    return Sampler(network_from_checkpoint(ckpt, "ema", ema).to(device), parameterisation(ckpt[META_KEY]))
+    return Sampler(network_from_checkpoint(ckpt, "ema", ema).to(device), stored_parameterisation(ckpt[META_KEY]))
 
 
 def export_state_dict(ckpt: dict, path, out, ema: int | None = None) -> Path:

@@ -25,7 +25,9 @@ from cm_lightning.runtime.speed import Speed, amp_dtype, autocast
 @dataclass
 class Sampler:
     net: nn.Module
-    param: Parameterisation  # a consistency function (CM Algorithm 1) or a denoiser (an ODE solver samples it)
+    parameterisation: (
+        Parameterisation  # a consistency function (CM Algorithm 1) or a denoiser (an ODE solver samples it)
+    )
     amp: torch.dtype | None = None  # autocast dtype of the network evaluations; None: fp32
     cuda_graphs: bool = False
     decoder: object = None  # latent/autoencoder.py: samples are latents, returned decoded to pixels
@@ -51,14 +53,14 @@ class Sampler:
             # Each evaluation is a new step for CUDA graph trees: the previous output has been consumed.
             torch.compiler.cudagraph_mark_step_begin()
         with autocast(x.device, self.amp):
-            return self.param(self.net, x, sigma, labels)  # fp32 out
+            return self.parameterisation(self.net, x, sigma, labels)  # fp32 out
 
     def jump(self, x, r, t, labels=None):
-        """MeanFlow's z_r from z_t (``param.jump``), under the same speed settings as ``denoise``."""
+        """MeanFlow's z_r from z_t (``parameterisation.jump``), under the same speed settings as ``denoise``."""
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         with autocast(x.device, self.amp):
-            return self.param.jump(self.net, x, r, t, labels)
+            return self.parameterisation.jump(self.net, x, r, t, labels)
 
     def speed_up(self, speed: Speed, precision: str, device) -> "Sampler":
         """Autocast in ``precision``'s dtype, channels-last and compilation in ``speed.sample_compile_mode``
@@ -80,7 +82,7 @@ class Sampler:
 
     def at_sigmas(self, sigmas) -> dict:
         """The plan of explicit EDM noise levels, as the parameterisation's own (TrigFlow: arctan(sigma / sigma_d))."""
-        return dict(sigmas=[self.param.from_sigma(s) for s in sigmas])
+        return dict(sigmas=[self.parameterisation.from_sigma(s) for s in sigmas])
 
     def plans(
         self, steps=(1, 2), sigmas: dict | None = None, teacher_steps=(TEACHER_STEPS,), solver: str = "heun"
@@ -89,10 +91,10 @@ class Sampler:
         per entry of ``sigmas`` ({name: decreasing EDM noise levels}); a MeanFlow model's flow-map default also
         gets ``{k}step_renoise``, the re-noising chain, for each k > 1. A denoiser: its ODE sampler with each of
         ``teacher_steps`` steps of ``solver``."""
-        if not self.param.few_step:
+        if not self.parameterisation.few_step:
             return {f"{int(k)}step": dict(steps=int(k), solver=solver) for k in teacher_steps}
         named = {f"{int(k)}step": dict(steps=int(k)) for k in steps}
-        if getattr(self.param, "chain", "renoise") == "flow_map":
+        if getattr(self.parameterisation, "chain", "renoise") == "flow_map":
             named |= {f"{int(k)}step_renoise": dict(steps=int(k), chain="renoise") for k in steps if int(k) > 1}
         return named | {name: self.at_sigmas(levels) for name, levels in (sigmas or {}).items()}
 
@@ -100,17 +102,17 @@ class Sampler:
         """The plans a user asks for: explicit EDM ``sigmas`` inside the model's noise range, the authors' ``ts``
         indices into a grid of ``ts_num_scales`` points, or ``steps`` (None: the model's default); ``model`` names
         the model in the errors, e.g. ``ckpt=PATH``."""
-        if not self.param.few_step and (sigmas is not None or ts is not None):
+        if not self.parameterisation.few_step and (sigmas is not None or ts is not None):
             raise ConfigError(
                 f"sigmas= and ts= set the levels of consistency sampling, but {model} is a diffusion "
                 "denoiser; drop them and use steps= and solver="
             )
-        if self.param.few_step and solver is not None:
+        if self.parameterisation.few_step and solver is not None:
             raise ConfigError(
                 f"solver={solver} applies to diffusion teachers, but {model} is a consistency "
                 "model sampled by CM Algorithm 1; drop solver="
             )
-        grid = self.param.grid
+        grid = self.parameterisation.grid
         if sigmas is not None:
             return self.plans((), {"sigmas": check_decreasing(sigmas, "sigmas", grid["sigma_min"], grid["sigma_max"])})
         if ts is not None:
@@ -122,7 +124,7 @@ class Sampler:
 
     def nfe(self, how: dict) -> int:
         """Network evaluations per sample: k for k consistency steps, 2n - 1 for n Heun steps, n for Euler."""
-        if not self.param.few_step:
+        if not self.parameterisation.few_step:
             return 2 * how["steps"] - 1 if how.get("solver", "heun") == "heun" else how["steps"]
         return len(how["sigmas"]) if how.get("sigmas") is not None else how["steps"]
 
@@ -143,10 +145,10 @@ class Sampler:
         Consistency models take ``steps`` (default 1) or explicit decreasing levels ``sigmas`` (the
         parameterisation's own: sigma for EDM/CM, t for TrigFlow); denoisers take ``steps`` of the ODE
         ``solver`` (default ``TEACHER_STEPS`` Heun steps). ``chain`` (few-step models): ``flow_map`` (MeanFlow's
-        jumps) or ``renoise`` (CM Algorithm 1); None: the parameterisation's own (``param.chain``, else renoise).
+        jumps) or ``renoise`` (CM Algorithm 1); None: the parameterisation's own (its ``chain``, else renoise).
         """
-        chain = chain or getattr(self.param, "chain", "renoise")
-        if chain not in CHAINS or (chain == "flow_map" and not hasattr(self.param, "jump")):
+        chain = chain or getattr(self.parameterisation, "chain", "renoise")
+        if chain not in CHAINS or (chain == "flow_map" and not hasattr(self.parameterisation, "jump")):
             raise ConfigError(
                 f"chain={chain!r}: use renoise, or flow_map with a MeanFlow model (its parameterisation's jumps)"
             )
@@ -160,13 +162,15 @@ class Sampler:
         """The network's samples: images, or latents for a model trained on an autoencoder's latents. Only images
         are clamped to [-1, 1], as the authors clamp them; latents range wider (SD's scaled ones beyond +-4)."""
         clip = self.decoder is None
-        if not self.param.few_step:
-            return ode_sample(f, z, steps=steps or TEACHER_STEPS, solver=solver, clip=clip, **self.param.grid)
-        levels = self.param.levels(steps or 1) if sigmas is None else sigmas
+        if not self.parameterisation.few_step:
+            return ode_sample(
+                f, z, steps=steps or TEACHER_STEPS, solver=solver, clip=clip, **self.parameterisation.grid
+            )
+        levels = self.parameterisation.levels(steps or 1) if sigmas is None else sigmas
         if chain == "flow_map":
-            start = self.param.add_noise(torch.zeros_like(z), z, levels[0])
+            start = self.parameterisation.add_noise(torch.zeros_like(z), z, levels[0])
             return flow_map_sample(lambda x, r, t: self.jump(x, r, t, labels), start, levels, clip=clip)
-        return multistep_sample(f, z, levels, self.param, generator=g, clip=clip)
+        return multistep_sample(f, z, levels, self.parameterisation, generator=g, clip=clip)
 
     def pixels(self, x: torch.Tensor) -> torch.Tensor:
         """Samples as images in [-1, 1]: latents go through the decoder."""

@@ -124,7 +124,7 @@ def test_names_kinds_and_missing_information(tmp_path):
     save_plain(tmp_path / "model.pt")
     with pytest.raises(ConfigError, match="add kind=consistency .* or kind=edm"):
         sampler_from_checkpoint(tmp_path / "model.pt", net=NET)
-    assert sampler_from_checkpoint(tmp_path / "model.pt", net=NET, kind="edm").param == edm_denoiser()
+    assert sampler_from_checkpoint(tmp_path / "model.pt", net=NET, kind="edm").parameterisation == edm_denoiser()
     torch.save([1, 2], tmp_path / "list.pt")
     with pytest.raises(ConfigError, match="neither a cm-lightning checkpoint .* nor a plain state dict"):
         sampler_from_checkpoint(tmp_path / "list.pt", net=NET)
@@ -134,8 +134,8 @@ def test_plain_teacher_loads_into_a_copy_of_the_runs_net(tmp_path):
     state = save_plain(tmp_path / "edm_tiny_ema.pt")
     student = instantiate(NET)
     teacher = load_teacher(tmp_path / "edm_tiny_ema.pt", like=student)
-    assert teacher.net is not student and teacher.precond.eps == 0.0 and not teacher.net.training
-    assert teacher.precond.noise_kind == student.noise_kind == "adm"  # the net config's conditioning
+    assert teacher.net is not student and teacher.parameterisation.eps == 0.0 and not teacher.net.training
+    assert teacher.parameterisation.noise_kind == student.noise_kind == "adm"  # the net config's conditioning
     for k, v in teacher.net.state_dict().items():
         assert torch.equal(v, state[k])
     torch.save(state, tmp_path / "cd_tiny.pt")

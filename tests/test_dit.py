@@ -116,11 +116,11 @@ def test_both_jvp_modes_equal_a_float64_central_difference_through_attention():
     from cm_lightning.diffusion.meanflow_param import MeanFlowParam
     from cm_lightning.diffusion.objectives.meanflow import mean_flow_target
 
-    param = MeanFlowParam()
+    parameterisation = MeanFlowParam()
     z, v = torch.randn(2, 2, 8, 8, dtype=torch.float64), torch.randn(2, 2, 8, 8, dtype=torch.float64)
     t, r = torch.tensor([0.9, 0.6], dtype=torch.float64), torch.tensor([0.2, 0.6], dtype=torch.float64)
     net = attention_dit(torch.float64)
-    u = lambda z, r, t: param.u(net, z, r, t)  # noqa: E731
+    u = lambda z, r, t: parameterisation.u(net, z, r, t)  # noqa: E731
     h = 1e-5
     reference = (u(z + h * v, r, t + h) - u(z - h * v, r, t - h)) / (2 * h)
     tangents = (v, torch.zeros_like(r), torch.ones_like(t))
@@ -130,7 +130,7 @@ def test_both_jvp_modes_equal_a_float64_central_difference_through_attention():
         torch.testing.assert_close(du_dt, reference, rtol=0, atol=1e-8)
 
     net32 = attention_dit()
-    u32 = lambda z, r, t: param.u(net32, z, r, t)  # noqa: E731
+    u32 = lambda z, r, t: parameterisation.u(net32, z, r, t)  # noqa: E731
     args = z.float(), r.float(), t.float(), v.float()
     _, autograd_target = mean_flow_target(u32, *args)
     _, fd_target = mean_flow_target(u32, *args, mode="finite_difference")

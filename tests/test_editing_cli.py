@@ -129,13 +129,17 @@ def test_trained_model_keeps_the_reference_exactly(colour_ckpt, precision):
     colour, patch = ChannelBasis(), PatchBasis(4)
     cases = [(Identity(), box), (colour, colour.keep_first(y.shape)), (patch, patch.keep_first(y.shape))]
     for transform, omega in cases:
-        x = editing.edit(f, y, transform, omega, [80.0, 3.0, 0.5], sampler.param, torch.Generator().manual_seed(0))
+        x = editing.edit(
+            f, y, transform, omega, [80.0, 3.0, 0.5], sampler.parameterisation, torch.Generator().manual_seed(0)
+        )
         assert torch.allclose(transform(x) * (1 - omega), transform(y) * (1 - omega), atol=1e-5)
     z0, z1 = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    frames = editing.interpolate(f, z0, z1, 3, sampler.param)
-    ends = f(sampler.param.t_max * torch.stack([z0, z1]), torch.full((2,), sampler.param.t_max)).clamp(-1, 1)
+    frames = editing.interpolate(f, z0, z1, 3, sampler.parameterisation)
+    ends = f(
+        sampler.parameterisation.t_max * torch.stack([z0, z1]), torch.full((2,), sampler.parameterisation.t_max)
+    ).clamp(-1, 1)
     assert torch.allclose(frames[[0, -1]], ends, atol=1e-5)
-    assert torch.equal(editing.denoise(f, y, sampler.param.t_min, sampler.param), y)
+    assert torch.equal(editing.denoise(f, y, sampler.parameterisation.t_min, sampler.parameterisation), y)
 
 
 def test_default_edit_levels_are_read_from_the_run(colour_ckpt, cd_run):

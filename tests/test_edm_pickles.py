@@ -223,9 +223,9 @@ def test_a_pickle_denoises_as_edm_and_its_source_never_runs(name, persistence, t
         with torch.no_grad():
             reference = edm_denoiser(x * (1 + s), sigma, onehot, state, kw, song)
             torch.testing.assert_close(teacher(x * (1 + s), sigma, labels), reference, atol=2e-5, rtol=1e-5)
-            ours = sampler.param(sampler.net, x * (1 + s), sigma, labels)
+            ours = sampler.parameterisation(sampler.net, x * (1 + s), sigma, labels)
             torch.testing.assert_close(ours, reference, atol=2e-5, rtol=1e-5)
-    assert teacher.precond.noise_kind == "edm" and sampler.param.noise_kind == "edm"
+    assert teacher.parameterisation.noise_kind == "edm" and sampler.parameterisation.noise_kind == "edm"
 
 
 # --- the experiments and the command line ----------------------------------------------------------------------

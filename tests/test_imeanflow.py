@@ -87,10 +87,10 @@ def test_r_equal_t_is_flow_matching_and_the_tangent_is_u_at_r_equal_t():
     """The tangent is the JVP's own function at r = t (same dropout masks, no graph); at r = t the target is v
     and the loss flow matching's ||u(z_t, t, t) - (e - x)||^2."""
     torch.manual_seed(0)
-    net, param = randomise(tiny_net(dropout=0.3, num_times=2)), MeanFlowParam()
-    objective = ImprovedMeanFlow(param, fraction=0.0, norm_p=0.0)
+    net, parameterisation = randomise(tiny_net(dropout=0.3, num_times=2)), MeanFlowParam()
+    objective = ImprovedMeanFlow(parameterisation, fraction=0.0, norm_p=0.0)
     z, v, t = torch.randn(3, 1, 8, 8), torch.randn(3, 1, 8, 8), torch.tensor([0.2, 0.5, 0.9])
-    u_fn = lambda z, r, t: param.u(net, z, r, t)  # noqa: E731
+    u_fn = lambda z, r, t: parameterisation.u(net, z, r, t)  # noqa: E731
     tangent = objective.tangent(u_fn, z, t, v, context(dropout_seed=7))
     torch.manual_seed(7)
     assert torch.equal(tangent, u_fn(z, t, t)) and not tangent.requires_grad

@@ -76,7 +76,7 @@ def test_latent_inpainting_keeps_the_known_cells_exactly_and_never_reads_the_hol
 
     def edit(y):
         f = lambda x, s: sampler.denoise(x, s)  # noqa: E731
-        return inpaint(f, vae, y, omega, [80.0, 3.99], sampler.param, torch.Generator().manual_seed(1))
+        return inpaint(f, vae, y, omega, [80.0, 3.99], sampler.parameterisation, torch.Generator().manual_seed(1))
 
     reference, cells, edited = edit(y)
     assert torch.equal(cells, latent_mask(omega, 4))

@@ -39,19 +39,21 @@ class LinearU(nn.Module):
 
 
 def test_one_step_is_z1_minus_u_and_the_noising_matches_edm():
-    param = MeanFlowParam()
+    parameterisation = MeanFlowParam()
     net = randomise(two_time_net())
     z = torch.randn(3, 1, 8, 8)
     ones = torch.ones(3)
     u = net(z, torch.stack([ones, ones], dim=1))
-    torch.testing.assert_close(param(net, z, ones), z - u)
-    assert torch.equal(param(net, z, torch.zeros(3)), z)  # f(z, 0) = z
+    torch.testing.assert_close(parameterisation(net, z, ones), z - u)
+    assert torch.equal(parameterisation(net, z, torch.zeros(3)), z)  # f(z, 0) = z
     x0, e = torch.randn(2, 1, 8, 8, dtype=torch.float64), torch.randn(2, 1, 8, 8, dtype=torch.float64)
     sigma = torch.tensor([0.5, 3.0], dtype=torch.float64)
     t = sigma / (1 + sigma)
-    assert param.from_sigma(3.0) == pytest.approx(0.75)
-    torch.testing.assert_close(param.from_edm(x0 + sigma.view(-1, 1, 1, 1) * e, t), param.add_noise(x0, e, t))
-    assert param.levels(1) == [1.0] and param.levels(2) == [1.0, 0.5]
+    assert parameterisation.from_sigma(3.0) == pytest.approx(0.75)
+    torch.testing.assert_close(
+        parameterisation.from_edm(x0 + sigma.view(-1, 1, 1, 1) * e, t), parameterisation.add_noise(x0, e, t)
+    )
+    assert parameterisation.levels(1) == [1.0] and parameterisation.levels(2) == [1.0, 0.5]
     scaled = MeanFlowParam(time_scale=1000.0)
     assert from_meta({"parameterisation": scaled.to_meta()}) == scaled
 
@@ -59,10 +61,10 @@ def test_one_step_is_z1_minus_u_and_the_noising_matches_edm():
 def test_jvp_equals_a_central_finite_difference_in_float64():
     torch.manual_seed(0)
     net = randomise(two_time_net(), std=0.2).double().eval()  # attention at 4x4 inside
-    param = MeanFlowParam()
+    parameterisation = MeanFlowParam()
     z, v = torch.randn(2, 1, 8, 8, dtype=torch.float64), torch.randn(2, 1, 8, 8, dtype=torch.float64)
     t, r = torch.tensor([0.7, 0.9], dtype=torch.float64), torch.tensor([0.2, 0.9], dtype=torch.float64)
-    u_fn = lambda z, r, t: param.u(net, z, r, t)  # noqa: E731
+    u_fn = lambda z, r, t: parameterisation.u(net, z, r, t)  # noqa: E731
     u, target = mean_flow_target(u_fn, z, r, t, v)
     h = 1e-6
     with torch.no_grad():
@@ -76,10 +78,10 @@ def test_jvp_equals_a_central_finite_difference_in_float64():
 def test_the_target_of_a_linear_u_is_the_hand_computed_value():
     """u = a z + b t + c (t - r): du/dt along (v, 0, 1) = a v + b + c, so u_tgt = v - (t - r)(a v + b + c)."""
     a, b, c = 0.3, -1.2, 0.7
-    net, param = LinearU(a, b, c).double(), MeanFlowParam()
+    net, parameterisation = LinearU(a, b, c).double(), MeanFlowParam()
     z, v = torch.randn(3, 1, 4, 4, dtype=torch.float64), torch.randn(3, 1, 4, 4, dtype=torch.float64)
     t, r = torch.tensor([0.9, 0.5, 0.4], dtype=torch.float64), torch.tensor([0.1, 0.5, 0.0], dtype=torch.float64)
-    u, target = mean_flow_target(lambda z, r, t: param.u(net, z, r, t), z, r, t, v)
+    u, target = mean_flow_target(lambda z, r, t: parameterisation.u(net, z, r, t), z, r, t, v)
     gap = (t - r).view(-1, 1, 1, 1)
     torch.testing.assert_close(u, a * z + b * t.view(-1, 1, 1, 1) + c * gap)
     torch.testing.assert_close(target, v - gap * (a * v + b + c))

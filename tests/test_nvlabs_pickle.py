@@ -113,7 +113,7 @@ def test_evaluate_and_the_teacher_read_the_pickle_as_an_edm_denoiser(persistence
     assert torch.equal(sampler(2, steps=3, seed=0)[0], direct(2, steps=3, seed=0)[0])
     teacher = load_teacher(path, like=tiny_net())
     x, sigma = torch.randn(2, 1, 8, 8), torch.tensor([1.0, 2.0])
-    assert torch.equal(teacher(x, sigma), direct.param(direct.net, x, sigma))
+    assert torch.equal(teacher(x, sigma), direct.parameterisation(direct.net, x, sigma))
 
 
 def test_cd_distils_a_teacher_pickle_from_the_command_line(persistence, edm_run, tmp_path, marker):

@@ -57,7 +57,7 @@ def test_the_teacher_default_is_written_once():
 
 def test_requested_plans_convert_ts_and_check_levels():
     student = Sampler(None, consistency_function())
-    grid = student.param.grid
+    grid = student.parameterisation.grid
     assert student.requested(ts=[0, 22, 39], ts_num_scales=40) == {
         "ts0-22-39": dict(sigmas=sigmas_from_indices([0, 22, 39], 40, **grid))
     }

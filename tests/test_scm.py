@@ -154,14 +154,14 @@ def test_learned_weighting_enters_as_exp_w_times_the_distance_minus_w(form):
 def test_under_bf16_autocast_the_jvp_is_fp32_and_f_theta_minus_f_minus_is_zero():
     torch.manual_seed(0)
     net, x0 = randomise(tiny_net()), torch.randn(3, 1, 8, 8).clamp(-1, 1)
-    objective, param = SCM(TrigFlow(), warmup_steps=0), TrigFlow()
+    objective, parameterisation = SCM(TrigFlow(), warmup_steps=0), TrigFlow()
     t, x_t, dxt_dt = _drawn(objective, x0)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         dF_dt = objective.time_derivative(net, x_t, t, dxt_dt, None)
-        F_theta = param.F(net, x_t, t, None)
+        F_theta = parameterisation.F(net, x_t, t, None)
         losses = objective.loss(net, None, x0, None, _ctx())[0]
     assert dF_dt.dtype == torch.float32
-    F_jvp = param.F(net, x_t, t, None)  # what the JVP's own forward gives: fp32, not the bf16 F_theta
+    F_jvp = parameterisation.F(net, x_t, t, None)  # what the JVP's own forward gives: fp32, not the bf16 F_theta
     assert not torch.equal(F_jvp, F_theta)
     g = tangent(F_theta, dF_dt, x_t, dxt_dt, t, 0.5, 1.0, 0.1)
     # w = 0 at initialisation: the loss is ||g||^2 / D exactly when F_theta - F^- is zero in value.

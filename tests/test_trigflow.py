@@ -58,12 +58,12 @@ def test_an_edm_conditioned_parameterisation_is_refused_with_one_line():
 
 def test_a_trigflow_diffusion_model_is_the_edm_denoiser_at_sigma_d_tan_t():
     torch.manual_seed(0)
-    net, param = randomise(tiny_net()).double(), TrigFlow(diffusion=True)
+    net, parameterisation = randomise(tiny_net()).double(), TrigFlow(diffusion=True)
     x_sigma, sigma = torch.randn(3, 1, 8, 8, dtype=torch.float64), torch.tensor([0.05, 1.0, 20.0], dtype=torch.float64)
     t = torch.atan(sigma / 0.5)
     expected = TrigFlow()(net, torch.cos(t).view(-1, 1, 1, 1) * x_sigma, t)
-    torch.testing.assert_close(param(net, x_sigma, sigma), expected)
-    assert not param.few_step and TrigFlow().few_step
+    torch.testing.assert_close(parameterisation(net, x_sigma, sigma), expected)
+    assert not parameterisation.few_step and TrigFlow().few_step
 
 
 def test_scd_velocity_of_a_trigflow_teacher_is_sigma_d_times_its_f():
@@ -148,7 +148,7 @@ def test_sct_started_from_a_trigflow_teacher_run_is_the_teachers_function(tmp_pa
     from cm_lightning.loading import load_teacher
 
     teacher = load_teacher(ckpt)
-    assert isinstance(teacher.precond, TrigFlow) and teacher.precond.diffusion
+    assert isinstance(teacher.parameterisation, TrigFlow) and teacher.parameterisation.diffusion
     student = GenerativeModule(
         randomise(copy.deepcopy(teacher.net).requires_grad_(True)),  # the same net config, other weights
         SCM(TrigFlow()),

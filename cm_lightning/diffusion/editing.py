@@ -2,7 +2,7 @@
 
 Every routine runs the same chain (``sampling.consistency_chain``): evaluate f at a noise level, clamp to
 [-1, 1] as the authors' samplers do, optionally project back onto the constraint, and re-noise to the next
-level (CM Algorithm 1, through the parameterisation ``param``: sqrt(sigma_n^2 - eps^2) fresh noise for EDM/CM,
+level (CM Algorithm 1, through the ``parameterisation``: sqrt(sigma_n^2 - eps^2) fresh noise for EDM/CM,
 cos/sin mixing for TrigFlow). Levels are the parameterisation's own (sigma, or TrigFlow's t). ``f`` takes a
 per-sample level of shape (B,); bind class labels into it (``lambda x, s: sampler.denoise(x, s, labels)``).
 
@@ -54,7 +54,7 @@ def degrade(y: torch.Tensor, transform, omega: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def edit(
-    f, y: torch.Tensor, transform, omega: torch.Tensor, levels, param, generator=None, clip: bool = True
+    f, y: torch.Tensor, transform, omega: torch.Tensor, levels, parameterisation, generator=None, clip: bool = True
 ) -> torch.Tensor:
     """CM Algorithm 4 for an orthogonal ``transform`` (A and its transpose A.inverse) and mask ``omega``."""
     check_mask(omega, y)
@@ -62,29 +62,33 @@ def edit(
     omega = omega.to(y)
     kept = transform(y) * (1 - omega)
     x = transform.inverse(kept)
-    x = param.add_noise(x, torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype), levels[0])
+    x = parameterisation.add_noise(
+        x, torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype), levels[0]
+    )
 
     def replace(x):
         return transform.inverse(kept + transform(x) * omega)
 
-    return consistency_chain(f, x, levels, param, generator, replace, clip)
+    return consistency_chain(f, x, levels, parameterisation, generator, replace, clip)
 
 
 @torch.no_grad()
 def stroke_guided(
-    f, strokes: torch.Tensor, noise: torch.Tensor, levels, param, generator=None, clip: bool = True
+    f, strokes: torch.Tensor, noise: torch.Tensor, levels, parameterisation, generator=None, clip: bool = True
 ) -> torch.Tensor:
     """SDEdit with a consistency model (CM Section 6): start from the stroke painting noised to levels[0]."""
     levels = check_decreasing(levels, "sigma")
-    return consistency_chain(f, param.add_noise(strokes, noise, levels[0]), levels, param, generator, clip=clip)
+    return consistency_chain(
+        f, parameterisation.add_noise(strokes, noise, levels[0]), levels, parameterisation, generator, clip=clip
+    )
 
 
 @torch.no_grad()
-def denoise(f, noisy: torch.Tensor, sigma: float, param) -> torch.Tensor:
+def denoise(f, noisy: torch.Tensor, sigma: float, parameterisation) -> torch.Tensor:
     """An image x0 + sigma z with noise of known ``sigma`` (EDM's scaling), denoised in one evaluation at the
     parameterisation's level for sigma."""
-    t = param.from_sigma(check_decreasing([sigma], "sigma")[0])
-    return consistency_chain(f, param.from_edm(noisy, t), [t], param)
+    t = parameterisation.from_sigma(check_decreasing([sigma], "sigma")[0])
+    return consistency_chain(f, parameterisation.from_edm(noisy, t), [t], parameterisation)
 
 
 def slerp(z0: torch.Tensor, z1: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
@@ -96,11 +100,11 @@ def slerp(z0: torch.Tensor, z1: torch.Tensor, alpha: torch.Tensor) -> torch.Tens
 
 
 @torch.no_grad()
-def interpolate(f, z0: torch.Tensor, z1: torch.Tensor, num: int, param, clip: bool = True) -> torch.Tensor:
+def interpolate(f, z0: torch.Tensor, z1: torch.Tensor, num: int, parameterisation, clip: bool = True) -> torch.Tensor:
     """``num`` one-step samples from t_max along the great circle from z0 to z1 (C, H, W); ``clip=False`` for
     latents, which have no [-1, 1] range."""
     if num < 2:
         raise ConfigError(f"num={num}: interpolation needs at least the two end frames (num >= 2)")
     z = slerp(z0, z1, torch.linspace(0, 1, num))
-    start = param.add_noise(torch.zeros_like(z), z, param.t_max)
-    return consistency_chain(f, start, [param.t_max], param, clip=clip)
+    start = parameterisation.add_noise(torch.zeros_like(z), z, parameterisation.t_max)
+    return consistency_chain(f, start, [parameterisation.t_max], parameterisation, clip=clip)

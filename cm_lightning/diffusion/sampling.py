@@ -42,14 +42,16 @@ def sigmas_from_indices(ts, num_scales: int, sigma_min=0.002, sigma_max=80.0, rh
     return [float(grid[t]) for t in ts[:-1]]
 
 
-def consistency_chain(f, x, levels, param, generator=None, project=None, clip: bool = True):
+def consistency_chain(f, x, levels, parameterisation, generator=None, project=None, clip: bool = True):
     """CM Algorithm 1 from a state ``x`` already at levels[0]: x = f(x, t_1), then x = f(renoise(x, t_n), t_n)
-    for each later level (``param.renoise``: x + sqrt(t^2 - eps^2) z for EDM/CM, cos(t) x + sin(t) sigma_d z
+    for each later level (``parameterisation.renoise``: x + sqrt(t^2 - eps^2) z for EDM/CM, cos(t) x + sin(t) sigma_d z
     for TrigFlow), with an optional projection after every evaluation (the replacement step of Algorithm 4)."""
     ones = torch.ones(x.shape[0], device=x.device)
     for i, t in enumerate(levels):
         if i:
-            x = param.renoise(x, t, torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype))
+            x = parameterisation.renoise(
+                x, t, torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            )
         x = f(x, t * ones)
         if clip:
             x = x.clamp(-1, 1)
@@ -59,10 +61,12 @@ def consistency_chain(f, x, levels, param, generator=None, project=None, clip: b
 
 
 @torch.no_grad()
-def multistep_sample(f, z: torch.Tensor, levels, param, generator=None, clip: bool = True):
-    """CM Algorithm 1 from pure noise: x = f(x_T, T) with x_T = ``param.add_noise(0, z, T)``, then re-noise."""
+def multistep_sample(f, z: torch.Tensor, levels, parameterisation, generator=None, clip: bool = True):
+    """CM Algorithm 1 from pure noise: x = f(x_T, T), x_T = ``parameterisation.add_noise(0, z, T)``, then re-noise."""
     levels = check_decreasing(levels)
-    return consistency_chain(f, param.add_noise(torch.zeros_like(z), z, levels[0]), levels, param, generator, clip=clip)
+    return consistency_chain(
+        f, parameterisation.add_noise(torch.zeros_like(z), z, levels[0]), levels, parameterisation, generator, clip=clip
+    )
 
 
 def teacher_sigmas(steps: int, sigma_min=0.002, sigma_max=80.0, rho=7.0) -> list[float]:

@@ -12,7 +12,7 @@ from cm_lightning.diffusion.shapes import per_sample
 from cm_lightning.errors import ConfigError
 
 
-def draw_times(param, p_mean: float, p_std: float, x0: torch.Tensor, ctx):
+def draw_times(parameterisation, p_mean: float, p_std: float, x0: torch.Tensor, ctx):
     """sCM's proposal (Section 4.2): t = arctan(exp(tau) / sigma_d), tau ~ N(P_mean, P_std^2), the noise z, and
     x_t = cos(t) x0 + sin(t) sigma_d z, for one batch through the step context's global draw."""
     g, shape = ctx.generator, x0.shape
@@ -23,8 +23,8 @@ def draw_times(param, p_mean: float, p_std: float, x0: torch.Tensor, ctx):
             torch.randn((b, *shape[1:]), generator=g, device=g.device),
         ),
     )
-    t = torch.atan(torch.exp(tau) / param.sigma_data)
-    return t, z, param.add_noise(x0, z, t)
+    t = torch.atan(torch.exp(tau) / parameterisation.sigma_data)
+    return t, z, parameterisation.add_noise(x0, z, t)
 
 
 @dataclass(frozen=True)

@@ -44,18 +44,18 @@ def covered(omega_latent: torch.Tensor, factor: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def inpaint(f, autoencoder, y: torch.Tensor, omega: torch.Tensor, levels, param, generator=None):
+def inpaint(f, autoencoder, y: torch.Tensor, omega: torch.Tensor, levels, parameterisation, generator=None):
     """Algorithm 4 (A = I) on the latents of ``y`` (N, C, S, S) in [-1, 1] with the pixel mask ``omega``;
     returns (reference latents, latent mask, edited latents), the last equal to the first where the mask is 0."""
     omega = omega.to(y)
     omega_latent = latent_mask(omega, autoencoder.factor)
     reference = autoencoder.latents(y * (1 - omega))
-    edited = editing.edit(f, reference, Identity(), omega_latent, levels, param, generator, clip=False)
+    edited = editing.edit(f, reference, Identity(), omega_latent, levels, parameterisation, generator, clip=False)
     return reference, omega_latent, edited
 
 
 @torch.no_grad()
-def stroke_guided(f, autoencoder, strokes: torch.Tensor, noise: torch.Tensor, levels, param, generator=None):
+def stroke_guided(f, autoencoder, strokes: torch.Tensor, noise: torch.Tensor, levels, parameterisation, generator=None):
     """SDEdit on the latents of the stroke paintings ``strokes``: (their latents, the edited latents)."""
     z = autoencoder.latents(strokes)
-    return z, editing.stroke_guided(f, z, noise, levels, param, generator, clip=False)
+    return z, editing.stroke_guided(f, z, noise, levels, parameterisation, generator, clip=False)

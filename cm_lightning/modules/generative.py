@@ -86,7 +86,7 @@ class GenerativeModule(L.LightningModule):
                     "use a teacher trained on the same data and image size"
                 )
         if init_from_teacher:
-            mine, theirs = getattr(self.parameterisation, "noise_kind", None), teacher.precond.noise_kind
+            mine, theirs = getattr(self.parameterisation, "noise_kind", None), teacher.parameterisation.noise_kind
             if mine != theirs:
                 raise ConfigError(
                     f"the student would start from the teacher's weights fed another conditioning: noise_kind={mine} "

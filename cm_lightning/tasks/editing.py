@@ -89,17 +89,19 @@ def run_method(ckpt: dict) -> tuple[str, int] | None:
     return None if facts is None else (facts["family"], facts["num_scales"])
 
 
-def edit_levels(edit_sigmas, ckpt, param) -> list[float]:
+def edit_levels(edit_sigmas, ckpt, parameterisation) -> list[float]:
     """Algorithm 4's levels in the parameterisation's own terms: ``edit_sigmas`` (EDM sigmas) if given, else the
     published two-step setting of the method of the run that wrote ``ckpt`` (as read), else the
     parameterisation's two-step levels (sCM)."""
     if edit_sigmas is not None:
-        sigmas = editing.check_decreasing(edit_sigmas, "edit_sigmas", param.grid["sigma_min"], param.grid["sigma_max"])
-        return [param.from_sigma(s) for s in sigmas]
+        sigmas = editing.check_decreasing(
+            edit_sigmas, "edit_sigmas", parameterisation.grid["sigma_min"], parameterisation.grid["sigma_max"]
+        )
+        return [parameterisation.from_sigma(s) for s in sigmas]
     method = run_method(ckpt)
     if method is None:
-        return param.levels(2)
-    return [param.from_sigma(s) for s in editing.published_edit_sigmas(*method, **param.grid)]
+        return parameterisation.levels(2)
+    return [parameterisation.from_sigma(s) for s in editing.published_edit_sigmas(*method, **parameterisation.grid)]
 
 
 def load_editor(cfg: DictConfig, task: str) -> Editor:
@@ -111,17 +113,17 @@ def load_editor(cfg: DictConfig, task: str) -> Editor:
         )
     device = pick_device(cfg.device)
     sampler = speed_up(load_sampler(cfg, device), cfg, device)
-    param = sampler.param
+    parameterisation = sampler.parameterisation
     if sampler.decoder is not None and task in LATENT_REFUSALS:
         raise ConfigError(
             f"task={task} cannot edit ckpt={cfg.ckpt}, a latent model (it samples a VAE's latents): "
             f"{LATENT_REFUSALS[task]}; latent models edit with task=inpaint, stroke or interpolate"
         )
-    if not param.few_step:
+    if not parameterisation.few_step:
         raise ConfigError(
             f"task={task} needs a consistency model (CD, CT, sCM, ...); ckpt={cfg.ckpt} is an EDM teacher"
         )
-    levels = edit_levels(cfg.edit_sigmas, ckpt, param)
+    levels = edit_levels(cfg.edit_sigmas, ckpt, parameterisation)
     if cfg.label is not None and not 0 <= cfg.label < max(sampler.num_classes, 1):
         raise ConfigError(
             f"label={cfg.label} is not a class of this model ({sampler.num_classes} classes); "
@@ -132,7 +134,7 @@ def load_editor(cfg: DictConfig, task: str) -> Editor:
 
 def edit_sigma(cfg: DictConfig, task: str, sampler: Sampler) -> float:
     sigma = DEFAULT_SIGMA[task] if cfg.sigma is None else float(cfg.sigma)
-    low, high = sampler.param.grid["sigma_min"], sampler.param.grid["sigma_max"]
+    low, high = sampler.parameterisation.grid["sigma_min"], sampler.parameterisation.grid["sigma_max"]
     if not low <= sigma <= high:
         raise ConfigError(
             f"sigma={sigma} is outside the model's noise range [{low}, {high}]; choose a level "
@@ -168,7 +170,7 @@ def algorithm4_task(cfg: DictConfig, task: str, transform, omega_for, editor: Ed
 
     def run(f, g, y, omega):
         kept = editing.degrade(y, transform, omega)
-        return kept, editing.edit(f, y, transform, omega, editor.levels, editor.sampler.param, g)
+        return kept, editing.edit(f, y, transform, omega, editor.levels, editor.sampler.parameterisation, g)
 
     kept, result = editor.batched(run, y, omega.expand(y.shape[0], *omega.shape[1:]))
     if task == "colorize":  # show the luminance as gray, not the luminance axis' tint
@@ -191,7 +193,7 @@ def latent_inpaint_task(cfg: DictConfig, editor: Editor, images, masks: torch.Te
     y, vae = to_tensor(images, editor.sampler), editor.vae
 
     def run(f, g, y, omega):
-        _, cells, edited = latent_editing.inpaint(f, vae, y, omega, editor.levels, editor.sampler.param, g)
+        _, cells, edited = latent_editing.inpaint(f, vae, y, omega, editor.levels, editor.sampler.parameterisation, g)
         return y * (1 - latent_editing.covered(cells, vae.factor)), vae.decode(edited)
 
     kept, result = editor.batched(run, y, masks)
@@ -225,14 +227,18 @@ def stroke_task(cfg: DictConfig) -> list[Path]:
     editor = load_editor(cfg, "stroke")
     sigma = edit_sigma(cfg, "stroke", editor.sampler)
     images = read_images(cfg, "stroke")
-    strokes, vae, param = to_tensor(images, editor.sampler), editor.vae, editor.sampler.param
+    strokes, vae, parameterisation = to_tensor(images, editor.sampler), editor.vae, editor.sampler.parameterisation
 
     def run(f, g, y):
         if vae is None:
             noise = torch.randn(y.shape, generator=g, device=y.device)
-            return y + sigma * noise, editing.stroke_guided(f, y, noise, [param.from_sigma(sigma)], param, g)
+            return y + sigma * noise, editing.stroke_guided(
+                f, y, noise, [parameterisation.from_sigma(sigma)], parameterisation, g
+            )
         noise = torch.randn((y.shape[0], *editor.sampler.image_shape), generator=g, device=y.device)
-        z, edited = latent_editing.stroke_guided(f, vae, y, noise, [param.from_sigma(sigma)], param, g)
+        z, edited = latent_editing.stroke_guided(
+            f, vae, y, noise, [parameterisation.from_sigma(sigma)], parameterisation, g
+        )
         return vae.decode(z + sigma * noise), vae.decode(edited)
 
     noisy, result = editor.batched(run, strokes)
@@ -247,7 +253,7 @@ def denoise_task(cfg: DictConfig) -> list[Path]:
 
     def run(f, g, y):
         noisy = y if cfg.noisy_input else y + sigma * torch.randn(y.shape, generator=g, device=y.device)
-        return noisy, editing.denoise(f, noisy, sigma, editor.sampler.param)
+        return noisy, editing.denoise(f, noisy, sigma, editor.sampler.parameterisation)
 
     noisy, result = editor.batched(run, clean)
     return write_results(cfg, "denoise", [n for n, _ in images], [clean, noisy, result])
@@ -259,7 +265,7 @@ def interpolate_task(cfg: DictConfig) -> list[Path]:
     g = torch.Generator(device=editor.device).manual_seed(cfg.seed)
     z0, z1 = torch.randn((2, *shape), generator=g, device=editor.device)
     f, latent = editor.bound(cfg.num, g), editor.vae is not None  # a latent model's noises are latents
-    frames = editing.interpolate(f, z0, z1, cfg.num, editor.sampler.param, clip=not latent)
+    frames = editing.interpolate(f, z0, z1, cfg.num, editor.sampler.parameterisation, clip=not latent)
     return write_frames(cfg, editor.sampler.pixels(frames).cpu())
 
 

@@ -25,13 +25,13 @@ def search_midpoint_task(cfg: DictConfig) -> list[Path]:
     if not cfg.metrics.fid:
         raise ConfigError("task=search_midpoint ranks candidates by FID; set metrics.fid=true")
     scorer = Scorer(cfg)
-    if not scorer.sampler.param.few_step:
+    if not scorer.sampler.parameterisation.few_step:
         raise ConfigError(f"ckpt={cfg.ckpt} is an EDM model; the midpoint search is for consistency models")
     scorer.start()
     candidates = {}
 
     def fid(p: int) -> float:
-        sigmas = sigmas_from_indices([0, p, last], cfg.ts_num_scales, **scorer.sampler.param.grid)
+        sigmas = sigmas_from_indices([0, p, last], cfg.ts_num_scales, **scorer.sampler.parameterisation.grid)
         result = scorer.score(scorer.sampler.at_sigmas(sigmas))
         if result is not None:
             candidates[p] = {"ts": [0, p, last], "sigmas": sigmas, **result}

@@ -182,19 +182,19 @@ class MeanFlow(Objective):
         return v
 
     def loss(self, student, target_net, x0, labels, ctx: StepContext):
-        param = self.parameterisation
+        parameterisation = self.parameterisation
         t, r, e, dropped = self.draws(x0, ctx)
         x0 = x0.float()
-        z, v = param.add_noise(x0, e, t), e - x0
+        z, v = parameterisation.add_noise(x0, e, t), e - x0
         with torch.autocast(x0.device.type, enabled=False):  # the JVP in fp32 (the official code)
             if self.guided:
                 v, labels = self.guided_velocity(student, z, t, v, labels, dropped)
-            u_fn = lambda z, r, t: param.u(eager(student), z, r, t, labels)  # noqa: E731
+            u_fn = lambda z, r, t: parameterisation.u(eager(student), z, r, t, labels)  # noqa: E731
             tangent = self.tangent(u_fn, z, t, v, ctx)
             ctx.reseed_dropout()
             _, u_tgt = mean_flow_target(u_fn, z, r, t, v, tangent, **self.jvp_mode)
         ctx.reseed_dropout()  # the JVP's dropout masks, so that u_theta is the function the target was taken of
-        u_theta = param.u(student, z, r, t, labels)
+        u_theta = parameterisation.u(student, z, r, t, labels)
         squared = (u_theta - u_tgt).pow(2).flatten(1).sum(dim=1)
         weight = (squared.detach() + self.norm_c).pow(-self.norm_p)
         return weight * squared, {"squared_error": squared.mean().detach(), "r_ne_t": (r != t).float().mean()}

@@ -146,9 +146,9 @@ class SCM(Objective):
         probe(net, lambda f, x, labels, t: jvp(lambda x, t: F(f, x, t, labels), (x, t), (x, t), **self.jvp_mode))
 
     def loss(self, student, target_net, x0, labels, ctx: StepContext):
-        param = self.parameterisation
-        sigma_data = param.sigma_data
-        t, z, x_t = draw_times(param, self.p_mean, self.p_std, x0, ctx)
+        parameterisation = self.parameterisation
+        sigma_data = parameterisation.sigma_data
+        t, z, x_t = draw_times(parameterisation, self.p_mean, self.p_std, x0, ctx)
         if self.requires_teacher:
             with torch.no_grad():
                 dxt_dt = teacher_velocity(self.teacher, x_t, t, labels, sigma_data)
@@ -157,7 +157,7 @@ class SCM(Objective):
         ctx.reseed_dropout()
         dF_dt = self.time_derivative(student, x_t, t, dxt_dt, labels)
         ctx.reseed_dropout()  # the JVP's dropout masks, so that dF^-/dt is the derivative of this very F
-        F_theta = param.F(student, x_t, t, labels)
+        F_theta = parameterisation.F(student, x_t, t, labels)
         F_minus = F_theta.detach()
         with self.precision(x_t):
             target_step = tangent(

@@ -35,12 +35,12 @@ class TrigFlowDenoising(Objective):
         self.weighting = LearnedWeighting(weighting_channels) if weighting_channels else None
 
     def loss(self, student, target_net, x0, labels, ctx: StepContext):
-        param = self.parameterisation
-        sigma_data = param.sigma_data
-        t, z, x_t = draw_times(param, self.p_mean, self.p_std, x0, ctx)
+        parameterisation = self.parameterisation
+        sigma_data = parameterisation.sigma_data
+        t, z, x_t = draw_times(parameterisation, self.p_mean, self.p_std, x0, ctx)
         v_t = per_sample(torch.cos(t), x0) * sigma_data * z - per_sample(torch.sin(t), x0) * x0
         ctx.reseed_dropout()
-        distance = (sigma_data * param.F(student, x_t, t, labels) - v_t).pow(2).flatten(1).mean(dim=1)
+        distance = (sigma_data * parameterisation.F(student, x_t, t, labels) - v_t).pow(2).flatten(1).mean(dim=1)
         if self.weighting is None:
             return distance, {}
         w = self.weighting(t)
