@@ -26,6 +26,7 @@ of the real data score about 15 (finite-sample bias at 898 images); noise scores
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -111,12 +112,15 @@ def searched_two_step(ckpt: Path, reference: torch.Tensor) -> tuple[dict, dict]:
 
 
 def plan(row: str, overrides: list[str], teacher: str | None, seed: int | None, out: Path):
-    """A row's run directory, its overrides (which name the row) and the teacher's path: ``<row>[-from_<teacher>]
-    [-seed<N>]`` under ``out``; a teacher other than the row's own brings the conditioning it needs; a seed
+    """A row's run directory, its overrides (which name the row) and the teacher's path. The directory,
+    ``<row>[-from_<teacher>][-<overrides>][-seed<N>]`` under ``out``, differs for every setting, so that no run
+    resumes another's checkpoint; a teacher other than the row's own brings the conditioning it needs; a seed
     changes the student, never the teacher."""
+    name = row + (f"-from_{teacher}" if teacher != TEACHERS.get(row) else "")
+    if overrides:
+        name += "-" + re.sub(r"[^\w.=-]+", "_", "_".join(o.rsplit(".", 1)[-1] for o in overrides))
     if teacher and teacher != TEACHERS[row]:
         overrides = [*overrides, *TEACHER_SWITCH[row, teacher]]
-    name = row + (f"-from_{teacher}" if teacher != TEACHERS.get(row) else "")
     if seed is not None and row not in TEACHER_ROWS:
         overrides, name = [*overrides, f"seed={seed}"], f"{name}-seed{seed}"
     extra = [f"model.teacher_ckpt={out / teacher / 'checkpoints/last.ckpt'}"] if teacher else []
