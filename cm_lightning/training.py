@@ -9,6 +9,7 @@ import lightning as L
 from hydra.utils import get_class, instantiate
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from cm_lightning import wandb_runs
@@ -63,7 +64,8 @@ def wandb_run_id(run_dir) -> str:
 
 
 def build_logger(c: DictConfig):
-    if str(c.get("_target_", "")).endswith("WandbLogger") and not c.get("id"):
+    target = c.get("_target_")
+    if target and issubclass(get_class(target), WandbLogger) and not c.get("id"):
         return instantiate(c, id=wandb_run_id(c.get("save_dir") or "."), resume="allow")
     return instantiate(c)
 
