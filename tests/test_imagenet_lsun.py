@@ -13,7 +13,8 @@ from helpers.launch import run_script
 from PIL import Image
 
 from cm_lightning.data.imagenet64 import ImageNet64DataModule, batch_files
-from cm_lightning.data.lsun import LSUNDataModule, adm_center_crop
+from cm_lightning.data.lsun import LSUNDataModule
+from cm_lightning.data.transforms import adm_center_crop
 from cm_lightning.errors import ConfigError
 from cm_lightning.training import check_data_matches_net
 
@@ -107,6 +108,21 @@ def test_adm_center_crop_by_hand():
     expected = resized.crop((5, 0, 21, 16))  # (27 - 16) // 2 = 5
     assert got.size == (16, 16)
     assert np.array_equal(np.asarray(got), np.asarray(expected))
+
+
+def test_image_folder_crops_as_adm_when_asked(tmp_path):
+    """data.crop=adm (the ImageNet latent configs) gives ADM's center_crop_arr; the default a plain resize."""
+    from cm_lightning.data.image_folder import ImageFolderDataModule
+
+    img = Image.fromarray(np.arange(60 * 100 * 3, dtype=np.uint32).reshape(60, 100, 3).astype(np.uint8))
+    img.save(tmp_path / "a.png")
+    adm = ImageFolderDataModule(root=str(tmp_path), image_size=16, crop="adm", val_size=0).build_dataset()[0][0]
+    plain = ImageFolderDataModule(root=str(tmp_path), image_size=16, val_size=0).build_dataset()[0][0]
+    expected = np.asarray(adm_center_crop(img, 16), dtype=np.float32) / 127.5 - 1
+    assert np.allclose(adm.permute(1, 2, 0).numpy(), expected, atol=1e-6)
+    assert not torch.equal(adm, plain)
+    with pytest.raises(ConfigError, match="data.crop='box' is unknown"):
+        ImageFolderDataModule(root=str(tmp_path), image_size=16, crop="box")
 
 
 def test_lsun_lmdb_decodes_webp_and_jpeg_in_workers(tmp_path):

@@ -8,7 +8,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from cm_lightning.data.base import ImageDataModule
-from cm_lightning.data.transforms import center_crop_resize, decode_problem, to_model_range
+from cm_lightning.data.transforms import CROPS, decode_problem, to_model_range
 from cm_lightning.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -16,15 +16,18 @@ EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 
 
 class ImageFiles(Dataset):
-    def __init__(self, files: list[Path], labels: list[int], size: int, channels: int):
+    """Image files cropped square by ``crop`` (``transforms.CROPS``: a plain resize and centre crop, or ADM's)."""
+
+    def __init__(self, files: list[Path], labels: list[int], size: int, channels: int, crop: str = "resize"):
         self.files, self.labels, self.size, self.channels = files, labels, size, channels
+        self.crop = CROPS[crop]
 
     def __len__(self):
         return len(self.files)
 
     def __getitem__(self, i):
         with Image.open(self.files[i]) as img:
-            x = to_model_range(center_crop_resize(img, self.size), self.channels)
+            x = to_model_range(self.crop(img.convert("L" if self.channels == 1 else "RGB"), self.size), self.channels)
         return x, torch.tensor(self.labels[i])
 
 
@@ -51,8 +54,16 @@ def usable(files: list[Path], labels: list[int]) -> tuple[list[Path], list[int]]
 
 
 class ImageFolderDataModule(ImageDataModule):
-    def __init__(self, root: str, image_size: int, channels: int = 3, class_folders: bool = False, **kwargs):
+    """``crop``: ``resize`` (short side resized, centre crop) or ``adm`` (ADM's ``center_crop_arr``, as the CM, DiT
+    and EDM2 authors prepare ImageNet)."""
+
+    def __init__(
+        self, root: str, image_size: int, channels: int = 3, class_folders: bool = False, crop: str = "resize", **kwargs
+    ):
         super().__init__(image_size=image_size, channels=channels, **kwargs)
+        if crop not in CROPS:
+            raise ConfigError(f"data.crop={crop!r} is unknown; use one of {', '.join(CROPS)}")
+        self.crop = crop
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
             raise ConfigError(f"data.root={self.root} is not a directory; point data.root at a folder of images")
@@ -62,4 +73,4 @@ class ImageFolderDataModule(ImageDataModule):
             raise ConfigError(f"data.root={self.root} holds no images ({', '.join(sorted(EXTENSIONS))})")
 
     def build_dataset(self):
-        return ImageFiles(self.files, self.labels, self.image_size, self.channels)
+        return ImageFiles(self.files, self.labels, self.image_size, self.channels, self.crop)

@@ -20,19 +20,8 @@ from torch.utils.data import Dataset, get_worker_info
 
 from cm_lightning.data.base import ImageDataModule
 from cm_lightning.data.image_folder import ImageFiles, scan
-from cm_lightning.data.transforms import to_model_range
+from cm_lightning.data.transforms import adm_center_crop, to_model_range
 from cm_lightning.errors import ConfigError
-
-
-def adm_center_crop(img: Image.Image, size: int) -> Image.Image:
-    """ADM's ``center_crop_arr``: halve with a BOX filter while the short side is at least 2 x size,
-    resize bicubically so the short side is ``size``, then crop the centre (offsets rounded down)."""
-    while min(img.size) >= 2 * size:
-        img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
-    scale = size / min(img.size)
-    img = img.resize(tuple(round(s * scale) for s in img.size), resample=Image.BICUBIC)
-    left, top = (img.size[0] - size) // 2, (img.size[1] - size) // 2
-    return img.crop((left, top, left + size, top + size))
 
 
 def decode(value: bytes, size: int) -> torch.Tensor:
@@ -69,12 +58,6 @@ class LMDBImages(Dataset):
 
     def __getitem__(self, i):
         return decode(read_value(self.root, bytes(self.keys[i])), self.size), torch.tensor(0)
-
-
-class CroppedImageFiles(ImageFiles):
-    def __getitem__(self, i):
-        with Image.open(self.files[i]) as img:
-            return to_model_range(adm_center_crop(img.convert("RGB"), self.size), 3), torch.tensor(0)
 
 
 def list_lsun_keys(root: Path) -> np.ndarray:
@@ -123,4 +106,4 @@ class LSUNDataModule(ImageDataModule):
     def build_dataset(self):
         if self.keys is not None:
             return LMDBImages(self.root, self.keys, self.image_size)
-        return CroppedImageFiles(self.files, [0] * len(self.files), self.image_size, self.channels)
+        return ImageFiles(self.files, [0] * len(self.files), self.image_size, self.channels, crop="adm")

@@ -1,4 +1,5 @@
-"""Image loading shared by the file-based datasets: resize the short side, centre-crop, map to [-1, 1]."""
+"""Image loading shared by the file-based datasets: resize the short side and centre-crop (plainly, or as ADM
+does), map to [-1, 1]."""
 
 import warnings
 
@@ -13,6 +14,21 @@ def center_crop_resize(img: Image.Image, size: int) -> Image.Image:
     scale = size / min(w, h)
     img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
     return TF.center_crop(img, [size, size])
+
+
+def adm_center_crop(img: Image.Image, size: int) -> Image.Image:
+    """ADM's ``center_crop_arr`` (the CM, DiT and EDM2 dataset tools crop ImageNet and LSUN with it): halve with a
+    BOX filter while the short side is at least 2 x size, resize bicubically so the short side is ``size``, then
+    crop the centre (offsets rounded down)."""
+    while min(img.size) >= 2 * size:
+        img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
+    scale = size / min(img.size)
+    img = img.resize(tuple(round(s * scale) for s in img.size), resample=Image.BICUBIC)
+    left, top = (img.size[0] - size) // 2, (img.size[1] - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+CROPS = {"resize": center_crop_resize, "adm": adm_center_crop}
 
 
 def to_model_range(img: Image.Image, channels: int) -> torch.Tensor:
