@@ -119,7 +119,8 @@ def plan(row: str, overrides: list[str], teacher: str | None, seed: int | None, 
     name = row + (f"-from_{teacher}" if teacher != TEACHERS.get(row) else "")
     if overrides:
         # Hydra's override grammar takes no '=' inside a value such as hydra.run.dir.
-        name += "-" + re.sub(r"[^\w.-]+", "_", "_".join(o.rsplit(".", 1)[-1] for o in overrides))
+        short = [o.split("=", 1)[0].rsplit(".", 1)[-1] + "_" + o.split("=", 1)[-1] for o in overrides]
+        name += "-" + re.sub(r"[^\w.-]+", "_", "_".join(short))
     if teacher and teacher != TEACHERS[row]:
         overrides = [*overrides, *TEACHER_SWITCH[row, teacher]]
     if seed is not None and row not in TEACHER_ROWS:
