@@ -6,7 +6,7 @@ loss is flow matching's irreducible variance, its gradient zero), the published 
 import pytest
 import torch
 from helpers import TINY
-from helpers.builders import randomise, tiny_net
+from helpers.builders import LinearU, randomise, tiny_net
 from helpers.launch import run_script
 from hydra import compose, initialize_config_dir
 from torch import nn
@@ -27,18 +27,6 @@ def context(seed: int = 0, dropout_seed: int | None = None) -> StepContext:
 
 def per_sample(t: torch.Tensor) -> torch.Tensor:
     return t.view(-1, 1, 1, 1)
-
-
-class LinearU(nn.Module):
-    """u(z, r, t) = a z + b t + c (t - r) from the times the net sees, (t, t - r)."""
-
-    def __init__(self, a: float, b: float, c: float):
-        super().__init__()
-        self.a, self.b, self.c = a, b, c
-        self.weight = nn.Parameter(torch.zeros(()))
-
-    def forward(self, z, times, labels=None):
-        return self.a * z + self.b * per_sample(times[:, 0]) + self.c * per_sample(times[:, 1]) + self.weight
 
 
 def sigma(t: torch.Tensor, s: float) -> torch.Tensor:

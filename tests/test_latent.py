@@ -1,14 +1,12 @@
 """Latent-space training (cm_lightning/latent/): the VAE loader, both scalings, the shard cache and the CLI path."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import TINY
+from helpers.launch import run_script
 from torch.utils.data import TensorDataset
 
 from cm_lightning.data.digits import DigitsDataModule, digits_tensor
@@ -18,7 +16,6 @@ from cm_lightning.latent.autoencoder import Autoencoder
 from cm_lightning.latent.data import LatentDataModule
 from cm_lightning.latent.scaling import EDM2_RAW_MEAN, EDM2_RAW_STD, ConstantScaling, EDM2Scaling
 
-ROOT = Path(__file__).resolve().parents[1]
 # scripts/train_digits_vae.py printed 0.00235 for the shipped weights (posterior mean, all 1,797 digits).
 DIGITS_VAE_MSE = 0.005
 
@@ -152,39 +149,14 @@ def test_latent_data_module_bad_shapes_stop_in_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_cli_latent_teacher_trains_and_samples_pixels(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", CM_LATENT_CACHE=str(tmp_path / "cache"), WANDB_MODE="offline")
-    run = tmp_path / "run"
-    subprocess.run(
-        [
-            sys.executable,
-            "train.py",
-            "experiment=digits_latent_edm",
-            "+debug=tiny",
-            "net.attention_resolutions=[2]",
-            "logger=csv",
-            f"hydra.run.dir={run}",
-        ],
-        cwd=ROOT,
-        env=env,
-        check=True,
-        capture_output=True,
-    )
+    run, out = tmp_path / "run", tmp_path / "eval"
+    cache_dir = f"data.cache_dir={tmp_path / 'cache'}"
+    run_script("train.py", "experiment=digits_latent_edm", *TINY, cache_dir, "logger=csv", f"hydra.run.dir={run}")
     assert (run / "samples" / "final_18step.png").is_file()
-    out = tmp_path / "eval"
-    subprocess.run(
-        [sys.executable, "evaluate.py", "task=sample", f"ckpt={run}/checkpoints/last.ckpt", f"out_dir={out}", "num=4"],
-        cwd=ROOT,
-        env=env,
-        check=True,
-        capture_output=True,
-    )
+    run_script("evaluate.py", "task=sample", f"ckpt={run}/checkpoints/last.ckpt", f"out_dir={out}", "num=4")
     assert np.load(out / "samples_18step.npz")["arr_0"].shape == (4, 16, 16, 1)
-    edit = subprocess.run(
-        [sys.executable, "evaluate.py", "task=inpaint", f"ckpt={run}/checkpoints/last.ckpt", f"out_dir={out}_edit"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
+    edit = run_script(
+        "evaluate.py", "task=inpaint", f"ckpt={run}/checkpoints/last.ckpt", f"out_dir={out}_edit", check=False
     )
     # the teacher is refused as an editor; a latent consistency model edits (tests/test_latent_editing.py)
     assert edit.returncode != 0 and "is an EDM teacher" in edit.stderr + edit.stdout

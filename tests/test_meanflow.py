@@ -3,8 +3,7 @@ analytic u, flow matching at r = t, the (t, r) sampler, the folded guidance, the
 
 import pytest
 import torch
-from helpers.builders import randomise, tiny_net
-from torch import nn
+from helpers.builders import LinearU, randomise, tiny_net
 
 from cm_lightning.checkpoint import from_meta
 from cm_lightning.diffusion.meanflow_param import MeanFlowParam
@@ -23,19 +22,6 @@ def two_time_net(num_classes: int = 0, null_class: bool = False) -> ADMUNet:
 
 def context(seed: int = 0) -> StepContext:
     return StepContext(0, torch.Generator().manual_seed(seed), lambda local, fn: fn(local), lambda: None)
-
-
-class LinearU(nn.Module):
-    """u(z, r, t) = a z + b t + c (t - r): the net sees (t, t - r)."""
-
-    def __init__(self, a: float, b: float, c: float):
-        super().__init__()
-        self.a, self.b, self.c = a, b, c
-        self.weight = nn.Parameter(torch.zeros(()))
-
-    def forward(self, z, times, labels=None):
-        t, h = times[:, 0].view(-1, 1, 1, 1), times[:, 1].view(-1, 1, 1, 1)
-        return self.a * z + self.b * t + self.c * h + self.weight
 
 
 def test_one_step_is_z1_minus_u_and_the_noising_matches_edm():

@@ -6,14 +6,13 @@ import collections
 import copy
 import os
 import pickle
-import sys
-import types
 
 import numpy
 import pytest
 import torch
 from helpers import TINY
 from helpers.builders import randomise, tiny_net
+from helpers.edm_pickles import Persistent, install_persistence
 from helpers.launch import train_here
 
 from cm_lightning.diffusion.precond import edm_denoiser
@@ -25,34 +24,7 @@ from cm_lightning.sampler import Sampler
 
 @pytest.fixture
 def persistence(monkeypatch):
-    """A stand-in for NVlabs' ``torch_utils.persistence``, as pickles name it: its reconstructor executes the
-    stored module source, as the real one does."""
-    package, module = types.ModuleType("torch_utils"), types.ModuleType("torch_utils.persistence")
-
-    def _reconstruct_persistent_obj(meta):
-        exec(meta["module_src"], {})  # what loading such a pickle naively does
-        return meta["state"]
-
-    _reconstruct_persistent_obj.__module__ = "torch_utils.persistence"
-    _reconstruct_persistent_obj.__qualname__ = "_reconstruct_persistent_obj"
-    module._reconstruct_persistent_obj = _reconstruct_persistent_obj
-    package.persistence = module
-    monkeypatch.setitem(sys.modules, "torch_utils", package)
-    monkeypatch.setitem(sys.modules, "torch_utils.persistence", module)
-    return module
-
-
-class Persistent:
-    """Pickles as NVlabs' persistent classes do: ``_reconstruct_persistent_obj(meta)``."""
-
-    def __init__(self, persistence, class_name, state, source):
-        self.reduce = (
-            persistence._reconstruct_persistent_obj,
-            (dict(type="class", version=6, module_src=source, class_name=class_name, state=state),),
-        )
-
-    def __reduce__(self):
-        return self.reduce
+    return install_persistence(monkeypatch)
 
 
 def as_record(persistence, module: torch.nn.Module, source: str, class_name=None):

@@ -73,3 +73,17 @@ def cpu_trainer(**kwargs) -> L.Trainer:
         enable_model_summary=False,
         **kwargs,
     )
+
+
+class LinearU(torch.nn.Module):
+    """An analytic MeanFlow net, u(z, r, t) = a z + b t + c (t - r), from the times it sees, (t, t - r); its one
+    parameter keeps optimisers and EMAs working."""
+
+    def __init__(self, a: float, b: float, c: float):
+        super().__init__()
+        self.a, self.b, self.c = a, b, c
+        self.weight = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, z, times, labels=None):
+        t, h = times[:, 0].view(-1, 1, 1, 1), times[:, 1].view(-1, 1, 1, 1)
+        return self.a * z + self.b * t + self.c * h + self.weight
