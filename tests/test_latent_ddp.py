@@ -10,13 +10,19 @@ from helpers.scenarios import two_ranks_and_one
 LATENT_ICT = [
     "experiment=digits_latent_ict",
     *TINY,
-    "net.attention_resolutions=[2]",  # the tiny net's [8] is past the 4x4 latent grid
     "trainer.accelerator=cpu",
     "trainer.deterministic=true",
     "logger=csv",
     "callbacks.metrics.every_n_steps=null",
     "callbacks.metrics.at_end=false",
     "+callbacks.rows._target_=helpers.probes.BatchRows",
+    # Rows are told apart by their bytes, so the cache must hold the training latents themselves: a constant
+    # scaling (the digits VAE's own, EDM2's way, draws a posterior sample at every read).
+    "autoencoder.scaling._target_=cm_lightning.latent.scaling.ConstantScaling",
+    "~autoencoder.scaling.raw_mean",
+    "~autoencoder.scaling.raw_std",
+    "~autoencoder.scaling.final_std",
+    "+autoencoder.scaling.factor=0.2",
 ]
 
 

@@ -23,7 +23,6 @@ from cm_lightning.tasks.editing_inputs import box_mask, random_stroke_mask
 LATENT_ICT = [
     "experiment=digits_latent_ict",
     *TINY,
-    "net.attention_resolutions=[2]",  # the tiny net's [8] is past the 4x4 latent grid
     "trainer.accelerator=cpu",
     "logger=csv",
     # measured once at the end, so that task=report has a latent run's metrics.json to read
