@@ -44,12 +44,13 @@ def cd_run(tmp_path_factory, edm_run) -> Path:
 
 @pytest.fixture(scope="session")
 def sweep(tmp_path_factory) -> Path:
-    """A 2-job Hydra sweep (two learning rates) of tiny digits CT runs, measured (FID, IS) at steps 2 and 4,
+    """A 2-job Hydra sweep (two learning rates) of tiny digits iCT runs, measured (FID, IS) at steps 2 and 4,
     logging to W&B (offline) and CSV."""
     out = tmp_path_factory.mktemp("sweep")
     run_script(
         "train.py",
         "--multirun",
+        "experiment=digits_ict",
         *TINY,
         "model.optimizer.lr=0.001,0.002",
         "callbacks.metrics.every_n_steps=2",

@@ -10,8 +10,8 @@ from cm_lightning.metrics.digits_classifier import load_pretrained_digits_classi
 
 @pytest.mark.slow
 def test_default_training_run_makes_recognisable_digits(tmp_path):
-    # Both cores, as a user's run has them; the slow stage runs this test alone. 473 s with evaluation in CI,
-    # 11.5 min on one thread: the limit leaves room for a slower CI machine.
+    # Both cores, as a user's run has them; the slow stage runs this test alone. The run took 773 s on one thread
+    # beside another: the limit leaves room for a slower CI machine.
     run_script("train.py", f"hydra.run.dir={tmp_path}", "trainer.enable_progress_bar=false", threads=2, timeout=1800)
     assert (tmp_path / "checkpoints/last.ckpt").is_file()
     assert (tmp_path / "samples/final_1step.png").is_file() and (tmp_path / "samples/final_2step.png").is_file()
@@ -29,6 +29,6 @@ def test_default_training_run_makes_recognisable_digits(tmp_path):
             probs = classifier(x).softmax(dim=1)
         confident = (probs.max(dim=1).values > 0.9).float().mean().item()
         classes = probs.argmax(dim=1).unique().numel()
-        # The README's rates for the default run (iCT): 65 % of the one-step and 74 % of the two-step samples
+        # The rates of the default run (iMF, docs/results.md): 68 % of the one-step and 72 % of the two-step samples
         # classified with > 90 % confidence (noise: about 0 %), all ten digits; a margin for run-to-run spread.
         assert confident > {1: 0.5, 2: 0.6}[k] and classes == 10, (k, confident, classes)

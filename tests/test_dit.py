@@ -273,7 +273,7 @@ def test_guidance_stops_above_the_guidance_interval():
 # conf/debug/tiny.yaml shrinks the U-Nets by their own keys; a DiT has none of them and is shrunk by its own.
 DIT_TINY = [
     "+debug=tiny",
-    *(f"~net.{key}" for key in ("model_channels", "channel_mult", "attention_resolutions", "num_head_channels")),
+    *(f"~net.{key}" for key in ("model_channels", "channel_mult", "num_head_channels")),
     "net.hidden_size=32",
     "net.depth=2",
     "net.num_heads=2",

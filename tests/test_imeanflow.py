@@ -132,7 +132,7 @@ def test_published_values():
     from helpers import ROOT
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        model = compose("train", overrides=["model=imeanflow"]).model.objective
+        model = compose("train", overrides=["~experiment", "model=imeanflow"]).model.objective
         b2 = compose("train", overrides=["experiment=imagenet256_imeanflow_b2"], return_hydra_config=True)
     assert model._target_.endswith("imeanflow.ImprovedMeanFlow")
     assert (model.p_mean, model.p_std, model.fraction, model.norm_p, model.norm_c) == (-0.4, 1.0, 0.5, 1.0, 0.01)
