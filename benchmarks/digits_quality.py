@@ -123,7 +123,7 @@ def plan(row: str, overrides: list[str], teacher: str | None, seed: int | None, 
         name += "-" + re.sub(r"[^\w.-]+", "_", "_".join(short))
     if teacher and teacher != TEACHERS[row]:
         overrides = [*overrides, *TEACHER_SWITCH[row, teacher]]
-    if seed is not None and row not in TEACHER_ROWS:
+    if seed and row not in TEACHER_ROWS:  # seed 0 is the configs' own
         overrides, name = [*overrides, f"seed={seed}"], f"{name}-seed{seed}"
     extra = [f"model.teacher_ckpt={out / teacher / 'checkpoints/last.ckpt'}"] if teacher else []
     return out / name, overrides, extra
