@@ -234,7 +234,17 @@ def sampler_from(ckpt: dict, path, ema: int | None = None, device="cpu", net=Non
         sampler.net.to(device)
         return sampler
     check_ema(ckpt[META_KEY], ema)
-    return Sampler(network_from_checkpoint(ckpt, "ema", ema).to(device), stored_parameterisation(ckpt[META_KEY]))
+    sampler = Sampler(network_from_checkpoint(ckpt, "ema", ema).to(device), stored_parameterisation(ckpt[META_KEY]))
+    sampler.decoder = stored_autoencoder(ckpt, path)
+    return sampler
+
+
+def stored_autoencoder(ckpt: dict, path):
+    """The VAE a latent run's checkpoint names (its data config's ``autoencoder``), so that whatever samples it
+    sees pixels."""
+    data = ckpt[META_KEY].get("config", {}).get("data") or {}
+    node = data.get("autoencoder")
+    return instantiate_trusted(node, f"ckpt={path}: the stored autoencoder") if node else None
 
 
 def export_state_dict(ckpt: dict, path, out, ema: int | None = None) -> Path:

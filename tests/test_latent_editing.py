@@ -16,8 +16,7 @@ from cm_lightning.checkpoint import META_KEY
 from cm_lightning.data.digits import digits_tensor
 from cm_lightning.errors import ConfigError
 from cm_lightning.latent.editing import covered, inpaint, latent_mask
-from cm_lightning.loading import read_checkpoint, sampler_from
-from cm_lightning.tasks.common import stored_autoencoder
+from cm_lightning.loading import read_checkpoint, sampler_from, sampler_from_checkpoint
 from cm_lightning.tasks.editing_inputs import box_mask, random_stroke_mask
 
 LATENT_ICT = [
@@ -68,7 +67,8 @@ def test_the_latent_mask_keeps_a_cell_only_if_every_pixel_it_covers_is_known():
 def test_latent_inpainting_keeps_the_known_cells_exactly_and_never_reads_the_hole(latent_run):
     path = latent_run / "run/checkpoints/last.ckpt"
     ckpt = read_checkpoint(path, "ckpt")
-    sampler, vae = sampler_from(ckpt, path), stored_autoencoder(ckpt, path)
+    sampler = sampler_from(ckpt, path)
+    vae = sampler.decoder
     assert ckpt[META_KEY]["config"]["data"]["autoencoder"] and vae.factor == 4
     omega = masks()
     y = digits_tensor(16)[0][: omega.shape[0]]
@@ -110,3 +110,9 @@ def test_every_evaluate_task_on_a_latent_checkpoint_works_or_refuses_in_one_line
     stderr = fails("evaluate.py", "task=denoise", *common, f"hydra.run.dir={out / 'cli'}")
     assert [line for line in stderr.splitlines() if line.startswith("error:")] == [stderr.strip().splitlines()[-1]]
     assert stderr.strip().splitlines()[-1].startswith("error: task=denoise cannot edit")
+
+
+def test_a_latent_checkpoint_samples_pixels_whichever_way_it_is_loaded(latent_run):
+    # The benchmarks load with sampler_from_checkpoint, the tasks with sampler_from: both decode.
+    images, _ = sampler_from_checkpoint(latent_run / "run/checkpoints/last.ckpt")(3, steps=1)
+    assert images.shape == (3, 1, 16, 16)

@@ -79,17 +79,7 @@ def _read(path: str, stamp) -> dict:
 
 def load_sampler(cfg: DictConfig, device) -> Sampler:
     """The sampler of ``ckpt=``; ``net=`` and ``kind=`` say what a plain state dict is."""
-    ckpt = checkpoint(cfg.ckpt)
-    sampler = sampler_from(ckpt, cfg.ckpt, cfg.ema, device, cfg.get("net"), cfg.get("kind"))
-    sampler.decoder = stored_autoencoder(ckpt, cfg.ckpt)
-    return sampler
-
-
-def stored_autoencoder(ckpt: dict, path):
-    """The VAE a latent run's checkpoint names (its data config's ``autoencoder``), so that every task sees pixels."""
-    data = (ckpt.get(META_KEY) or {}).get("config", {}).get("data") or {}
-    node = data.get("autoencoder")
-    return instantiate_trusted(node, f"ckpt={path}: the stored autoencoder") if node else None
+    return sampler_from(checkpoint(cfg.ckpt), cfg.ckpt, cfg.ema, device, cfg.get("net"), cfg.get("kind"))
 
 
 def speed_up(sampler: Sampler, cfg: DictConfig, device) -> Sampler:
