@@ -5,8 +5,8 @@ Lightning writes the file. Its state dict holds the raw student under ``net.`` a
 (``metadata``): the resolved run config, the parameterisation by name with its fields, the EMA rates (and
 power-EMA stds) with the index of the one that samples, and the method's facts that editing needs, asked of
 the objective when the file is written (``Objective.method_facts``) rather than guessed from class names
-later. ``check_layout`` checks all of it once as a file is read; ``upgrade`` turns the layouts that earlier
-versions wrote into today's, so that no other module knows them.
+later. ``opened`` checks all of it once as a file is read (``check_layout``), and ``upgrade`` turns the layouts
+that earlier versions wrote into today's, so that no other module knows them.
 """
 
 import torch
@@ -107,6 +107,12 @@ def check_layout(ckpt: dict, source: str) -> None:
         and method["num_scales"] >= 0
     ):
         raise damaged("its method", f"({method!r}) is not a method family and grid size")
+
+
+def opened(ckpt: dict, source: str) -> dict:
+    """``ckpt`` as the package reads it: its layout checked (``check_layout``), its metadata in today's layout."""
+    check_layout(ckpt, source)
+    return {**ckpt, META_KEY: upgrade(ckpt[META_KEY])}
 
 
 def upgrade(meta: dict) -> dict:

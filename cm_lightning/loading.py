@@ -21,7 +21,7 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
-from cm_lightning.checkpoint import META_KEY, check_layout, from_meta, is_state_dict, num_emas, upgrade, weights
+from cm_lightning.checkpoint import META_KEY, from_meta, is_state_dict, num_emas, opened, weights
 from cm_lightning.diffusion.parameterisation import Parameterisation
 from cm_lightning.diffusion.precond import Precond, consistency_function, edm_denoiser
 from cm_lightning.diffusion.trigflow import TrigFlow
@@ -62,10 +62,7 @@ def read_checkpoint(path, what: str = "checkpoint") -> dict:
             f"{what}={path} is neither a cm-lightning checkpoint (no '{META_KEY}' entry) nor a plain "
             "state dict of tensors (the authors' .pt format)"
         )
-    if META_KEY in ckpt:
-        check_layout(ckpt, f"{what}={path}")
-        ckpt[META_KEY] = upgrade(ckpt[META_KEY])
-    return ckpt
+    return opened(ckpt, f"{what}={path}") if META_KEY in ckpt else ckpt
 
 
 def kind_from_name(path) -> str | None:
