@@ -89,6 +89,36 @@ def check_training(cfg) -> None:
     check_cpu_devices(cfg.trainer.get("devices", 1), cfg.trainer.get("accelerator", "auto"))
 
 
+# The most samples one command draws: FID's 50,000 twice over. Samples are held in memory until written, so a
+# typo such as num=10^12 stops here instead of filling memory.
+NUM_MAX = 100_000
+
+
+def check_evaluation(cfg) -> None:
+    """evaluate.py's numbers and devices, of the options its task has, before anything is read."""
+    for key, example in (("num", "64"), ("batch_size", "256")):
+        if key in cfg:
+            whole(cfg[key], key, example=example)
+    if "num" in cfg and cfg.num > NUM_MAX:
+        raise ConfigError(f"num={cfg.num} is above the most one command draws ({NUM_MAX:,}); use num={NUM_MAX} or less")
+    sigmas = cfg.get("sigmas")
+    numbers = OmegaConf.is_list(sigmas) and all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in sigmas)
+    if sigmas is not None and not numbers:
+        raise ConfigError(f"sigmas={sigmas} must be a list of noise levels, e.g. sigmas=[80.0,0.8]")
+    if cfg.get("solver") not in (None, "heun", "euler"):
+        raise ConfigError(f"solver={cfg.solver} is unknown; use solver=heun or solver=euler (EDM teachers)")
+    steps = cfg.get("steps")
+    if steps is not None and (not steps or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in steps)):
+        raise ConfigError(
+            f"steps={list(steps)}: each entry is a number of sampling steps >= 1 (a 0-step "
+            "sample does not exist), e.g. steps=[1,2]; or steps=null for the model's default"
+        )
+    if "device" in cfg:
+        check_device(cfg.device)
+    if "trainer" in cfg:
+        check_cpu_devices(cfg.trainer.devices, "cpu" if str(cfg.device) == "cpu" else "auto")
+
+
 def check_device(name) -> None:
     """``device=``: auto, cpu, or a CUDA device that exists."""
     try:

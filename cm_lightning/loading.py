@@ -13,6 +13,7 @@ our checkpoints in the same format.
 """
 
 import copy
+import functools
 import itertools
 import re
 from pathlib import Path
@@ -217,9 +218,22 @@ def plain_sampler(path, state: dict, net=None, kind: str | None = None) -> Sampl
     return Sampler(net, make(noise_kind=net.noise_kind))
 
 
+def read_once(path) -> dict:
+    """``ckpt=`` as read, once per command: a task, its scorer and its W&B record share it. Keyed by the file's
+    modification time and size too, so that a file rewritten in the same process is read again."""
+    file = Path(str(path))
+    stamp = (file.stat().st_mtime_ns, file.stat().st_size) if file.is_file() else None
+    return _read_once(str(path), stamp)
+
+
+@functools.lru_cache(maxsize=1)
+def _read_once(path: str, stamp) -> dict:
+    return read_checkpoint(path, "ckpt")
+
+
 def sampler_from_checkpoint(path, ema: int | None = None, device="cpu", net=None, kind: str | None = None) -> Sampler:
-    """The sampler of a checkpoint file; ``net`` and ``kind`` apply to plain state dicts only."""
-    return sampler_from(read_checkpoint(path, "ckpt"), path, ema, device, net, kind)
+    """The sampler of a checkpoint file (``read_once``); ``net`` and ``kind`` apply to plain state dicts only."""
+    return sampler_from(read_once(path), path, ema, device, net, kind)
 
 
 def sampler_from(ckpt: dict, path, ema: int | None = None, device="cpu", net=None, kind: str | None = None) -> Sampler:

@@ -357,9 +357,9 @@ def test_meanflow_fields(field, value):
     ],
 )
 def test_sampling_options(options, names):
-    from cm_lightning.tasks.common import check_numbers
+    from cm_lightning.inputs import check_evaluation
 
-    refused(lambda: check_numbers(OmegaConf.create(options)), names)
+    refused(lambda: check_evaluation(OmegaConf.create(options)), names)
 
 
 @pytest.mark.parametrize("devices", ["two", "1,x", True])

@@ -186,12 +186,12 @@ def test_samples_match_evaluate_sample_and_nfe_counts(edm_run):
 def test_sampling_plans_default_to_the_kind_of_model_and_keep_what_is_asked():
     teacher, student = Sampler(None, edm_denoiser()), Sampler(None, consistency_function())
     default, asked = eval_cfg("ckpt=x"), eval_cfg("ckpt=x", "steps=[1,2]")
-    assert common.sampling_plans(default, teacher) == {"18step": dict(steps=18, solver="heun")}
-    assert common.sampling_plans(default, student) == {"1step": dict(steps=1), "2step": dict(steps=2)}
-    assert common.sampling_plans(asked, teacher) == {
+    assert teacher.requested(**common.plan_options(default)) == {"18step": dict(steps=18, solver="heun")}
+    assert student.requested(**common.plan_options(default)) == {"1step": dict(steps=1), "2step": dict(steps=2)}
+    assert teacher.requested(**common.plan_options(asked)) == {
         k: dict(steps=int(k[0]), solver="heun") for k in ("1step", "2step")
     }
-    assert list(common.sampling_plans(eval_cfg("ckpt=x", "ts=[0,22,39]"), student)) == ["ts0-22-39"]
+    assert list(student.requested(**common.plan_options(eval_cfg("ckpt=x", "ts=[0,22,39]")))) == ["ts0-22-39"]
     # the training callbacks sample from the same plans
     assert student.plans([1], {"sigmas0": [80.0, 0.8]}) == {"1step": dict(steps=1), "sigmas0": dict(sigmas=[80.0, 0.8])}
 

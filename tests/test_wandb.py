@@ -70,10 +70,9 @@ def test_an_evaluation_reads_its_checkpoint_once(sweep, tmp_path, monkeypatch, t
     from helpers.launch import evaluate_here
 
     import cm_lightning.loading as loading
-    from cm_lightning.tasks import common
 
     ckpt, reads, real = sweep / "0/checkpoints/last.ckpt", [], loading.load_file
-    common._read.cache_clear()
+    loading._read_once.cache_clear()
     monkeypatch.setattr(
         loading, "load_file", lambda path, *args, **kwargs: reads.append(str(path)) or real(path, *args, **kwargs)
     )

@@ -1,7 +1,6 @@
 """What evaluate.py's tasks share: the checkpoint read once, the device, Fabric's processes, the sampling plans,
 batched sampling, the authors' .npz layout, and the scoring of task=fid and task=search_midpoint."""
 
-import functools
 import json
 import logging
 from pathlib import Path
@@ -15,8 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from cm_lightning import wandb_runs
 from cm_lightning.checkpoint import META_KEY
 from cm_lightning.errors import ConfigError
-from cm_lightning.inputs import check_cpu_devices, check_device, whole
-from cm_lightning.loading import is_plain, read_checkpoint, sampler_from
+from cm_lightning.loading import is_plain, read_once, sampler_from_checkpoint
 from cm_lightning.metrics.fidelity import Fidelity, to_uint8
 from cm_lightning.metrics.reference import ReferenceSource
 from cm_lightning.metrics.sharding import progress, seeded_chunks, sharded_features
@@ -28,58 +26,17 @@ from cm_lightning.untrusted import instantiate_trusted
 log = logging.getLogger(__name__)
 
 
-# The most samples one command draws: FID's 50,000 twice over. Samples are held in memory until written, so a
-# typo such as num=10^12 stops here instead of filling memory.
-NUM_MAX = 100_000
-
-
-def check_numbers(cfg: DictConfig) -> None:
-    """The numbers and devices of the task's options (those it has), before anything is read."""
-    for key, example in (("num", "64"), ("batch_size", "256")):
-        if key in cfg:
-            whole(cfg[key], key, example=example)
-    if "num" in cfg and cfg.num > NUM_MAX:
-        raise ConfigError(f"num={cfg.num} is above the most one command draws ({NUM_MAX:,}); use num={NUM_MAX} or less")
-    sigmas = cfg.get("sigmas")
-    numbers = OmegaConf.is_list(sigmas) and all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in sigmas)
-    if sigmas is not None and not numbers:
-        raise ConfigError(f"sigmas={sigmas} must be a list of noise levels, e.g. sigmas=[80.0,0.8]")
-    if cfg.get("solver") not in (None, "heun", "euler"):
-        raise ConfigError(f"solver={cfg.solver} is unknown; use solver=heun or solver=euler (EDM teachers)")
-    steps = cfg.get("steps")
-    if steps is not None and (not steps or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in steps)):
-        raise ConfigError(
-            f"steps={list(steps)}: each entry is a number of sampling steps >= 1 (a 0-step "
-            "sample does not exist), e.g. steps=[1,2]; or steps=null for the model's default"
-        )
-    if "device" in cfg:
-        check_device(cfg.device)
-    if "trainer" in cfg:
-        check_cpu_devices(cfg.trainer.devices, "cpu" if str(cfg.device) == "cpu" else "auto")
-
-
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
 
 
-def checkpoint(path) -> dict:
-    """``ckpt=`` as read, once per command: the task, its scorer and its W&B record share it. Keyed by the
-    file's modification time and size too, so that a file rewritten in the same process is read again."""
-    file = Path(str(path))
-    stamp = (file.stat().st_mtime_ns, file.stat().st_size) if file.is_file() else None
-    return _read(str(path), stamp)
-
-
-@functools.lru_cache(maxsize=1)
-def _read(path: str, stamp) -> dict:
-    return read_checkpoint(path, "ckpt")
-
-
-def load_sampler(cfg: DictConfig, device) -> Sampler:
-    """The sampler of ``ckpt=``; ``net=`` and ``kind=`` say what a plain state dict is."""
-    return sampler_from(checkpoint(cfg.ckpt), cfg.ckpt, cfg.ema, device, cfg.get("net"), cfg.get("kind"))
+def load_sampler(cfg: DictConfig, device, speed: bool = True) -> Sampler:
+    """The sampler of ``ckpt=`` on ``device``, sped up as the task's ``speed`` says unless ``speed=False`` (the
+    scorer speeds it up on each process's device); ``net=`` and ``kind=`` say what a plain state dict is."""
+    sampler = sampler_from_checkpoint(cfg.ckpt, cfg.ema, device, cfg.get("net"), cfg.get("kind"))
+    return speed_up(sampler, cfg, device) if speed else sampler
 
 
 def speed_up(sampler: Sampler, cfg: DictConfig, device) -> Sampler:
@@ -90,9 +47,17 @@ def speed_up(sampler: Sampler, cfg: DictConfig, device) -> Sampler:
     return sampler.speed_up(speed, precision, device)
 
 
-def sampling_plans(cfg: DictConfig, sampler: Sampler) -> dict:
-    """The plans of ``sigmas=``, the authors' ``ts=`` indices, or ``steps=`` (null: the model's default)."""
-    return sampler.requested(cfg.sigmas, cfg.ts, cfg.ts_num_scales, cfg.steps, cfg.solver, f"ckpt={cfg.ckpt}")
+def plan_options(cfg: DictConfig) -> dict:
+    """``Sampler.requested``'s arguments from the task's ``sigmas=``, ``ts=`` (the authors' indices), ``steps=``
+    (null: the model's default) and ``solver=``."""
+    return dict(
+        sigmas=cfg.sigmas,
+        ts=cfg.ts,
+        ts_num_scales=cfg.ts_num_scales,
+        steps=cfg.steps,
+        solver=cfg.solver,
+        model=f"ckpt={cfg.ckpt}",
+    )
 
 
 def sample_batched(sampler: Sampler, num: int, batch_size: int, seed: int, device, labels=None, **how):
@@ -145,8 +110,8 @@ class Scorer:
         self.cfg, self.cache_dir = cfg, m.cache_dir
         self.fidelity = Fidelity.from_config(m)
         self.fidelity.check_count(cfg.num, "num")
-        self.ckpt = checkpoint(cfg.ckpt)
-        self.sampler = load_sampler(cfg, "cpu")
+        self.ckpt = read_once(cfg.ckpt)
+        self.sampler = load_sampler(cfg, "cpu", speed=False)
         self.source = ReferenceSource.create(
             m.reference, self.training_data() if m.reference is None else None, m.reference_num
         )

@@ -27,10 +27,10 @@ from cm_lightning.diffusion import editing
 from cm_lightning.diffusion.linear_transforms import LUMINANCE, ChannelBasis, Identity, PatchBasis
 from cm_lightning.errors import ConfigError
 from cm_lightning.latent import editing as latent_editing
-from cm_lightning.loading import is_plain
+from cm_lightning.loading import is_plain, read_once
 from cm_lightning.metrics.sharding import seeded_chunks
 from cm_lightning.sampler import Sampler
-from cm_lightning.tasks.common import checkpoint, load_sampler, pick_device, speed_up
+from cm_lightning.tasks.common import load_sampler, pick_device
 from cm_lightning.tasks.editing_inputs import build_masks, read_images, to_tensor
 
 log = logging.getLogger(__name__)
@@ -105,14 +105,14 @@ def edit_levels(edit_sigmas, ckpt, parameterisation) -> list[float]:
 
 
 def load_editor(cfg: DictConfig, task: str) -> Editor:
-    ckpt = checkpoint(cfg.ckpt)
+    ckpt = read_once(cfg.ckpt)
     if is_plain(ckpt):
         raise ConfigError(
             f"task={task} reads a checkpoint written by train.py, whose config names its method; "
             f"ckpt={cfg.ckpt} is a plain state dict"
         )
     device = pick_device(cfg.device)
-    sampler = speed_up(load_sampler(cfg, device), cfg, device)
+    sampler = load_sampler(cfg, device)
     parameterisation = sampler.parameterisation
     if sampler.decoder is not None and task in LATENT_REFUSALS:
         raise ConfigError(

@@ -16,9 +16,8 @@ from cm_lightning.tasks.common import (
     Scorer,
     load_sampler,
     pick_device,
+    plan_options,
     sample_batched,
-    sampling_plans,
-    speed_up,
     write_npz,
 )
 
@@ -40,9 +39,9 @@ def class_labels(classes, num: int, sampler: Sampler) -> torch.Tensor | None:
 
 def sample_task(cfg: DictConfig) -> list[Path]:
     device = pick_device(cfg.device)
-    sampler = speed_up(load_sampler(cfg, device), cfg, device)
+    sampler = load_sampler(cfg, device)
     given = class_labels(cfg.classes, cfg.num, sampler)
-    plans = sampling_plans(cfg, sampler)
+    plans = sampler.requested(**plan_options(cfg))
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -60,7 +59,7 @@ def sample_task(cfg: DictConfig) -> list[Path]:
 def fid_task(cfg: DictConfig) -> list[Path]:
     """``task=fid``: the metrics of each sampling plan as metrics.json."""
     scorer = Scorer(cfg)
-    plans = sampling_plans(cfg, scorer.sampler)
+    plans = scorer.sampler.requested(**plan_options(cfg))
     scorer.start()
     results = {name: scorer.score(how) for name, how in plans.items()}
     if not scorer.fabric.is_global_zero:
