@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 from cm_lightning.data.digits import digits_tensor  # noqa: E402
 from cm_lightning.diffusion import editing  # noqa: E402
 from cm_lightning.diffusion.linear_transforms import Identity  # noqa: E402
-from cm_lightning.loading import read_checkpoint, sampler_from_checkpoint  # noqa: E402
+from cm_lightning.loading import read_once, sampler_from_checkpoint  # noqa: E402
 from cm_lightning.metrics.digits_classifier import load_pretrained_digits_classifier  # noqa: E402
 from cm_lightning.tasks.editing import edit_levels  # noqa: E402
 from cm_lightning.tasks.editing_inputs import box_mask, left_half_mask, random_stroke_mask  # noqa: E402
@@ -65,7 +65,7 @@ def main() -> None:
             f"--ckpt {args.ckpt} makes {sampler.image_shape} images; this benchmark needs a 1x16x16 digits "
             "model such as the default `python train.py`"
         )
-    levels = edit_levels(args.edit_sigmas, read_checkpoint(args.ckpt), sampler.parameterisation)
+    levels = edit_levels(args.edit_sigmas, read_once(args.ckpt), sampler.parameterisation)
     x, y = digits_tensor(16)
     mean_digit = x.mean(0, keepdim=True)
     pick = torch.randperm(len(y), generator=torch.Generator().manual_seed(args.seed))[: args.num]

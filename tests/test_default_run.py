@@ -10,8 +10,8 @@ from cm_lightning.metrics.digits_classifier import load_pretrained_digits_classi
 
 @pytest.mark.slow
 def test_default_training_run_makes_recognisable_digits(tmp_path):
-    # Both cores, as a user's run has them; the slow stage runs this test alone. The run took 773 s on one thread
-    # beside another: the limit leaves room for a slower CI machine.
+    # Both cores, as a user's run has them; the slow stage runs this test alone. 415 s with evaluation in CI: the
+    # limit leaves room for a slower CI machine.
     run_script("train.py", f"hydra.run.dir={tmp_path}", "trainer.enable_progress_bar=false", threads=2, timeout=1800)
     assert (tmp_path / "checkpoints/last.ckpt").is_file()
     assert (tmp_path / "samples/final_1step.png").is_file() and (tmp_path / "samples/final_2step.png").is_file()

@@ -1,4 +1,4 @@
-"""What evaluate.py's tasks share: the checkpoint read once, the device, Fabric's processes, the sampling plans,
+"""What evaluate.py's tasks share: the sampler of ``ckpt=``, the device, Fabric's processes, the plan options,
 batched sampling, the authors' .npz layout, and the scoring of task=fid and task=search_midpoint."""
 
 import json
